@@ -1,0 +1,93 @@
+"""What a stage function needs from its surroundings, with or without a Prefect run.
+
+Stage logic is a plain function, callable from a notebook or ``python -m tasks.<stage>``. Inside a
+Prefect flow or task run, the same calls log to the run and publish artifacts to the UI; outside
+one they log through the standard ``logging`` module and artifacts are skipped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.states import Completed, State
+
+_LOG = logging.getLogger("facepipe")
+
+
+def in_run() -> bool:
+    """True inside a Prefect flow or task run."""
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a run, the ``facepipe`` logger otherwise."""
+    if in_run():
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    return _LOG
+
+
+def skipped(data: Any, message: str) -> State:
+    """A Completed state named "Skipped" carrying ``data`` as its result (shown as Skipped in the UI)."""
+    return Completed(name="Skipped", message=message, data=data)
+
+
+def artifact_key(text: str) -> str:
+    """Artifact keys may hold only lowercase letters, digits and dashes."""
+    out = "".join(c if c.isalnum() else "-" for c in text.lower())
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-")[:100] or "facepipe"
+
+
+def publish_table(key: str, rows: Sequence[dict[str, Any]], description: str = "") -> None:
+    """A table artifact in the UI (no-op outside a run)."""
+    if not in_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(table=[dict(r) for r in rows], key=artifact_key(key), description=description)
+
+
+def publish_markdown(key: str, markdown: str, description: str = "") -> None:
+    """A markdown artifact in the UI (no-op outside a run). Images can be embedded as data URIs."""
+    if not in_run():
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=markdown, key=artifact_key(key), description=description)
+
+
+class Progress:
+    """Progress of a long loop: a progress artifact in the UI and a log line at most every
+    ``log_every_s`` seconds. ``update(done)`` with the number of items finished so far."""
+
+    def __init__(self, key: str, total: int, description: str = "", log_every_s: float = 10.0):
+        self.total = max(int(total), 0)
+        self.description = description or key
+        self.log_every_s = log_every_s
+        self._start = time.monotonic()
+        self._last_log = 0.0
+        self._artifact_id = None
+        if in_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self._artifact_id = create_progress_artifact(
+                progress=0.0, key=artifact_key(key), description=self.description
+            )
+
+    def update(self, done: int) -> None:
+        pct = 100.0 if self.total == 0 else min(100.0, 100.0 * done / self.total)
+        if self._artifact_id is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(artifact_id=self._artifact_id, progress=pct)
+        now = time.monotonic()
+        if now - self._last_log >= self.log_every_s or done >= self.total:
+            self._last_log = now
+            elapsed = now - self._start
+            rate = done / elapsed if elapsed > 0 else 0.0
+            logger().info("%s: %d/%d (%.0f%%), %.1f items/s", self.description, done, self.total, pct, rate)
