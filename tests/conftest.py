@@ -6,7 +6,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_FACES = Path(os.environ.get("FACEPIPE_FACES", ROOT.parent / "shared" / "data" / "faces"))
+# Real photos bundled with the repo (copy of the workplace's shared/data/faces, licences inside).
+FACES = Path(os.environ.get("FACEPIPE_FACES", ROOT / "sample" / "faces"))
 
 # Isolate Prefect before anything imports it: no writes to ~/.prefect, no implicit ephemeral server
 # sharing state with a user's, no analytics (no network here).
