@@ -23,3 +23,37 @@ os.environ["PREFECT_API_URL"] = "http://127.0.0.1:9/api"
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 # Keep the 2-core CI machine responsive: torch intra-op threads per process.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+import socket  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real ``prefect server start`` (SQLite, loopback, free port) for this test session.
+
+    Yields the :class:`flows.local.LocalStack`; inside the fixture this process's Prefect client
+    points at it. Stopped (and its process group killed) at the end of the session.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.local import LocalStack, down, start_server
+
+    stack = LocalStack(tmp_path_factory.mktemp("prefect-data"), free_port())
+    start_server(stack, timeout_s=240)
+    old = os.environ["PREFECT_API_URL"]
+    os.environ["PREFECT_API_URL"] = stack.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
+            yield stack
+    finally:
+        os.environ["PREFECT_API_URL"] = old
+        down(stack)
