@@ -199,6 +199,8 @@ class IdentificationResult:
 
     def rank1(self) -> dict[int, float]:
         """Rank-1 identification rate per distractor count (requires rank 1 in ``ranks``)."""
+        if 1 not in self.ranks:
+            raise ValueError(f"rank 1 was not computed (ranks {self.ranks})")
         return {size: float(rates[self.ranks.index(1)]) for size, rates in self.cmc.items()}
 
     def to_rows(self) -> list[dict]:
