@@ -9,16 +9,16 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from conftest import SHARED_FACES
+from conftest import FACES
 from datasets.errors import FormatError
 from tasks.embed import OnnxEmbedder, extract_embeddings, read_embeddings, write_embeddings
 
 
 def _faces(n: int = 12, size: int = 48) -> np.ndarray:
     """``(n, size, size, 3)`` uint8 RGB centre crops of the real photos (repeated, mirrored variants)."""
-    paths = sorted((SHARED_FACES / "raw").glob("*/*.jpg"))
+    paths = sorted((FACES / "raw").glob("*/*.jpg"))
     if not paths:
-        pytest.skip(f"no real photos under {SHARED_FACES / 'raw'}")
+        pytest.skip(f"no real photos under {FACES / 'raw'}")
     out = []
     for i in range(n):
         img = cv2.imread(str(paths[i % len(paths)]))
