@@ -1,0 +1,136 @@
+"""Torch ``Dataset`` over an InsightFace or im2rec ``.rec`` set (layout: :mod:`datasets.rec_layout`).
+
+Each item is ``(image, label)``: ``image`` a ``(3, H, W)`` tensor in RGB order -- uint8 when
+``normalize=None`` (normalise whole batches later, on the GPU, with :func:`normalize_batch`),
+float32 otherwise -- and ``label`` an int64 scalar tensor.
+
+Normalisation modes: ``"mxnet"`` = ``(x - 127.5) / 128`` (what InsightFace's MXNet networks compute
+internally), ``"arcface"`` = ``(x - 127.5) / 127.5`` (arcface_torch's ``Normalize(0.5, 0.5)``).
+Images are decoded with OpenCV's libjpeg (bit-exact with ``mx.image.imdecode``). The optional
+horizontal flip (p = 0.5) draws from torch's default generator, which the DataLoader seeds per
+worker from the loader's base seed, so ``torch.manual_seed`` makes runs reproducible.
+
+The record file is opened lazily in each process (fork- and spawn-safe); the index is held as
+int64 arrays (no per-record Python objects), so workers share it copy-on-write.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import FormatError
+from .rec_layout import RecIndex, read_rec_index
+from .recordio import MXRecordIO
+
+NormalizeMode = Literal["mxnet", "arcface"] | None
+_SCALE = {"mxnet": 1.0 / 128.0, "arcface": 1.0 / 127.5}
+_IR_SIZE = 24
+
+
+def _scale(mode: str) -> float:
+    try:
+        return _SCALE[mode]
+    except KeyError:
+        raise ValueError(f"normalize must be 'mxnet', 'arcface' or None, got {mode!r}") from None
+
+
+def normalize_batch(x: torch.Tensor, mode: NormalizeMode) -> torch.Tensor:
+    """uint8 ``(N, 3, H, W)`` (any device) -> float32 ``(x - 127.5) * scale``; ``None`` = float32 as is."""
+    x = x.float()
+    if mode is None:
+        return x
+    return x.sub_(127.5).mul_(_scale(mode))
+
+
+class RecFaceDataset(Dataset):
+    """Face images of a ``.rec`` set: ``dataset[i] -> (image (3, H, W), label int64)``.
+
+    ``root``: dataset folder (``train.rec``/``train.idx``/``property``) or a ``.rec`` path.
+    ``flip``: random horizontal flip with p = 0.5. ``normalize``: ``"mxnet"``, ``"arcface"`` or
+    ``None`` (uint8 output). ``image_size``: ``(H, W)`` every image must have (default: from
+    ``property`` if present, else unchecked); a mismatch raises :class:`FormatError`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        flip: bool = False,
+        normalize: NormalizeMode = "arcface",
+        image_size: tuple[int, int] | None = None,
+        name: str = "train",
+    ):
+        if normalize is not None:
+            _scale(normalize)
+        self.index: RecIndex = read_rec_index(root, name=name)
+        self.flip = flip
+        self.normalize = normalize
+        prop = self.index.property
+        self.image_size = tuple(image_size) if image_size else ((prop.height, prop.width) if prop else None)
+        self._keys = self.index.keys
+        self._offsets = self.index.offsets
+        self._labels = torch.from_numpy(self.index.labels)
+        self._rec: MXRecordIO | None = None
+        self._pid = -1
+        rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes straight to RGB
+        self._imread, self._bgr = (rgb, False) if rgb is not None else (cv2.IMREAD_COLOR, True)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 ``(N,)`` class label of every item (for samplers)."""
+        return self.index.labels
+
+    @property
+    def num_classes(self) -> int:
+        prop = self.index.property
+        return prop.num_classes if prop else int(self.index.labels.max()) + 1
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_rec"], state["_pid"] = None, -1
+        return state
+
+    def _reader(self) -> MXRecordIO:
+        if self._pid != os.getpid() or self._rec is None:
+            self._rec = MXRecordIO(self.index.rec_path, "r")
+            self._pid = os.getpid()
+        return self._rec
+
+    def decode(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8 ``(H, W, 3)`` RGB."""
+        record = self._reader().read_at(int(self._offsets[i]))
+        flag = int.from_bytes(record[:4], "little")
+        payload = np.frombuffer(record, np.uint8, offset=_IR_SIZE + 4 * flag) if len(record) > _IR_SIZE + 4 * flag else None
+        img = cv2.imdecode(payload, self._imread) if payload is not None else None
+        if img is None:
+            raise FormatError(self.index.rec_path, f"record key {int(self._keys[i])} at offset {int(self._offsets[i])}: payload is not a decodable image", "JPEG/PNG bytes")
+        if self._bgr:
+            img = img[:, :, ::-1]
+        if self.image_size is not None and img.shape[:2] != self.image_size:
+            raise FormatError(self.index.rec_path, f"record key {int(self._keys[i])}: image is {img.shape[0]}x{img.shape[1]}", f"{self.image_size[0]}x{self.image_size[1]} as in property")
+        return img
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.decode(i)
+        chw = img.transpose(2, 0, 1)
+        if self.flip and torch.rand(()) < 0.5:
+            chw = chw[:, :, ::-1]
+        if self.normalize is None:
+            image = torch.from_numpy(np.ascontiguousarray(chw))
+        else:
+            out = chw.astype(np.float32)
+            out -= 127.5
+            out *= _SCALE[self.normalize]
+            image = torch.from_numpy(out)
+        return image, self._labels[i]
+
+
+__all__ = ["RecFaceDataset", "normalize_batch"]
