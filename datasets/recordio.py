@@ -50,6 +50,8 @@ _SEGMENT_HEADER = struct.Struct("<II")  # magic, lrec
 _IR_FORMAT = "<IfQQ"
 _IR = struct.Struct(_IR_FORMAT)
 _IR_SIZE = _IR.size  # 24
+_FLOAT32 = np.dtype("<f4")
+_tuple_new = tuple.__new__  # builds an IRHeader from a tuple without the namedtuple's Python __new__
 
 IRHeader = namedtuple("HEADER", ["flag", "label", "id", "id2"])
 IRHeader.__doc__ = """Record header ``(flag, label, id, id2)``: struct ``<IfQQ``, 24 bytes.
@@ -98,15 +100,17 @@ def unpack(s: bytes) -> tuple[IRHeader, bytes]:
     payload starts after it; otherwise the label is the header's float.
     """
     try:
-        flag, label, id_, id2 = _IR.unpack_from(s)
+        fields = _IR.unpack_from(s)
     except struct.error:
         raise FormatError(None, f"record of {len(s)} bytes is shorter than an IRHeader", "at least 24 bytes") from None
-    if flag:
-        end = _IR_SIZE + 4 * flag
-        if len(s) < end:
-            raise FormatError(None, f"record of {len(s)} bytes announces {flag} float32 labels", f"at least {end} bytes")
-        return IRHeader(flag, np.frombuffer(s, np.float32, flag, _IR_SIZE), id_, id2), s[end:]
-    return IRHeader(flag, label, id_, id2), s[_IR_SIZE:]
+    flag = fields[0]
+    if not flag:
+        return _tuple_new(IRHeader, fields), s[_IR_SIZE:]
+    end = _IR_SIZE + 4 * flag
+    if len(s) < end:
+        raise FormatError(None, f"record of {len(s)} bytes announces {flag} float32 labels", f"at least {end} bytes")
+    labels = np.frombuffer(s, _FLOAT32, flag, _IR_SIZE)
+    return _tuple_new(IRHeader, (flag, labels, fields[2], fields[3])), s[end:]
 
 
 def payload_offset(record: bytes) -> int:
@@ -208,8 +212,22 @@ class _RecordBuffer:
         return FormatError(self.path, f"{where}: {what}", expected)
 
     def read_at(self, offset: int, key: Any = None) -> tuple[bytes | None, int]:
+        data = self.data
+        if offset >= 0 and not offset & 3:  # fast path: a whole single-segment record
+            try:
+                magic, lrec = _SEGMENT_HEADER.unpack_from(data, offset)
+            except struct.error:
+                pass
+            else:
+                end = offset + 8 + lrec  # lrec == length when cflag == 0
+                if magic == MAGIC and lrec <= _LENGTH_MASK and end <= self.size:
+                    return data[offset + 8:end], (end + 3) & ~3
+        return self._read_checked(offset, key)
+
+    def _read_checked(self, offset: int, key: Any) -> tuple[bytes | None, int]:
+        """Every other case: end of file, multi-segment records, and all the errors."""
         data, size = self.data, self.size
-        if offset + 8 > size:
+        if offset + 8 > size or offset < 0:
             if offset == size:
                 return None, offset
             if offset > size or offset < 0:
