@@ -6,7 +6,8 @@ float32 otherwise -- and ``label`` an int64 scalar tensor.
 
 Normalisation modes: ``"mxnet"`` = ``(x - 127.5) / 128`` (what InsightFace's MXNet networks compute
 internally), ``"arcface"`` = ``(x - 127.5) / 127.5`` (arcface_torch's ``Normalize(0.5, 0.5)``).
-Images are decoded with OpenCV's libjpeg (bit-exact with ``mx.image.imdecode``). The optional
+Images are decoded with OpenCV's libjpeg (bit-exact with ``mx.image.imdecode``); one strided copy
+turns HWC BGR into CHW RGB (and flips), one ``cv2.LUT`` pass normalises. The optional
 horizontal flip (p = 0.5) draws from torch's default generator, which the DataLoader seeds per
 worker from the loader's base seed, so ``torch.manual_seed`` makes runs reproducible.
 
@@ -65,8 +66,8 @@ class RecFaceDataset(Dataset):
         image_size: tuple[int, int] | None = None,
         name: str = "train",
     ):
-        if normalize is not None:
-            _scale(normalize)
+        # float32 lookup table x -> (x - 127.5) * scale: one cv2.LUT pass normalises a whole image
+        self._lut = None if normalize is None else (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(_scale(normalize))
         self.index: RecIndex = read_rec_index(root, name=name)
         self.flip = flip
         self.normalize = normalize
@@ -77,8 +78,6 @@ class RecFaceDataset(Dataset):
         self._labels = torch.from_numpy(self.index.labels)
         self._rec: MXRecordIO | None = None
         self._pid = -1
-        rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 decodes straight to RGB
-        self._imread, self._bgr = (rgb, False) if rgb is not None else (cv2.IMREAD_COLOR, True)
 
     @property
     def labels(self) -> np.ndarray:
@@ -104,33 +103,28 @@ class RecFaceDataset(Dataset):
             self._pid = os.getpid()
         return self._rec
 
-    def decode(self, i: int) -> np.ndarray:
-        """Image ``i`` as uint8 ``(H, W, 3)`` RGB."""
+    def _decode_bgr(self, i: int) -> np.ndarray:
         record = self._reader().read_at(int(self._offsets[i]))
-        flag = int.from_bytes(record[:4], "little")
-        payload = np.frombuffer(record, np.uint8, offset=_IR_SIZE + 4 * flag) if len(record) > _IR_SIZE + 4 * flag else None
-        img = cv2.imdecode(payload, self._imread) if payload is not None else None
+        start = _IR_SIZE + 4 * int.from_bytes(record[:4], "little")
+        img = cv2.imdecode(np.frombuffer(record, np.uint8, offset=start), cv2.IMREAD_COLOR) if len(record) > start else None
         if img is None:
             raise FormatError(self.index.rec_path, f"record key {int(self._keys[i])} at offset {int(self._offsets[i])}: payload is not a decodable image", "JPEG/PNG bytes")
-        if self._bgr:
-            img = img[:, :, ::-1]
         if self.image_size is not None and img.shape[:2] != self.image_size:
             raise FormatError(self.index.rec_path, f"record key {int(self._keys[i])}: image is {img.shape[0]}x{img.shape[1]}", f"{self.image_size[0]}x{self.image_size[1]} as in property")
         return img
 
+    def decode(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8 ``(H, W, 3)`` RGB (a channel-reversed view of OpenCV's BGR)."""
+        return self._decode_bgr(i)[:, :, ::-1]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = self.decode(i)
-        chw = img.transpose(2, 0, 1)
+        chw = self._decode_bgr(i).transpose(2, 0, 1)[::-1]  # RGB planes (a view)
         if self.flip and torch.rand(()) < 0.5:
             chw = chw[:, :, ::-1]
-        if self.normalize is None:
-            image = torch.from_numpy(np.ascontiguousarray(chw))
-        else:
-            out = chw.astype(np.float32)
-            out -= 127.5
-            out *= _SCALE[self.normalize]
-            image = torch.from_numpy(out)
-        return image, self._labels[i]
+        chw = np.ascontiguousarray(chw)  # the one copy: HWC BGR -> CHW RGB (+ flip)
+        if self._lut is not None:
+            chw = cv2.LUT(chw.reshape(-1, chw.shape[2]), self._lut).reshape(chw.shape)
+        return torch.from_numpy(chw), self._labels[i]
 
 
 __all__ = ["RecFaceDataset", "normalize_batch"]

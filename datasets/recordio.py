@@ -265,6 +265,48 @@ class _RecordBuffer:
                 return b"".join(parts), pos
 
 
+class _AppendFile:
+    """A truncated-on-open output file with its own write buffer, safe to inherit across ``fork``.
+
+    A forked child that drops its copy only closes the descriptor: it never flushes the parent's
+    pending bytes a second time (a ``BufferedWriter`` would).
+    """
+
+    __slots__ = ("raw", "buffer", "flushed", "pid")
+    LIMIT = 1 << 20
+
+    def __init__(self, path: str):
+        self.raw = open(path, "wb", buffering=0)
+        self.buffer = bytearray()
+        self.flushed = 0
+        self.pid = os.getpid()
+
+    def tell(self) -> int:
+        return self.flushed + len(self.buffer)
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) >= self.LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        with memoryview(self.buffer) as view:
+            done = 0
+            while done < len(view):
+                done += self.raw.write(view[done:])
+        self.flushed += len(self.buffer)
+        self.buffer.clear()
+
+    def close(self) -> None:
+        if self.raw.closed:
+            return
+        try:
+            if self.pid == os.getpid():
+                self.flush()
+        finally:
+            self.raw.close()
+
+
 # --- sequential reader / writer -----------------------------------------------------------------
 
 class MXRecordIO:
@@ -281,7 +323,7 @@ class MXRecordIO:
         self.is_open = False
         self.writable = flag == "w"
         self._reader: _RecordBuffer | None = None
-        self._writer: io.BufferedWriter | None = None
+        self._writer: _AppendFile | None = None
         self._pos = 0
         self.open()
 
@@ -289,7 +331,7 @@ class MXRecordIO:
     def open(self) -> None:
         """Open the file: ``'w'`` truncates it, ``'r'`` maps it and starts at the first record."""
         if self.flag == "w":
-            self._writer = open(self.uri, "wb")
+            self._writer = _AppendFile(self.uri)
             self.writable = True
         elif self.flag == "r":
             self._reader = _RecordBuffer(self.uri)
@@ -305,8 +347,7 @@ class MXRecordIO:
         if not self.is_open:
             return
         if self._writer is not None:
-            if self.pid == os.getpid():
-                self._writer.close()
+            self._writer.close()  # flushes only in the process that opened it
             self._writer = None
         if self._reader is not None:
             self._reader.close()
@@ -361,7 +402,7 @@ class MXRecordIO:
         self.pid = self._reader.pid
         return self._reader
 
-    def _out(self) -> io.BufferedWriter:
+    def _out(self) -> _AppendFile:
         if not self.is_open:
             raise ValueError(f"I/O operation on closed RecordIO file {self.uri}")
         if not self.writable:
@@ -471,7 +512,7 @@ class MXIndexedRecordIO(MXRecordIO):
         self.idx: dict = {}
         self.keys: list = []
         self.key_type = key_type
-        self.fidx: io.TextIOWrapper | None = None
+        self.fidx: _AppendFile | None = None
         super().__init__(uri, flag)
 
     def open(self) -> None:
@@ -479,7 +520,7 @@ class MXIndexedRecordIO(MXRecordIO):
         self.idx = {}
         self.keys = []
         if self.writable:
-            self.fidx = open(self.idx_path, "w", encoding="utf-8", newline="\n")
+            self.fidx = _AppendFile(self.idx_path)
         else:
             self.fidx = None
             self.keys, offsets = read_idx_file(self.idx_path, self.key_type)
@@ -489,8 +530,7 @@ class MXIndexedRecordIO(MXRecordIO):
         if not self.is_open:
             return
         if self.fidx is not None:
-            if self.pid == os.getpid():
-                self.fidx.close()
+            self.fidx.close()
             self.fidx = None
         super().close()
 
@@ -525,7 +565,7 @@ class MXIndexedRecordIO(MXRecordIO):
         key = self.key_type(idx)
         pos = self.tell()
         self.write(buf)
-        self.fidx.write(f"{key}\t{pos}\n")  # type: ignore[union-attr]
+        self.fidx.write(f"{key}\t{pos}\n".encode())  # type: ignore[union-attr]
         self.idx[key] = pos
         self.keys.append(key)
 

@@ -115,11 +115,6 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     return images, same
 
 
-def _imread_flags():
-    rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)
-    return (rgb, False) if rgb is not None else (cv2.IMREAD_COLOR, True)
-
-
 def resize_short(img: np.ndarray, size: int) -> np.ndarray:
     """``mx.image.resize_short(img, size)``: shorter side to ``size`` (other side floored), bicubic."""
     h, w = img.shape[:2]
@@ -144,15 +139,13 @@ def decode_bin(
     images, issame = load_bin(path)
     height, width = image_size
     out = np.empty((len(images), height, width, 3), np.uint8)
-    flag, swap = _imread_flags()
 
     def decode(i: int) -> None:
         buf = images[i]
-        img = cv2.imdecode(np.frombuffer(buf, np.uint8), flag) if buf else None
+        img = cv2.imdecode(np.frombuffer(buf, np.uint8), cv2.IMREAD_COLOR) if buf else None
         if img is None:
             raise FormatError(path, f"image {i} (pair {i // 2}) of {len(buf)} bytes cannot be decoded", "JPEG/PNG bytes")
-        if swap:
-            img = img[:, :, ::-1]
+        img = img[:, :, ::-1]  # BGR -> RGB, copied by the assignment below
         if img.shape[1] != image_size[0]:
             img = resize_short(img, image_size[0])
         if img.shape[:2] != (height, width):

@@ -102,8 +102,11 @@ def test_writer_tell_and_reset_truncates(tmp_path):
     assert w.tell() == 8 + 8
     w.reset()  # MXNet semantics: truncates
     w.write(b"z")
+    big = bytes(range(256)) * 6000  # past the writer's 1 MiB buffer
+    w.write(big)
+    assert w.tell() == 12 + 8 + len(big)
     w.close()
-    assert MXRecordIO(rec, "r").read() == b"z" and rec.stat().st_size == 12
+    assert list(MXRecordIO(rec, "r")) == [b"z", big] and rec.stat().st_size == 12 + 8 + len(big)
 
 
 def test_duplicate_keys_and_string_keys(tmp_path):
@@ -202,6 +205,22 @@ def test_writer_refuses_other_process(tmp_path):
     p.join(60)
     assert "another process" in msg
     w.close()
+
+
+def _close_in_child(writer: MXRecordIO) -> None:
+    writer.close()  # a copy closed in another process must not write the parent's pending bytes
+
+
+def test_forked_copy_of_a_writer_does_not_duplicate_data(tmp_path):
+    path = tmp_path / "w.rec"
+    w = MXRecordIO(path, "w")
+    w.write(b"first")  # still in the write buffer
+    child = mp.get_context("fork").Process(target=_close_in_child, args=(w,))
+    child.start()
+    child.join(60)
+    w.write(b"second")
+    w.close()
+    assert list(MXRecordIO(path, "r")) == [b"first", b"second"]
 
 
 # --- rebuild_index ------------------------------------------------------------------------------
