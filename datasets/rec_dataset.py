@@ -40,12 +40,23 @@ def _scale(mode: str) -> float:
         raise ValueError(f"normalize must be 'mxnet', 'arcface' or None, got {mode!r}") from None
 
 
+def _lut(mode: str) -> np.ndarray:
+    """float32 table ``x -> (x - 127.5) * scale`` for x in 0..255 (same float32 rounding as the formula)."""
+    return (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(_scale(mode))
+
+
 def normalize_batch(x: torch.Tensor, mode: NormalizeMode) -> torch.Tensor:
-    """uint8 ``(N, 3, H, W)`` (any device) -> float32 ``(x - 127.5) * scale``; ``None`` = float32 as is."""
-    x = x.float()
+    """uint8 ``(N, 3, H, W)`` on any device -> float32 ``(x - 127.5) * scale``; ``None``: float32 as is.
+
+    On the CPU a contiguous uint8 batch goes through one ``cv2.LUT`` pass (about 2x faster than
+    three elementwise torch passes); elsewhere it is ``x.float().sub_(127.5).mul_(scale)``.
+    """
     if mode is None:
-        return x
-    return x.sub_(127.5).mul_(_scale(mode))
+        return x.float()
+    if x.device.type == "cpu" and x.dtype == torch.uint8 and x.is_contiguous() and x.dim() >= 2 and x.numel():
+        flat = x.numpy().reshape(-1, x.shape[-1])
+        return torch.from_numpy(cv2.LUT(flat, _lut(mode)).reshape(tuple(x.shape)))
+    return x.float().sub_(127.5).mul_(_scale(mode))
 
 
 class RecFaceDataset(Dataset):
@@ -66,8 +77,7 @@ class RecFaceDataset(Dataset):
         image_size: tuple[int, int] | None = None,
         name: str = "train",
     ):
-        # float32 lookup table x -> (x - 127.5) * scale: one cv2.LUT pass normalises a whole image
-        self._lut = None if normalize is None else (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(_scale(normalize))
+        self._lut = None if normalize is None else _lut(normalize)  # one cv2.LUT pass normalises an image
         self.index: RecIndex = read_rec_index(root, name=name)
         self.flip = flip
         self.normalize = normalize

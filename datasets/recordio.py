@@ -21,9 +21,15 @@ Byte layout (all integers little-endian):
 Reading maps the file (``mmap``) and parses headers with ``struct.unpack_from``: no per-record
 file calls, and a reader is safe to use in forked DataLoader workers (the mapping is re-made in a
 new process; positions are plain integers, never a shared file offset). Pickling a reader stores
-only its paths and flag. Differences from MXNet, all on bad input: corrupt files raise
-:class:`~datasets.errors.FormatError` naming the file and offset instead of aborting the process;
-:func:`unpack_img` raises instead of returning ``None`` for an undecodable payload.
+only its paths and flag. Writers buffer in their own memory, so a forked copy never writes the
+parent's pending bytes; writing from another process raises, as in MXNet.
+
+Differences from MXNet: corrupt files raise :class:`~datasets.errors.FormatError` naming the file,
+key and offset instead of aborting the process; :func:`unpack_img` raises instead of returning
+``None`` for an undecodable payload; ``read()`` in a forked child works (MXNet raises); pickling
+an open writer raises (MXNet's copy would truncate the file); blank ``.idx`` lines are skipped.
+Extras: :meth:`MXRecordIO.read_at`, :meth:`MXRecordIO.iter_with_offsets`, :func:`rebuild_index`,
+:func:`read_idx_arrays`.
 """
 from __future__ import annotations
 
@@ -466,6 +472,8 @@ def _parse_idx_lines(text: str, path: str, key_type: Callable[[str], Any]) -> tu
         return list(map(int, tokens[0::2])), list(map(int, tokens[1::2]))
     keys, offsets = [], []
     for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue  # MXNet would stop with a ValueError; a blank line carries nothing
         fields = line.strip().split("\t")
         if len(fields) != 2:
             raise FormatError(path, f"line {lineno}: {line!r} has {len(fields)} tab-separated fields", "'<key>\\t<offset>'")

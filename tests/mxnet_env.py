@@ -54,7 +54,8 @@ def _locked(lock_path: Path) -> Iterator[None]:
 
 def _base_python() -> str:
     """The interpreter to build the venv from: the base of the running venv, same version."""
-    return os.path.join(sys.base_prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}")
+    base = os.path.join(sys.base_prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}")
+    return base if os.path.exists(base) else sys.executable
 
 
 def _build(venv: Path) -> None:

@@ -46,7 +46,9 @@ def test_items_uint8_and_normalised(rec_dir, jpegs):
         x, _ = RecFaceDataset(rec_dir, normalize=mode)[4]
         assert x.dtype == torch.float32
         torch.testing.assert_close(x, (expected.float() - 127.5) * scale)
-        torch.testing.assert_close(normalize_batch(expected[None], mode)[0], x)
+        torch.testing.assert_close(normalize_batch(expected[None], mode)[0], x, atol=0, rtol=0)  # cv2.LUT path
+        strided = expected[None].transpose(-1, -2).contiguous().transpose(-1, -2)  # torch arithmetic path
+        torch.testing.assert_close(normalize_batch(strided, mode)[0], x, atol=0, rtol=0)
 
 
 def test_arcface_normalisation_matches_torchvision(rec_dir, jpegs):
