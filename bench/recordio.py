@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     index = read_rec_index(root)
     order = np.random.default_rng(0).permutation(index.keys).tolist()
     mean_kb = (root / "train.rec").stat().st_size / len(order) / 1024
+    sizes_kb = np.diff(np.sort(index.offsets)) / 1024
+    p5, p50, p95 = np.percentile(sizes_kb, [5, 50, 95]).round(1).tolist()
 
     ours_raw_rate = ours_raw(root, order, args.repeats, args.clock)
     ours_img = ours_images(root, order, args.repeats, args.clock, args.device)
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append((f"images/s/core, uint8 + normalize_batch on {args.device}", ours_img["uint8+normalize_batch"], arcface, "arcface_torch MXFaceDataset", 2.0))
     info = machine()
     print(f"\nmachine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu'] or 'none'}; "
-          f"{len(order)} records, mean {mean_kb:.1f} KB; one process, random key order, best of {args.repeats}, "
+          f"{len(order)} records, mean {mean_kb:.1f} KB (5/50/95%: {p5}/{p50}/{p95} KB); one process, random key order, best of {args.repeats}, "
           f"{args.clock} clock; load average {os.getloadavg()[0]:.1f}")
     print(f"{'measure':52} {'ours':>10} {'reference':>10} {'ratio':>7}  target  reference")
     result_rows = []
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
         result_rows.append({"measure": name, "ours": ours, "reference": ref, "reference_name": ref_name, "ratio": ratio, "target": target})
     if mx:
         print(f"  arcface_torch parts: mx unpack+imdecode {mx['unpack+imdecode']:.0f}/s, torchvision transforms {tv_rate:.0f}/s")
-    result = {"machine": info, "records": len(order), "mean_record_kb": mean_kb, "repeats": args.repeats, "device": args.device,
+    result = {"machine": info, "records": len(order), "mean_record_kb": mean_kb, "record_kb_p5_p50_p95": [p5, p50, p95], "repeats": args.repeats, "device": args.device,
               "clock": args.clock, "load_average": os.getloadavg()[0],
               "rows": result_rows, "mxnet": mx, "torchvision_transforms_per_s": tv_rate,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

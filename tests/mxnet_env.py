@@ -89,7 +89,10 @@ def mxnet_python() -> Path:
         try:
             _build(venv)
         except (MXNetUnavailable, OSError, subprocess.TimeoutExpired) as exc:
-            failed.write_text(f"MXNet {MXNET_VERSION} environment could not be built: {exc}", encoding="utf-8")
+            shutil.rmtree(venv, ignore_errors=True)
+            failed.write_text(
+                f"MXNet {MXNET_VERSION} environment could not be built (remembered for {FAILURE_TTL_S // 60} min; "
+                f"delete {failed} to retry now): {exc}", encoding="utf-8")
             raise MXNetUnavailable(failed.read_text(encoding="utf-8")) from exc
         failed.unlink(missing_ok=True)
         (venv / READY).write_text(json.dumps({"requirements": REQUIREMENTS, "built": time.time()}))

@@ -102,3 +102,20 @@ def test_undecodable_record_names_key_and_offset(tmp_path, jpegs):
 def test_bad_normalize_mode(rec_dir):
     with pytest.raises(ValueError, match="normalize must be"):
         RecFaceDataset(rec_dir, normalize="imagenet")
+
+
+def test_pickled_dataset_reopens_lazily(rec_dir):
+    import pickle
+
+    ds = RecFaceDataset(rec_dir, normalize=None)
+    first = ds[0][0]
+    copy = pickle.loads(pickle.dumps(ds))  # what a spawn-started DataLoader worker gets
+    assert copy._rec is None and torch.equal(copy[0][0], first)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_normalize_batch_on_gpu_matches_cpu(rec_dir):
+    ds = RecFaceDataset(rec_dir, normalize=None)
+    batch = torch.stack([ds[i][0] for i in range(len(ds))])
+    for mode in ("mxnet", "arcface"):
+        torch.testing.assert_close(normalize_batch(batch.cuda(), mode).cpu(), normalize_batch(batch, mode), atol=1e-6, rtol=0)
