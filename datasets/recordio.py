@@ -119,12 +119,6 @@ def unpack(s: bytes) -> tuple[IRHeader, bytes]:
     return _tuple_new(IRHeader, (flag, labels, fields[2], fields[3])), s[end:]
 
 
-def payload_offset(record: bytes) -> int:
-    """Byte offset of the payload inside a packed record (24, or 24 + 4*flag)."""
-    flag = _IR.unpack_from(record)[0]
-    return _IR_SIZE + 4 * flag
-
-
 def pack_img(header: IRHeader | tuple, img: np.ndarray, quality: int = 95, img_fmt: str = ".jpg") -> bytes:
     """Encode ``img`` (HxWx3 uint8, OpenCV BGR order) with ``cv2.imencode`` and :func:`pack` it.
 
@@ -596,7 +590,7 @@ def rebuild_index(rec_path: str | os.PathLike, idx_path: str | os.PathLike) -> i
 
 
 __all__ = [
-    "IRHeader", "pack", "unpack", "pack_img", "unpack_img", "payload_offset", "frame_record",
+    "IRHeader", "pack", "unpack", "pack_img", "unpack_img", "frame_record",
     "MXRecordIO", "MXIndexedRecordIO", "read_idx_file", "read_idx_arrays", "rebuild_index",
     "MAGIC", "MAX_RECORD_BYTES",
 ]
