@@ -1,0 +1,167 @@
+"""``.lst`` image lists in their two forms (spec s2.4). UTF-8 text, one TAB-separated line per image.
+
+* MXNet im2rec: ``index \\t label_1 [\\t label_2 ...] \\t path`` -- index ``%d``, labels ``%f``, the
+  path is the last column (relative to the image root). :class:`Im2recLine`.
+* InsightFace: ``aligned \\t path \\t label [\\t x1 \\t y1 \\t x2 \\t y2 [\\t 5 landmark x \\t 5 landmark y]]``
+  -- ``aligned`` 0/1, label int, bbox four ints, landmarks ten floats (five x values, then five y
+  values). 3, 7 or 17 columns. The "1 PATH LABEL" lists of dir2lst/align_* are this form with
+  ``aligned=1`` and no box. :class:`InsightFaceLine`.
+
+Paths may hold spaces and any Unicode character (they are never split); only the line ending is
+stripped. Blank lines are skipped; any other malformed line raises
+:class:`~datasets.errors.FormatError` naming the file and the line number. Writes are atomic.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .atomic import atomic_write_text
+from .errors import FormatError
+
+
+@dataclass(frozen=True)
+class Im2recLine:
+    """One im2rec line: record index, one or more float labels, image path."""
+
+    index: int
+    labels: tuple[float, ...]
+    path: str
+
+    def format(self) -> str:
+        labels = "\t".join("%f" % v for v in self.labels)
+        return f"{self.index:d}\t{labels}\t{self.path}"
+
+
+@dataclass(frozen=True)
+class InsightFaceLine:
+    """One InsightFace line: aligned flag, path, class label, optional box and 5 landmarks.
+
+    ``bbox`` is ``(x1, y1, x2, y2)`` in pixels (ints); ``landmarks`` is ``((x, y),) * 5`` in pixels
+    (left eye, right eye, nose, left and right mouth corner), stored on disk as 5 x then 5 y.
+    """
+
+    aligned: bool
+    path: str
+    label: int
+    bbox: tuple[int, int, int, int] | None = None
+    landmarks: tuple[tuple[float, float], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.landmarks is not None and self.bbox is None:
+            raise ValueError(f"{self.path}: landmarks need a bbox column group in the InsightFace .lst form")
+        if self.landmarks is not None and np.shape(self.landmarks) != (5, 2):
+            raise ValueError(f"{self.path}: landmarks must be 5 (x, y) points, got shape {np.shape(self.landmarks)}")
+
+    def format(self) -> str:
+        cols = [str(int(bool(self.aligned))), self.path, str(int(self.label))]
+        if self.bbox is not None:
+            cols += [str(int(v)) for v in self.bbox]
+        if self.landmarks is not None:
+            pts = np.asarray(self.landmarks)
+            cols += [_float_text(v) for v in pts[:, 0]] + [_float_text(v) for v in pts[:, 1]]
+        return "\t".join(cols)
+
+
+def _float_text(v) -> str:
+    """Shortest text that reads back to the same value (float32 values stay short)."""
+    return np.format_float_positional(v, trim="-") if isinstance(v, np.floating) else repr(float(v))
+
+
+def _check_path(path: str, where: str) -> None:
+    if not path or any(c in path for c in "\t\n\r"):
+        raise ValueError(f"{where}: image path {path!r} is empty or holds a TAB or newline, which .lst cannot store")
+
+
+def _lines(path: str | os.PathLike) -> Iterable[tuple[int, list[str]]]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FormatError(p, "list file does not exist", "a .lst file") from None
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise FormatError(p, f"line {line}: bytes are not UTF-8 ({exc.reason})", "UTF-8 text") from None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if line.strip():
+            yield lineno, line.split("\t")
+
+
+def read_im2rec_lst(path: str | os.PathLike) -> list[Im2recLine]:
+    """Parse an im2rec ``.lst``: ``index\\tlabel...\\tpath`` per line."""
+    out = []
+    for lineno, cols in _lines(path):
+        if len(cols) < 3:
+            raise FormatError(path, f"line {lineno}: {len(cols)} tab-separated columns", "'index\\tlabel[\\tlabel...]\\tpath' (at least 3 columns)")
+        try:
+            index = int(cols[0])
+        except ValueError:
+            raise FormatError(path, f"line {lineno}: index {cols[0]!r} is not an integer", "an integer record index") from None
+        try:
+            labels = tuple(float(c) for c in cols[1:-1])
+        except ValueError:
+            raise FormatError(path, f"line {lineno}: labels {cols[1:-1]!r} are not numbers", "float labels") from None
+        if not cols[-1]:
+            raise FormatError(path, f"line {lineno}: empty image path", "a path in the last column")
+        out.append(Im2recLine(index, labels, cols[-1]))
+    return out
+
+
+def write_im2rec_lst(path: str | os.PathLike, lines: Sequence[Im2recLine]) -> Path:
+    """Write an im2rec ``.lst`` (``%d`` index, ``%f`` labels, as MXNet's im2rec.py)."""
+    for line in lines:
+        _check_path(line.path, f"{path}: index {line.index}")
+        if not line.labels:
+            raise ValueError(f"{path}: index {line.index} has no label")
+    atomic_write_text(path, "".join(line.format() + "\n" for line in lines))
+    return Path(path)
+
+
+def read_insightface_lst(path: str | os.PathLike) -> list[InsightFaceLine]:
+    """Parse an InsightFace ``.lst``: 3, 7 or 17 TAB-separated columns per line."""
+    out = []
+    for lineno, cols in _lines(path):
+        n = len(cols)
+        if n not in (3, 7, 17):
+            raise FormatError(path, f"line {lineno}: {n} tab-separated columns", "3 (aligned, path, label), 7 (+ bbox x1 y1 x2 y2) or 17 (+ 5 landmark x, 5 landmark y)")
+        if cols[0] not in ("0", "1"):
+            raise FormatError(path, f"line {lineno}: aligned flag {cols[0]!r}", "0 or 1 in the first column")
+        if not cols[1]:
+            raise FormatError(path, f"line {lineno}: empty image path", "a path in the second column")
+        try:
+            label = int(cols[2])
+        except ValueError:
+            raise FormatError(path, f"line {lineno}: label {cols[2]!r} is not an integer", "an integer class label") from None
+        bbox = landmarks = None
+        if n >= 7:
+            try:
+                bbox = tuple(int(c) for c in cols[3:7])
+            except ValueError:
+                raise FormatError(path, f"line {lineno}: bbox {cols[3:7]!r}", "four integers x1 y1 x2 y2") from None
+        if n == 17:
+            try:
+                vals = [float(c) for c in cols[7:17]]
+            except ValueError:
+                raise FormatError(path, f"line {lineno}: landmarks {cols[7:17]!r}", "ten numbers: 5 x then 5 y") from None
+            landmarks = tuple(zip(vals[:5], vals[5:]))
+        out.append(InsightFaceLine(cols[0] == "1", cols[1], label, bbox, landmarks))  # type: ignore[arg-type]
+    return out
+
+
+def write_insightface_lst(path: str | os.PathLike, lines: Sequence[InsightFaceLine]) -> Path:
+    """Write an InsightFace ``.lst`` (TAB-separated, bbox as ints, landmarks 5 x then 5 y)."""
+    for i, line in enumerate(lines, 1):
+        _check_path(line.path, f"{path}: line {i}")
+    atomic_write_text(path, "".join(line.format() + "\n" for line in lines))
+    return Path(path)
+
+
+__all__ = [
+    "Im2recLine", "InsightFaceLine", "read_im2rec_lst", "write_im2rec_lst",
+    "read_insightface_lst", "write_insightface_lst",
+]
