@@ -3,7 +3,7 @@
     python bench/recordio.py [--records 20000] [--repeats 3] [--device cpu|cuda]
 
 Builds once (cached under ``data/bench/recordio-<N>/``) an InsightFace-layout ``train.rec`` of N
-112x112 JPEG records (quality 95, 4-9 KB: crops of the real photos in ../shared/data/faces with
+112x112 JPEG records (quality 95, 4-9 KB: crops of the real photos in sample/faces with
 random scale, rotation, colour and noise), then measures in one run, on that file, one process:
 
 1. raw ``read_idx`` + ``unpack`` records/s, random key order: ours vs ``mxnet.recordio`` (run in
@@ -41,7 +41,7 @@ from datasets.rec_dataset import RecFaceDataset, normalize_batch  # noqa: E402
 from datasets.rec_layout import InsightFaceRecWriter, read_rec_index  # noqa: E402
 from datasets.recordio import MXIndexedRecordIO, unpack  # noqa: E402
 
-FACES = Path(os.environ.get("FACEPIPE_FACES", ROOT.parent / "shared" / "data" / "faces"))
+FACES = Path(os.environ.get("FACEPIPE_FACES", ROOT / "sample" / "faces"))
 RESULTS = ROOT / "bench" / "results" / "recordio.json"
 BUILD_VERSION = 1  # bump when the generator changes
 

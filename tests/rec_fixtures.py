@@ -8,15 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import SHARED_FACES
+from conftest import FACES
 
 MAGIC_BYTES = bytes.fromhex("0a23d7ce")
 
 
 def face_photos() -> list[Path]:
-    photos = sorted((SHARED_FACES / "raw").glob("*/*.jpg"))
+    photos = sorted((FACES / "raw").glob("*/*.jpg"))
     if not photos:
-        pytest.skip(f"no face photos under {SHARED_FACES / 'raw'} (see the README there)")
+        pytest.skip(f"no face photos under {FACES / 'raw'} (see the README there)")
     return photos
 
 
