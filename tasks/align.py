@@ -583,22 +583,23 @@ def _align_chunk(items: pd.DataFrame, raw: Path, out: Path, cfg: AlignConfig, ph
     if not loaded:
         return rows
     try:
-        detections = detector.detect([x.image.pixels for x in loaded])
-    except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report every file of the batch
-        logger().exception("align: detection failed for %d files", len(loaded))
+        detections: list[Detections | Exception] = list(detector.detect([x.image.pixels for x in loaded]))
+    except Exception:  # noqa: BLE001 - find the file(s) it fails on, one at a time
+        logger().exception("align: batched detection failed; retrying the %d files one by one", len(loaded))
+        detections = []
         for x in loaded:
-            rows.append(_row(x.item.source_path, "error", ph, policy, sha=x.sha,
-                             reason=f"detection failed: {type(exc).__name__}: {exc}",
-                             width=x.image.width, height=x.image.height,
-                             source_size=int(x.item.source_size), source_mtime_ns=int(x.item.source_mtime_ns)))
-        return rows
+            try:
+                detections.append(detector.detect([x.image.pixels])[0])
+            except Exception as exc:  # noqa: BLE001
+                detections.append(exc)
     for x, det in zip(loaded, detections):
         try:
+            if isinstance(det, Exception):
+                raise RuntimeError(f"detection failed: {type(det).__name__}: {det}") from det
             rows.extend(_align_one(x, det, raw, out, cfg, ph))
         except Exception as exc:  # noqa: BLE001
             logger().exception("align: %s failed", x.item.source_path)
-            rows.append(_row(x.item.source_path, "error", ph, policy, sha=x.sha,
-                             reason=f"alignment failed: {type(exc).__name__}: {exc}",
+            rows.append(_row(x.item.source_path, "error", ph, policy, sha=x.sha, reason=f"{type(exc).__name__}: {exc}",
                              width=x.image.width, height=x.image.height,
                              source_size=int(x.item.source_size), source_mtime_ns=int(x.item.source_mtime_ns)))
     return rows
@@ -742,7 +743,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=name, **kwargs)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, AlignConfig]:
+    """Command-line arguments and the :class:`AlignConfig` they describe."""
     parser = argparse.ArgumentParser(
         prog="python -m tasks.align",
         description="Detect faces (MTCNN) in RAW_DIR/<identity>/* and write aligned faces and manifest.parquet to OUT_DIR.",
@@ -759,6 +761,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = AlignConfig(**fields)
     except ValueError as exc:
         parser.error(str(exc))
+    return args, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     result = run_align(args.raw_dir, args.out_dir, cfg, force=args.force, shard_size=args.shard_size)
     if args.json:

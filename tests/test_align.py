@@ -29,6 +29,7 @@ from tasks.align import (
     AlignConfig,
     align_shard,
     finalize_align,
+    parse_args,
     plan_align,
     run_align,
 )
@@ -164,6 +165,12 @@ def test_rerun_add_remove_and_parameter_change(tmp_path, small_raw):
     assert sorted(df["output_path"]) == sorted(after)  # same names, new content
     assert all(load_image(out / p).shape == (112, 96, 3) for p in df["output_path"])
 
+    changed = small_raw / "barack_obama" / "6_240p.jpg"
+    changed.write_bytes((RAW / "barack_obama" / "4.jpg").read_bytes())  # new content, new mtime
+    redone = run_align(small_raw, out, AlignConfig(device="cpu", image_size="112x96"))
+    assert (redone.processed, redone.reused) == (1, 4)
+    assert _manifest(out).set_index("source_path").loc["barack_obama/6_240p.jpg", "width"] == 1480
+
     (small_raw / "joe_biden" / "2.jpg").unlink()
     (out / "images" / "kit_harington" / "2.jpg").unlink()  # a lost output is redone
     fewer = run_align(small_raw, out, AlignConfig(device="cpu", image_size="112x96"))
@@ -189,6 +196,24 @@ def test_plan_shards_and_finalize(tmp_path, small_raw):
     assert len(rows) == 3 and {p: p.stat().st_mtime_ns for p in written} == written
     result = finalize_align(plan)
     assert result.counts == {"ok": 4} and not (out / "parts").exists() and (out / "stage.json").is_file()
+
+    # Planning a change drops the rows about to be redone from the manifest (and the record), so
+    # that a run killed while it overwrites their images never leaves a manifest describing them.
+    replan = plan_align(small_raw, out, AlignConfig(device="cpu", image_size="112x96"))
+    assert replan.todo_files == 4 and _manifest(out).empty and not (out / "stage.json").exists()
+    # An output folder inside raw_dir is not read as input.
+    assert plan_align(small_raw, small_raw / "aligned", CPU).num_files == 4
+
+
+def test_command_line_options():
+    args, cfg = parse_args(["raw", "out", "--image-size", "112,96", "--thresholds", "0.6", "0.7", "0.9",
+                            "--face-policy", "all", "--max-side", "0", "--no-face", "center_crop", "--shard-size", "8"])
+    assert (args.raw_dir, args.out_dir, args.shard_size) == ("raw", "out", 8)
+    assert cfg == AlignConfig(image_size="112x96", thresholds=(0.6, 0.7, 0.9), face_policy="all", max_side=0,
+                              no_face="center_crop")
+    assert parse_args(["r", "o"])[1] == AlignConfig()
+    with pytest.raises(SystemExit):
+        parse_args(["r", "o", "--thresholds", "0.6", "0.7", "1.5"])
 
 
 def test_all_faces_policy_and_centre_crop_fallback(tmp_path):
@@ -256,6 +281,13 @@ def test_every_odd_input_gets_a_row_and_nothing_raises(tmp_path):
     (raw / "人物 甲").mkdir()
     shutil.copy(RAW / "joe_biden" / "2.jpg", raw / "人物 甲" / "照片 一.jpg")
     shutil.copy(RAW / "barack_obama" / "5_small.jpg", raw / "loose.jpg")
+    Image.fromarray(base[:8, :8]).save(gen / "tiny.png")
+    os.mkfifo(gen / "pipe.jpg")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(RAW / "alex_lacamoire" / "2.jpg", elsewhere / "1.jpg")
+    os.symlink(elsewhere, raw / "linked")
+    os.symlink(raw, raw / "gen" / "loop")  # a cycle is not followed twice
 
     result = run_align(raw, tmp_path / "out", CPU)
     df = _manifest(tmp_path / "out").set_index("source_path")
@@ -277,6 +309,9 @@ def test_every_odd_input_gets_a_row_and_nothing_raises(tmp_path):
         "gen/gray16.png": "ok",
         "gen/huge 8000x6000.jpg": "ok",
         "gen/notes.txt": "unreadable",
+        "gen/pipe.jpg": "unreadable",
+        "gen/tiny.png": "no_face",
+        "linked/1.jpg": "ok",
         "gen/same.jpg": "ok",
         "gen/same.png": "ok",
         "loose.jpg": "ok",
@@ -287,6 +322,7 @@ def test_every_odd_input_gets_a_row_and_nothing_raises(tmp_path):
     assert reason["edge/empty.jpg"] == "empty file"
     assert reason["edge/not_an_image.jpg"] == reason["gen/notes.txt"] == "not an image (text)"
     assert reason["edge/truncated.jpg"] == "truncated JPEG"
+    assert reason["gen/pipe.jpg"].startswith("not a regular file")
     assert reason["gen/control_copy.jpg"].startswith("same bytes as gen/control.jpg")
     assert reason["edge/no_face_noise.jpg"].startswith("no face found")
     assert "hidden" in reason["gen/.DS_Store"] and "hidden folder" in reason[".cache/"]
