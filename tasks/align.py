@@ -362,12 +362,14 @@ def plan_align(
         raise NotADirectoryError(f"{raw}: raw_dir is not a folder (expected one sub-folder per identity)")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if out == raw or out / IMAGES_DIR in (raw, *raw.parents):
+        raise ValueError(f"out_dir {out} must not be raw_dir {raw} or hold it in its {IMAGES_DIR}/ folder")
     ph = cfg.params_hash()
     policy = cfg.face_policy
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out / MANIFEST_FILE, stage=STAGE, extra=EXTRA_COLUMNS)
 
-    files, skipped = _walk(raw, out if raw in out.parents or raw == out else None)
+    files, skipped = _walk(raw, out if raw in out.parents else None)
     cache = {}
     if not force and len(manifest):
         known = manifest[manifest["source_sha256"] != ""]
@@ -406,7 +408,7 @@ def plan_align(
     for rel, sha, size, mtime in hashed:
         if size > 0 and sha in first_with:
             fixed.append(_row(rel, "duplicate", ph, policy, sha=sha, source_size=size, source_mtime_ns=mtime,
-                              reason=f"same bytes as {first_with[sha]}; that file is aligned instead"))
+                              reason=f"same bytes as {first_with[sha]} (only that file is processed)"))
             continue
         first_with.setdefault(sha, rel)
         kept.append((rel, sha, size, mtime))

@@ -19,8 +19,8 @@ from facenet_pytorch import MTCNN
 from PIL import Image
 
 from conftest import ROOT, SHARED_FACES
-from datasets.face_align import TEMPLATE_112x112, estimate_similarity
-from datasets.images import load_image
+from datasets.face_align import TEMPLATE_112x112, estimate_similarity, template_for, warp_affine, warp_face
+from datasets.images import decode_image, load_image
 from datasets.manifest import read_manifest
 from models.face_detector import FaceDetector
 from tasks.align import (
@@ -203,6 +203,10 @@ def test_plan_shards_and_finalize(tmp_path, small_raw):
     assert replan.todo_files == 4 and _manifest(out).empty and not (out / "stage.json").exists()
     # An output folder inside raw_dir is not read as input.
     assert plan_align(small_raw, small_raw / "aligned", CPU).num_files == 4
+    with pytest.raises(ValueError, match="must not be raw_dir"):
+        plan_align(small_raw, small_raw, CPU)
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        plan_align(small_raw / "nope", out, CPU)
 
 
 def test_command_line_options():
@@ -272,6 +276,12 @@ def test_every_odd_input_gets_a_row_and_nothing_raises(tmp_path):
     scale = 8000 / 630
     canvas[500 : 500 + round(374 * scale)] = cv2.resize(base, (8000, round(374 * scale)), interpolation=cv2.INTER_CUBIC)
     (gen / "huge 8000x6000.jpg").write_bytes(cv2.imencode(".jpg", canvas[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
+    # A small face in a big JPEG: detected on a 1/4-scale decode, warped from the full one.
+    control_iod = 70.85  # kit_harington/2.jpeg at 640 px
+    small = cv2.resize(base, None, fx=40 / control_iod, fy=40 / control_iod, interpolation=cv2.INTER_AREA)
+    crowd = np.full((1950, 2600, 3), 90, np.uint8)
+    crowd[700 : 700 + small.shape[0], 1100 : 1100 + small.shape[1]] = small
+    (gen / "small face.jpg").write_bytes(cv2.imencode(".jpg", crowd[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
     Image.fromarray(base).save(gen / "same.png")
     shutil.copy(RAW / "rose_leslie" / "1.jpg", gen / "same.jpg")
     (gen / "notes.txt").write_text("not a photo\n")
@@ -313,6 +323,7 @@ def test_every_odd_input_gets_a_row_and_nothing_raises(tmp_path):
         "gen/tiny.png": "no_face",
         "linked/1.jpg": "ok",
         "gen/same.jpg": "ok",
+        "gen/small face.jpg": "ok",
         "gen/same.png": "ok",
         "loose.jpg": "ok",
         "人物 甲/照片 一.jpg": "ok",
@@ -350,6 +361,17 @@ def test_every_odd_input_gets_a_row_and_nothing_raises(tmp_path):
     assert np.abs(np.asarray(huge["landmarks"]).reshape(5, 2) - expected).max() < tolerance * scale
     for rel in ["gen/cmyk.jpg", "gen/gray16.png"]:
         assert np.abs(np.asarray(df.loc[rel, "landmarks"]).reshape(5, 2) - control).max() < tolerance
+
+    # Warped from enough resolution: the small face matches a warp of the full decode, not of the
+    # 1/4-scale decode that detection used.
+    row = df.loc["gen/small face.jpg"]
+    face = load_image(tmp_path / "out" / row["output_path"]).astype(np.int16)
+    landmarks = np.asarray(row["landmarks"], dtype=np.float64).reshape(5, 2)
+    assert np.abs(face - warp_face(load_image(gen / "small face.jpg"), landmarks)).mean() < 3
+    quarter = decode_image(gen / "small face.jpg", min_long_side=640)
+    assert quarter.pixels.shape == (488, 650, 3)
+    m = np.vstack([estimate_similarity(landmarks, template_for("112x112")), [0, 0, 1]]) @ quarter.to_source()
+    assert np.abs(face - warp_affine(quarter.pixels, m[:2], "112x112")).mean() > 6
 
 
 def test_killed_run_resumes_to_identical_output(tmp_path, caplog):
