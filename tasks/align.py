@@ -93,6 +93,8 @@ IMAGES_DIR = "images"
 DEFAULT_SHARD_SIZE = 64
 #: Margin of the no-face centre crop, in source pixels (``preprocess`` default).
 FALLBACK_MARGIN = 44
+#: Most bytes of decoded photos one shard holds in memory at once.
+_DECODED_BUDGET = 1 << 30
 
 STATUSES = ("ok", "fallback", "no_face", "unreadable", "duplicate", "ignored", "error")
 #: Rows with these statuses are decided again on every run instead of being reused.
@@ -558,32 +560,29 @@ def _align_one(loaded: _Loaded, det: Detections, raw: Path, out: Path, cfg: Alig
     return rows
 
 
-def _align_chunk(items: pd.DataFrame, raw: Path, out: Path, cfg: AlignConfig, ph: str,
-                 detector: FaceDetector) -> list[dict]:
-    rows: list[dict] = []
-    loaded: list[_Loaded] = []
-    policy = cfg.face_policy
-    for item in items.itertuples(index=False):
-        stat = dict(source_size=int(item.source_size), source_mtime_ns=int(item.source_mtime_ns))
-        try:
-            data = (raw / item.source_path).read_bytes()
-        except OSError as exc:
-            rows.append(_row(item.source_path, "unreadable", ph, policy, reason=f"cannot read file ({exc.strerror or exc})", **stat))
-            continue
-        sha = sha256_bytes(data)
-        if sha != item.source_sha256:
-            logger().warning("align: %s changed since it was planned; aligning the new content", item.source_path)
-        try:
-            image = decode_image(raw / item.source_path, data, min_long_side=cfg.max_side or None)
-        except UnreadableImage as exc:
-            rows.append(_row(item.source_path, "unreadable", ph, policy, sha=sha, reason=exc.reason, **stat))
-            continue
-        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the shard
-            rows.append(_row(item.source_path, "error", ph, policy, sha=sha, reason=f"decode failed: {type(exc).__name__}: {exc}", **stat))
-            continue
-        loaded.append(_Loaded(item, data, sha, image))
-    if not loaded:
-        return rows
+def _load(item, raw: Path, cfg: AlignConfig, ph: str) -> _Loaded | dict[str, Any]:
+    """Read and decode one file: a :class:`_Loaded`, or the row saying why it cannot be."""
+    stat = dict(source_size=int(item.source_size), source_mtime_ns=int(item.source_mtime_ns))
+    try:
+        data = (raw / item.source_path).read_bytes()
+    except OSError as exc:
+        return _row(item.source_path, "unreadable", ph, cfg.face_policy, reason=f"cannot read file ({exc.strerror or exc})", **stat)
+    sha = sha256_bytes(data)
+    if sha != item.source_sha256:
+        logger().warning("align: %s changed since it was planned; aligning the new content", item.source_path)
+    try:
+        image = decode_image(raw / item.source_path, data, min_long_side=cfg.max_side or None)
+    except UnreadableImage as exc:
+        return _row(item.source_path, "unreadable", ph, cfg.face_policy, sha=sha, reason=exc.reason, **stat)
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the shard
+        return _row(item.source_path, "error", ph, cfg.face_policy, sha=sha,
+                    reason=f"decode failed: {type(exc).__name__}: {exc}", **stat)
+    return _Loaded(item, data, sha, image)
+
+
+def _detect_and_align(loaded: list[_Loaded], raw: Path, out: Path, cfg: AlignConfig, ph: str,
+                      detector: FaceDetector) -> list[dict]:
+    """Detect faces in a batch of decoded photos, write their aligned faces, return their rows."""
     try:
         detections: list[Detections | Exception] = list(detector.detect([x.image.pixels for x in loaded]))
     except Exception:  # noqa: BLE001 - find the file(s) it fails on, one at a time
@@ -594,6 +593,7 @@ def _align_chunk(items: pd.DataFrame, raw: Path, out: Path, cfg: AlignConfig, ph
                 detections.append(detector.detect([x.image.pixels])[0])
             except Exception as exc:  # noqa: BLE001
                 detections.append(exc)
+    rows: list[dict] = []
     for x, det in zip(loaded, detections):
         try:
             if isinstance(det, Exception):
@@ -601,7 +601,7 @@ def _align_chunk(items: pd.DataFrame, raw: Path, out: Path, cfg: AlignConfig, ph
             rows.extend(_align_one(x, det, raw, out, cfg, ph))
         except Exception as exc:  # noqa: BLE001
             logger().exception("align: %s failed", x.item.source_path)
-            rows.append(_row(x.item.source_path, "error", ph, policy, sha=x.sha, reason=f"{type(exc).__name__}: {exc}",
+            rows.append(_row(x.item.source_path, "error", ph, cfg.face_policy, sha=x.sha, reason=f"{type(exc).__name__}: {exc}",
                              width=x.image.width, height=x.image.height,
                              source_size=int(x.item.source_size), source_mtime_ns=int(x.item.source_mtime_ns)))
     return rows
@@ -629,10 +629,24 @@ def align_shard(
         logger().info("align: shard %s already done (%d rows)", shard.name, len(done))
         return done
     detector = detector or cfg.make_detector()
-    chunk = max(4 * cfg.batch_size, 16)
+    # Decode a few batches' worth of photos at a time (bucketing needs a choice of sizes), but
+    # never hold more than _DECODED_BUDGET bytes of decoded pixels (full-size PNGs are large).
+    per_round = max(4 * cfg.batch_size, 16)
     rows: list[dict] = []
-    for start in range(0, len(shard.items), chunk):
-        rows.extend(_align_chunk(shard.items.iloc[start : start + chunk], plan.raw_dir, out, cfg, plan.params_hash, detector))
+    loaded: list[_Loaded] = []
+    held = 0
+    for item in shard.items.itertuples(index=False):
+        result = _load(item, plan.raw_dir, cfg, plan.params_hash)
+        if isinstance(result, dict):
+            rows.append(result)
+            continue
+        loaded.append(result)
+        held += result.image.pixels.nbytes
+        if len(loaded) >= per_round or held >= _DECODED_BUDGET:
+            rows.extend(_detect_and_align(loaded, plan.raw_dir, out, cfg, plan.params_hash, detector))
+            loaded, held = [], 0
+    if loaded:
+        rows.extend(_detect_and_align(loaded, plan.raw_dir, out, cfg, plan.params_hash, detector))
     frame = _frame(rows)
     write_part(out, shard.name, frame, stage=STAGE, extra=EXTRA_COLUMNS)
     return frame
