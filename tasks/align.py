@@ -85,6 +85,15 @@ from models.face_detector import Detections, FaceDetector
 from tasks.runtime import Progress, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate
 
+__all__ = [
+    # the stage
+    "AlignConfig", "AlignPlan", "AlignResult", "AlignShard", "EXTRA_COLUMNS", "STAGE", "STATUSES",
+    "align_shard", "finalize_align", "main", "parse_args", "plan_align", "run_align",
+    # detection and alignment pieces (defined in models.face_detector and datasets.face_align)
+    "FaceDetector", "TEMPLATE_112x112", "TEMPLATE_112x96", "center_crop", "choose_faces", "crop_box",
+    "crop_transform", "estimate_similarity", "parse_image_size", "template_for", "warp_affine", "warp_face",
+]
+
 STAGE = "align"
 #: Bump when a code change alters what is written for the same input and parameters; it is part
 #: of the parameter hash, so rows made by older code are redone.
