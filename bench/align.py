@@ -112,7 +112,7 @@ def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--raw", type=Path, default=ROOT.parent / "shared" / "data" / "faces" / "raw")
+    parser.add_argument("--raw", type=Path, default=ROOT / "sample" / "faces" / "raw")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--max-side", type=int, default=AlignConfig().max_side)
     parser.add_argument("--batch-size", type=int, default=AlignConfig().batch_size)

@@ -1,4 +1,4 @@
-"""The align stage end to end, on the real photos in ../shared/data/faces with the real MTCNN."""
+"""The align stage end to end, on the real photos in sample/faces with the real MTCNN."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,7 @@ import pytest
 from facenet_pytorch import MTCNN
 from PIL import Image
 
-from conftest import ROOT, SHARED_FACES
+from conftest import ROOT, FACES
 from datasets.face_align import TEMPLATE_112x112, estimate_similarity, template_for, warp_affine, warp_face
 from datasets.images import decode_image, load_image
 from datasets.manifest import read_manifest
@@ -34,9 +34,9 @@ from tasks.align import (
     run_align,
 )
 
-RAW = SHARED_FACES / "raw"
+RAW = FACES / "raw"
 if not RAW.is_dir():
-    pytest.skip(f"shared face photos not found at {SHARED_FACES}", allow_module_level=True)
+    pytest.skip(f"shared face photos not found at {FACES}", allow_module_level=True)
 
 CPU = AlignConfig(device="cpu")
 SMALL_SET = ["barack_obama/5_small.jpg", "barack_obama/6_240p.jpg", "joe_biden/2.jpg", "kit_harington/2.jpeg"]
@@ -223,9 +223,9 @@ def test_command_line_options():
 def test_all_faces_policy_and_centre_crop_fallback(tmp_path):
     raw = tmp_path / "raw"
     (raw / "group").mkdir(parents=True)
-    shutil.copy(SHARED_FACES / "multi" / "multiface.jpg", raw / "group" / "multiface.jpg")
-    shutil.copy(SHARED_FACES / "multi" / "two_people.jpg", raw / "group" / "two_people.jpg")
-    shutil.copy(SHARED_FACES / "edge" / "no_face_noise.jpg", raw / "group" / "noise.jpg")
+    shutil.copy(FACES / "multi" / "multiface.jpg", raw / "group" / "multiface.jpg")
+    shutil.copy(FACES / "multi" / "two_people.jpg", raw / "group" / "two_people.jpg")
+    shutil.copy(FACES / "edge" / "no_face_noise.jpg", raw / "group" / "noise.jpg")
     out = tmp_path / "out"
     cfg = AlignConfig(device="cpu", face_policy="all", no_face="center_crop")
     run_align(raw, out, cfg)
@@ -263,7 +263,7 @@ def _rotate_with_exif(src: Path, dst: Path) -> None:
 
 def test_every_odd_input_gets_a_row_and_nothing_raises(tmp_path):
     raw = tmp_path / "raw"
-    shutil.copytree(SHARED_FACES / "edge", raw / "edge")
+    shutil.copytree(FACES / "edge", raw / "edge")
     gen = raw / "gen"
     gen.mkdir()
     base = load_image(RAW / "kit_harington" / "2.jpeg")  # 630 x 374

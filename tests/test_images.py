@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import SHARED_FACES
+from conftest import FACES
 from datasets.errors import FormatError
 from datasets.images import UnreadableImage, decode_image, load_image
 
-EDGE = SHARED_FACES / "edge"
-RAW = SHARED_FACES / "raw"
+EDGE = FACES / "edge"
+RAW = FACES / "raw"
 
 
 def _gradient(h: int = 48, w: int = 64) -> np.ndarray:
