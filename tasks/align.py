@@ -31,6 +31,14 @@ EXIF orientation (``width`` x ``height``), pixel centres at integers. ``landmark
 left/right). For ``fallback`` rows ``bbox`` is the region that was cropped. Integer columns use
 -1 for "not known" (``face_index`` -1: no face).
 
+Already aligned input (``AlignConfig.already_aligned``): folders of face crops that are aligned
+already (one sub-folder per identity, e.g. :mod:`datasets.synthetic` identities or a user's
+pre-aligned set) go through the same plan / shard / manifest machinery without detection. A JPEG
+of the output size is written byte for byte; anything else is decoded, scaled to the output height
+(aspect kept), centre-cropped or black-padded to the output width (112x96 -> 112x112 pads 8 pixels
+each side, exactly the relation of the two templates) and encoded. Rows are ``ok`` with
+``face_index`` 0 and no ``bbox`` / ``landmarks``, or ``unreadable``.
+
 Speed: every photo is decoded at reduced scale when it is a large JPEG, detected at most
 ``max_side`` pixels long, batched by size (:class:`models.face_detector.FaceDetector`), and
 warped from a decode whose resolution is at least the output's across the face (re-decoded
@@ -44,6 +52,7 @@ killed at any point resumes from the shards that finished.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -60,6 +69,9 @@ import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from datasets.atomic import atomic_write_bytes, remove_partials
@@ -82,13 +94,14 @@ from datasets.hashing import params_hash, sha256_bytes, sha256_file
 from datasets.images import DecodedImage, UnreadableImage, decode_image
 from datasets.manifest import MANIFEST_FILE, clear_parts, read_manifest, split_reusable, status_counts, write_manifest, write_part
 from models.face_detector import Detections, FaceDetector
-from tasks.runtime import Progress, logger
+from tasks.runtime import Progress, logger, skipped
 from tasks.stage import code_version, commit_record, current_record, invalidate
 
 __all__ = [
     # the stage
     "AlignConfig", "AlignPlan", "AlignResult", "AlignShard", "EXTRA_COLUMNS", "STAGE", "STATUSES",
-    "align_shard", "finalize_align", "main", "parse_args", "plan_align", "run_align",
+    "align_shard", "check_up_to_date", "finalize_align", "main", "parse_args", "plan_align", "run_align",
+    "align_shard_task", "finalize_align_task", "plan_align_task",
     # detection and alignment pieces (defined in models.face_detector and datasets.face_align)
     "FaceDetector", "TEMPLATE_112x112", "TEMPLATE_112x96", "center_crop", "choose_faces", "crop_box",
     "crop_transform", "estimate_similarity", "parse_image_size", "template_for", "warp_affine", "warp_face",
@@ -150,6 +163,8 @@ class AlignConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="images per MTCNN call")
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="faces scoring lower are ignored")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
+    already_aligned: bool = Field(
+        False, description="inputs are aligned face crops: no detection; scaled to image_size only if needed")
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -171,6 +186,8 @@ class AlignConfig(BaseModel):
         """The parameters that change what is written (plus the algorithm version)."""
         params = self.model_dump(mode="json", include=set(_OUTPUT_FIELDS))
         params["algorithm"] = ALGORITHM_VERSION
+        if self.already_aligned:  # only when set, so that hashes of detected outputs stay as they were
+            params["already_aligned"] = True
         return params
 
     def params_hash(self) -> str:
@@ -219,6 +236,12 @@ class AlignPlan:
     @property
     def record_params(self) -> dict[str, Any]:
         return self.cfg.output_params()
+
+    def for_workers(self) -> "AlignPlan":
+        """This plan without its planned rows and shard list: what :func:`align_shard` needs
+        (pass the shard explicitly), small enough to send to every worker process."""
+        return dataclasses.replace(self, fixed_rows=self.fixed_rows.iloc[0:0], reused_rows=self.reused_rows.iloc[0:0],
+                                   shards=[])
 
 
 @dataclass
@@ -580,7 +603,8 @@ def _load(item, raw: Path, cfg: AlignConfig, ph: str) -> _Loaded | dict[str, Any
     if sha != item.source_sha256:
         logger().warning("align: %s changed since it was planned; aligning the new content", item.source_path)
     try:
-        image = decode_image(raw / item.source_path, data, min_long_side=cfg.max_side or None)
+        reduce = None if cfg.already_aligned else (cfg.max_side or None)
+        image = decode_image(raw / item.source_path, data, min_long_side=reduce)
     except UnreadableImage as exc:
         return _row(item.source_path, "unreadable", ph, cfg.face_policy, sha=sha, reason=exc.reason, **stat)
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the shard
@@ -616,6 +640,42 @@ def _detect_and_align(loaded: list[_Loaded], raw: Path, out: Path, cfg: AlignCon
     return rows
 
 
+def _fit(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An aligned crop ``(h, w, 3)`` brought to ``size`` (height, width): scaled to the output
+    height with its aspect kept, then centre-cropped or black-padded to the output width."""
+    h, w = size
+    ih, iw = pixels.shape[:2]
+    scaled_w = max(1, round(iw * h / ih))
+    if (ih, iw) != (h, scaled_w):
+        pixels = cv2.resize(pixels, (scaled_w, h), interpolation=cv2.INTER_AREA if ih > h else cv2.INTER_CUBIC)
+    if scaled_w >= w:
+        x0 = (scaled_w - w) // 2
+        return np.ascontiguousarray(pixels[:, x0:x0 + w])
+    left = (w - scaled_w) // 2
+    return cv2.copyMakeBorder(pixels, 0, 0, left, w - scaled_w - left, cv2.BORDER_CONSTANT, value=0)
+
+
+def _import_aligned(loaded: _Loaded, out: Path, cfg: AlignConfig, ph: str) -> dict[str, Any]:
+    """Row (and written face) for an already aligned crop: its bytes when it is a JPEG of the
+    output size, else :func:`_fit` and encoded."""
+    item, image = loaded.item, loaded.image
+    common = dict(sha=loaded.sha, width=image.width, height=image.height,
+                  source_size=int(item.source_size), source_mtime_ns=int(item.source_mtime_ns))
+    try:
+        size = parse_image_size(cfg.image_size)
+        output_path = f"{item.output_base}.jpg"
+        if image.format == "JPEG" and image.pixels.shape[:2] == size:
+            data = loaded.data
+        else:
+            data = _encode_jpeg(_fit(image.pixels, size), cfg.jpeg_quality)
+        atomic_write_bytes(out / output_path, data)
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the shard
+        logger().exception("align: %s failed", item.source_path)
+        return _row(item.source_path, "error", ph, cfg.face_policy, reason=f"{type(exc).__name__}: {exc}", **common)
+    return _row(item.source_path, "ok", ph, cfg.face_policy, output_path=output_path, face_index=0, num_faces=1,
+                **common)
+
+
 def align_shard(
     plan: AlignPlan,
     shard: int | AlignShard,
@@ -637,7 +697,8 @@ def align_shard(
     if done is not None:
         logger().info("align: shard %s already done (%d rows)", shard.name, len(done))
         return done
-    detector = detector or cfg.make_detector()
+    if not cfg.already_aligned:
+        detector = detector or cfg.make_detector()
     # Decode a few batches' worth of photos at a time (bucketing needs a choice of sizes), but
     # never hold more than _DECODED_BUDGET bytes of decoded pixels (full-size PNGs are large).
     per_round = max(4 * cfg.batch_size, 16)
@@ -648,6 +709,9 @@ def align_shard(
         result = _load(item, plan.raw_dir, cfg, plan.params_hash)
         if isinstance(result, dict):
             rows.append(result)
+            continue
+        if cfg.already_aligned:
+            rows.append(_import_aligned(result, out, cfg, plan.params_hash))
             continue
         loaded.append(result)
         held += result.image.pixels.nbytes
@@ -716,6 +780,20 @@ def finalize_align(plan: AlignPlan, out_dir: str | os.PathLike | None = None, cf
                        rows=len(rows), processed=plan.todo_files, reused=plan.reused_files, skipped=False)
 
 
+def check_up_to_date(plan: AlignPlan) -> AlignResult | None:
+    """The result of the committed run, marked ``skipped``, when the stage record matches the
+    plan's parameters, inputs and code and no file needs work; otherwise None."""
+    if plan.shards:
+        return None
+    record = current_record(plan.out_dir, STAGE, plan.record_params, {"raw": plan.inputs_digest}, _code_version())
+    if record is None:
+        return None
+    logger().info("align: %s is up to date (%s)", plan.out_dir, record.summary.get("counts"))
+    return AlignResult(out_dir=plan.out_dir, manifest_path=plan.out_dir / MANIFEST_FILE,
+                       counts=dict(record.summary.get("counts", {})), files=plan.num_files,
+                       rows=int(record.summary.get("rows", 0)), processed=0, reused=plan.reused_files, skipped=True)
+
+
 def run_align(
     raw_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -732,20 +810,48 @@ def run_align(
     if force:
         invalidate(out)
     plan = plan_align(raw_dir, out, cfg, shard_size=shard_size, force=force)
-    record = None if force else current_record(out, STAGE, plan.record_params, {"raw": plan.inputs_digest}, _code_version())
-    if record is not None and not plan.shards:
-        logger().info("align: %s is up to date (%s)", out, record.summary.get("counts"))
-        return AlignResult(out_dir=out, manifest_path=out / MANIFEST_FILE, counts=dict(record.summary.get("counts", {})),
-                           files=plan.num_files, rows=int(record.summary.get("rows", 0)), processed=0,
-                           reused=plan.reused_files, skipped=True)
+    done_already = None if force else check_up_to_date(plan)
+    if done_already is not None:
+        return done_already
     progress = Progress("align", total=plan.todo_files, description="align: detect + warp")
     done = 0
     for shard in plan.shards:
-        if detector is None and _finished_part(out, shard, plan.params_hash) is None:
+        if detector is None and not cfg.already_aligned and _finished_part(out, shard, plan.params_hash) is None:
             detector = cfg.make_detector()
         align_shard(plan, shard, detector=detector)
         done += len(shard.items)
         progress.update(done)
+    return finalize_align(plan)
+
+
+# --- Prefect tasks (thin wrappers; a flow maps align_shard_task over the plan's shards) ----------
+
+
+@task(name="align-plan", cache_policy=NO_CACHE)
+def plan_align_task(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: AlignConfig,
+                    shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> AlignPlan | State:
+    """:func:`plan_align`; when the stage is up to date, a Skipped state carrying the committed
+    :class:`AlignResult` instead of the plan."""
+    if force:
+        invalidate(out_dir)
+    plan = plan_align(raw_dir, out_dir, cfg, shard_size=shard_size, force=force)
+    done = None if force else check_up_to_date(plan)
+    return skipped(done, f"{plan.out_dir}: up to date") if done is not None else plan
+
+
+@task(name="align-shard", cache_policy=NO_CACHE, task_run_name="align-shard-{shard.name}")
+def align_shard_task(plan: AlignPlan, shard: AlignShard, torch_threads: int = 0) -> dict[str, int]:
+    """:func:`align_shard` (``plan`` may be :meth:`AlignPlan.for_workers`); returns the shard's
+    status counts. ``torch_threads`` > 0 sets torch's intra-op threads of the worker first."""
+    if torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    return status_counts(align_shard(plan, shard))
+
+
+@task(name="align-finalize", cache_policy=NO_CACHE)
+def finalize_align_task(plan: AlignPlan) -> AlignResult:
     return finalize_align(plan)
 
 
@@ -757,7 +863,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         ann = info.annotation
         kwargs: dict[str, Any] = {"default": None, "help": f"{info.description} (default: {info.default})"}
-        if typing.get_origin(ann) is Literal:
+        if ann is bool:
+            kwargs.update(action="store_const", const=True)
+        elif typing.get_origin(ann) is Literal:
             kwargs["choices"] = list(typing.get_args(ann))
             if name == "image_size":
                 kwargs["type"] = lambda v: v.replace(",", "x").lower()

@@ -35,6 +35,12 @@ def skipped(data: Any, message: str) -> State:
     return Completed(name="Skipped", message=message, data=data)
 
 
+def finished(result: Any, message: str = "up to date") -> Any:
+    """What a stage task returns: ``result`` itself, or :func:`skipped` carrying it when the stage
+    found its outputs up to date (``result.skipped`` is true)."""
+    return skipped(result, message) if getattr(result, "skipped", False) else result
+
+
 def artifact_key(text: str) -> str:
     """Artifact keys may hold only lowercase letters, digits and dashes."""
     out = "".join(c if c.isalnum() else "-" for c in text.lower())

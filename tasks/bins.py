@@ -1,0 +1,445 @@
+"""Bins stage: verification packs (``<name>.bin``, spec 4.1) built from pair lists.
+
+Pair lists (``PairsSet.format``, ``"auto"`` tells them apart):
+
+* ``"lfw"``, LFW ``pairs.txt`` (spec 4.3): a header line (one or two integers, e.g. ``10\\t300``;
+  skipped), then whitespace-separated ``name n1 n2`` (same person) or ``name1 n1 name2 n2``
+  (different people); image ``<image_root>/<name>/<name>_<n:04d>.jpg``.
+* ``"csv"``: ``path_a,path_b,same`` per line (``same`` 1/0 or true/false; an optional header
+  line, e.g. the one :func:`datasets.synthetic.write_pairs_csv` writes). TAB-separated lines
+  (InsightFace's ``pairs_label.txt``) are read too. Relative paths are relative to ``image_root``.
+
+``image_root`` defaults to the pair list's folder. Pair order is kept: the verification protocol
+splits the list into contiguous folds (LFW: 10 folds of 300 same + 300 different pairs).
+
+Alignment: the pair images go through the align stage (:mod:`tasks.align`, the same detector,
+face choice and warp) with the align configuration of the dataset, face policy ``"all"`` replaced
+by ``"insightface"`` (align_lfw.py's choice). Its input is ``inputs/``, a folder of symbolic links
+to the images (mirroring their paths below ``image_root``), so the stage is incremental like
+align. ``aligned=True`` sets: the images are aligned crops already and pass through
+(``AlignConfig.already_aligned``: bytes kept when they have the output size).
+
+Bad pairs, and what happens to the folds:
+
+* an image that does not exist: ``missing="fail"`` (default) raises, naming the list line, before
+  anything is aligned; ``"drop"`` drops the pair;
+* a photo without a detected face: ``no_face="center_crop"`` (default) uses the spec 5.3 centre
+  crop (what align_lfw.py does), so the pair stays and the folds are intact; ``"drop"`` drops it;
+* an unreadable image: raises with ``missing="fail"``, else the pair is dropped.
+
+A dropped pair shifts every later pair into another contiguous fold, so accuracies are no longer
+the official folds' (a warning says how many pairs went). The manifest has one row per pair:
+``ok``, ``fallback`` (at least one centre crop) or ``dropped`` with the reason, the pair's fold in
+the list (``fold``, of 10) and its index in the pack (``bin_index``, -1 when dropped).
+
+Output (``out_dir``): ``inputs/``, ``faces/`` (the align stage), ``<name>.bin``
+(:func:`datasets.verification_bin.write_bin`, atomic), ``manifest.parquet``, ``stage.json`` last.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from datasets.errors import FormatError
+from datasets.hashing import params_hash, sha256_bytes, sha256_file
+from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
+from datasets.verification_bin import write_bin
+from tasks import align
+from tasks.runtime import finished, logger
+from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
+
+__all__ = ["STAGE", "EXTRA_COLUMNS", "FOLDS", "Pair", "PairsSet", "BinsPlan", "BinsResult", "read_pairs",
+           "missing_images", "prepare_bins", "bins_align_config", "check_bins_up_to_date", "finalize_bins", "run_bins", "bins_prepare_task", "bins_finalize_task", "main"]
+
+STAGE = "bins"
+INPUTS_DIR = "inputs"
+FACES_DIR = "faces"
+OUTSIDE_DIR = "_outside"
+FOLDS = 10
+_CODE_MODULES = ("tasks.bins", "datasets.verification_bin")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TRUE, _FALSE = {"1", "true", "yes", "same"}, {"0", "false", "no", "different"}
+
+EXTRA_COLUMNS: dict[str, pa.DataType] = {
+    "path_b": pa.string(),
+    "same": pa.bool_(),
+    "pair": pa.int64(),
+    "fold": pa.int32(),
+    "bin_index": pa.int64(),
+}
+
+
+class PairsSet(BaseModel):
+    """One verification set to build: ``<name>.bin`` from the pair list ``file``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="name of the set; the pack is <name>.bin (e.g. lfw, cfp_fp, agedb_30)")
+    file: str = Field(description="pair list: LFW pairs.txt, or CSV path_a,path_b,same")
+    image_root: str | None = Field(None, description="folder the image paths are relative to (default: the list's folder)")
+    aligned: bool = Field(False, description="the images are aligned face crops already (no detection)")
+    format: Literal["auto", "lfw", "csv"] = Field("auto", description="pair list format")
+    no_face: Literal["center_crop", "drop"] = Field(
+        "center_crop", description="photo without a face: spec 5.3 centre crop (keeps the folds) or drop the pair")
+    missing: Literal["fail", "drop"] = Field("fail", description="missing or unreadable image: fail, or drop the pair")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"pairs set name {value!r} must be letters, digits, '.', '_' or '-' (it names <name>.bin)")
+        return value
+
+    def root(self) -> Path:
+        return Path(self.image_root).resolve() if self.image_root else Path(self.file).resolve().parent
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One pair of a list: absolute image paths, whether they show one person, its list line."""
+
+    a: str
+    b: str
+    same: bool
+    line: int
+
+
+# --- pair lists -----------------------------------------------------------------------------------
+
+
+def _text_lines(path: Path) -> list[tuple[int, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FormatError(path, "pair list does not exist", "an LFW pairs.txt or a CSV path_a,path_b,same") from None
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"bytes are not UTF-8 ({exc.reason})", "UTF-8 text") from None
+    return [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def _detect_format(path: Path, lines: list[tuple[int, str]]) -> str:
+    if path.suffix.lower() == ".csv":
+        return "csv"
+    for _, line in lines[:2]:
+        if "," in line:
+            return "csv"
+        cols = line.split("\t")
+        if len(cols) == 3 and cols[2].strip().lower() in _TRUE | _FALSE and not cols[1].strip().isdigit():
+            return "csv"
+    return "lfw"
+
+
+def _read_lfw(path: Path, lines: list[tuple[int, str]], root: Path) -> list[Pair]:
+    pairs = []
+    for k, (lineno, line) in enumerate(lines):
+        cols = line.split()
+        if k == 0 and 1 <= len(cols) <= 2 and all(c.isdigit() for c in cols):
+            continue  # header: folds and pairs per fold
+        try:
+            if len(cols) == 3:
+                name, n1, n2 = cols[0], int(cols[1]), int(cols[2])
+                a, b, same = (name, n1), (name, n2), True
+            elif len(cols) == 4:
+                a, b, same = (cols[0], int(cols[1])), (cols[2], int(cols[3])), False
+            else:
+                raise FormatError(path, f"line {lineno}: {len(cols)} fields", "'name n1 n2' (same) or 'name1 n1 name2 n2' (different)")
+        except ValueError:
+            raise FormatError(path, f"line {lineno}: {line!r}", "image numbers as integers") from None
+        paths = [str(root / name / f"{name}_{n:04d}.jpg") for name, n in (a, b)]
+        pairs.append(Pair(paths[0], paths[1], same, lineno))
+    return pairs
+
+
+def _read_csv(path: Path, lines: list[tuple[int, str]], root: Path) -> list[Pair]:
+    delimiter = "\t" if "\t" in lines[0][1] and "," not in lines[0][1] else ","
+    pairs = []
+    for k, (lineno, line) in enumerate(lines):
+        row = next(csv.reader(io.StringIO(line), delimiter=delimiter))
+        if len(row) != 3:
+            raise FormatError(path, f"line {lineno}: {len(row)} fields {row!r}", "three fields path_a,path_b,same")
+        flag = row[2].strip().lower()
+        if flag not in _TRUE | _FALSE:
+            if k == 0:
+                continue  # header
+            raise FormatError(path, f"line {lineno}: same = {row[2]!r}", "1/0 or true/false")
+        a, b = (str(p if p.is_absolute() else root / p) for p in (Path(row[0].strip()), Path(row[1].strip())))
+        pairs.append(Pair(a, b, flag in _TRUE, lineno))
+    return pairs
+
+
+def read_pairs(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+               format: Literal["auto", "lfw", "csv"] = "auto") -> list[Pair]:
+    """The pairs of a list, in order, with absolute image paths (see the module docstring).
+    Raises :class:`FormatError` naming the file and line for a malformed line."""
+    path = Path(path).resolve()
+    root = Path(image_root).resolve() if image_root is not None else path.parent
+    lines = _text_lines(path)
+    if not lines:
+        raise FormatError(path, "pair list is empty", "at least one pair")
+    fmt = _detect_format(path, lines) if format == "auto" else format
+    pairs = _read_lfw(path, lines, root) if fmt == "lfw" else _read_csv(path, lines, root)
+    if not pairs:
+        raise FormatError(path, "pair list has a header but no pairs", "at least one pair")
+    return pairs
+
+
+def missing_images(pairs: list[Pair]) -> list[tuple[int, str]]:
+    """``(line, path)`` of every pair image that is not a file."""
+    seen: dict[str, bool] = {}
+    out = []
+    for pair in pairs:
+        for p in (pair.a, pair.b):
+            if p not in seen:
+                seen[p] = os.path.isfile(p)
+            if not seen[p]:
+                out.append((pair.line, p))
+    return out
+
+
+# --- plan: inputs folder and align configuration ----------------------------------------------------
+
+
+@dataclass
+class BinsPlan:
+    """A set ready to align: its pairs, the align input folder and configuration."""
+
+    spec: PairsSet
+    out_dir: Path
+    pairs: list[Pair]
+    links: dict[str, str]  # absolute image path -> path relative to inputs/
+    align_cfg: align.AlignConfig
+    pairs_sha256: str
+
+    @property
+    def inputs_dir(self) -> Path:
+        return self.out_dir / INPUTS_DIR
+
+    @property
+    def faces_dir(self) -> Path:
+        return self.out_dir / FACES_DIR
+
+    @property
+    def bin_path(self) -> Path:
+        return self.out_dir / f"{self.spec.name}.bin"
+
+
+def _link_name(path: str, root: Path) -> str:
+    p = Path(path)
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return f"{OUTSIDE_DIR}/{sha256_bytes(str(p.parent).encode())[:12]}/{p.name}"
+
+
+def _sync_links(folder: Path, links: dict[str, str]) -> None:
+    """Make ``folder`` hold exactly one symbolic link per entry of ``links`` (target -> relative name)."""
+    wanted = {rel: target for target, rel in links.items()}
+    if folder.is_dir():
+        for dirpath, _dirs, files in os.walk(folder, topdown=False):
+            here = Path(dirpath)
+            for name in files:
+                p = here / name
+                rel = p.relative_to(folder).as_posix()
+                if rel not in wanted or not p.is_symlink() or os.readlink(p) != wanted[rel]:
+                    p.unlink()
+            if here != folder and not any(here.iterdir()):
+                here.rmdir()
+    for rel, target in wanted.items():
+        p = folder / rel
+        if not p.is_symlink():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target, p)
+
+
+def bins_align_config(spec: PairsSet, cfg: align.AlignConfig) -> align.AlignConfig:
+    """The align configuration for a set's images: the dataset's, with the set's choices."""
+    return cfg.model_copy(update={
+        "no_face": "center_crop" if spec.no_face == "center_crop" else "skip",
+        "face_policy": "insightface" if cfg.face_policy == "all" else cfg.face_policy,
+        "already_aligned": spec.aligned,
+    })
+
+
+def prepare_bins(spec: PairsSet, out_dir: str | os.PathLike, cfg: align.AlignConfig | None = None) -> BinsPlan:
+    """Read the pair list, check its images exist (``missing="fail"``: raise naming the first
+    missing ones) and lay out ``inputs/`` for the align stage."""
+    out = Path(out_dir).resolve()
+    pairs = read_pairs(spec.file, spec.root(), spec.format)
+    missing = missing_images(pairs)
+    if missing and spec.missing == "fail":
+        first = "; ".join(f"line {line}: {p}" for line, p in missing[:3])
+        raise FileNotFoundError(f"{Path(spec.file).resolve()}: {len(missing)} pair image(s) do not exist ({first}); "
+                                "fix the list or image_root, or set missing='drop'")
+    gone = {p for _, p in missing}
+    root = spec.root()
+    links = {p: _link_name(p, root) for pair in pairs for p in (pair.a, pair.b) if p not in gone}
+    if not links:
+        raise ValueError(f"{spec.file}: none of the pair images exist (image_root {root})")
+    out.mkdir(parents=True, exist_ok=True)
+    _sync_links(out / INPUTS_DIR, links)
+    return BinsPlan(spec, out, pairs, links, bins_align_config(spec, cfg or align.AlignConfig()), sha256_file(spec.file))
+
+
+# --- finalize: the pack -----------------------------------------------------------------------------
+
+
+@dataclass
+class BinsResult:
+    """Outcome of a set: the pack, pairs written / in the list, manifest counts."""
+
+    name: str
+    out_dir: Path
+    bin_path: Path
+    manifest_path: Path
+    pairs: int
+    listed: int
+    counts: dict[str, int]
+    skipped: bool
+
+
+def _faces_by_path(plan: BinsPlan) -> dict[str, tuple[str, str, str]]:
+    """``{absolute image path: (status, aligned face path or "", reason)}`` from the align manifest."""
+    df = read_manifest(plan.faces_dir / MANIFEST_FILE, stage=align.STAGE, extra=align.EXTRA_COLUMNS)
+    by_rel = {sp: (st, op, rs, sha) for sp, st, op, rs, sha in
+              zip(df["source_path"], df["status"], df["output_path"], df["reason"], df["source_sha256"])}
+    by_sha = {sha: (st, op, rs) for st, op, rs, sha in by_rel.values() if op}
+    out = {}
+    for path, rel in plan.links.items():
+        status, output, reason, sha = by_rel.get(rel, ("error", "", "not in the align manifest", ""))
+        if status == "duplicate" and sha in by_sha:  # the same bytes as another image: use its face
+            status, output, reason = by_sha[sha]
+        out[path] = (status, str(plan.faces_dir / output) if output else "", reason)
+    return out
+
+
+def _record_params(plan: BinsPlan) -> dict:
+    return {"set": plan.spec.model_dump(mode="json", exclude={"file", "image_root"}),
+            "file": str(Path(plan.spec.file).resolve()), "image_root": str(plan.spec.root())}
+
+
+def check_bins_up_to_date(plan: BinsPlan, align_fingerprint: str) -> BinsResult | None:
+    """The committed result, marked skipped, when the record matches; else None."""
+    record = current_record(plan.out_dir, STAGE, _record_params(plan),
+                            {"pairs": plan.pairs_sha256, "faces": align_fingerprint}, code_version(*_CODE_MODULES))
+    if record is None:
+        return None
+    return _result(plan, record.summary, skipped=True)
+
+
+def finalize_bins(plan: BinsPlan, force: bool = False) -> BinsResult:
+    """Write ``<name>.bin`` and the manifest from the aligned faces (``faces/``, finished)."""
+    faces_record = load_record(plan.faces_dir)
+    if faces_record is None:
+        raise RuntimeError(f"{plan.faces_dir}: the pair images are not aligned yet (no align stage record)")
+    if force:
+        invalidate(plan.out_dir)
+    else:
+        done = check_bins_up_to_date(plan, faces_record.fingerprint)
+        if done is not None:
+            logger().info("bins: %s is up to date", plan.bin_path)
+            return done
+    faces = _faces_by_path(plan)
+    gone = ("missing", "", "image file does not exist")
+    spec, n = plan.spec, len(plan.pairs)
+    rows, images, issame = [], [], []
+    for i, pair in enumerate(plan.pairs):
+        found = [faces.get(p, gone) for p in (pair.a, pair.b)]
+        bad = [(p, f) for p, f in zip((pair.a, pair.b), found) if not f[1]]
+        status, reason = "ok", ""
+        if bad:
+            path, (st, _, why) = bad[0]
+            reason = f"{path}: {st}" + (f" ({why})" if why else "")
+            if st in ("unreadable", "error", "missing") and spec.missing == "fail":
+                raise ValueError(f"{Path(spec.file).resolve()}: line {pair.line}: {reason}; fix the image or set missing='drop'")
+            status = "dropped"
+        elif any(f[0] == "fallback" for f in found):
+            status = "fallback"
+            reason = "; ".join(f"{p}: no face found, centre crop used" for p, f in zip((pair.a, pair.b), found) if f[0] == "fallback")
+        index = -1
+        if status != "dropped":
+            index = len(issame)
+            images += [Path(found[0][1]).read_bytes(), Path(found[1][1]).read_bytes()]
+            issame.append(pair.same)
+        rows.append({"item_id": f"{pair.line}", "source_path": pair.a, "source_sha256": "", "status": status,
+                     "reason": reason, "output_path": plan.bin_path.name if index >= 0 else "", "path_b": pair.b,
+                     "same": pair.same, "pair": i, "fold": i * FOLDS // n, "bin_index": index})
+    if not issame:
+        raise ValueError(f"{spec.file}: every pair was dropped; no {plan.bin_path.name} written")
+    dropped = n - len(issame)
+    if dropped:
+        logger().warning("bins: %s: %d of %d pairs dropped; later pairs move to other contiguous folds", spec.name, dropped, n)
+    write_bin(plan.bin_path, images, issame)
+    params = _record_params(plan)
+    manifest = pd.DataFrame(rows)
+    manifest["params_hash"] = params_hash(params)
+    write_manifest(plan.out_dir / MANIFEST_FILE, manifest, stage=STAGE, extra=EXTRA_COLUMNS)
+    summary = {"counts": status_counts(manifest), "pairs": len(issame), "listed": n}
+    commit_record(plan.out_dir, STAGE, params, {"pairs": plan.pairs_sha256, "faces": faces_record.fingerprint},
+                  code_version(*_CODE_MODULES), [plan.bin_path.name, MANIFEST_FILE], summary=summary)
+    logger().info("bins: %s: %d pairs (%s)", plan.bin_path, len(issame), summary["counts"])
+    return _result(plan, summary, skipped=False)
+
+
+def _result(plan: BinsPlan, summary: dict, skipped: bool) -> BinsResult:
+    return BinsResult(name=plan.spec.name, out_dir=plan.out_dir, bin_path=plan.bin_path,
+                      manifest_path=plan.out_dir / MANIFEST_FILE, pairs=int(summary["pairs"]),
+                      listed=int(summary["listed"]), counts=dict(summary["counts"]), skipped=skipped)
+
+
+def run_bins(spec: PairsSet, out_dir: str | os.PathLike, cfg: align.AlignConfig | None = None, *,
+             force: bool = False) -> BinsResult:
+    """Prepare, align (in this process) and pack one set; skipped when nothing changed."""
+    plan = prepare_bins(spec, out_dir, cfg)
+    align.run_align(plan.inputs_dir, plan.faces_dir, plan.align_cfg, force=force)
+    return finalize_bins(plan, force=force)
+
+
+@task(name="bins-prepare", cache_policy=NO_CACHE, task_run_name="bins-prepare-{spec.name}")
+def bins_prepare_task(spec: PairsSet, out_dir: str | os.PathLike, cfg: align.AlignConfig | None = None) -> BinsPlan:
+    return prepare_bins(spec, out_dir, cfg)
+
+
+@task(name="bins", cache_policy=NO_CACHE, task_run_name="bins-{plan.spec.name}")
+def bins_finalize_task(plan: BinsPlan, force: bool = False) -> BinsResult:
+    """:func:`finalize_bins`; Skipped in the UI when up to date."""
+    return finished(finalize_bins(plan, force=force))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.bins", description="Build a verification .bin from a pair list.")
+    parser.add_argument("pairs", help="LFW pairs.txt or CSV path_a,path_b,same")
+    parser.add_argument("out_dir")
+    parser.add_argument("--name", required=True, help="the pack is <out_dir>/<name>.bin")
+    parser.add_argument("--image-root")
+    parser.add_argument("--aligned", action="store_true", help="images are aligned crops already")
+    parser.add_argument("--no-face", choices=["center_crop", "drop"], default="center_crop")
+    parser.add_argument("--missing", choices=["fail", "drop"], default="fail")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    spec = PairsSet(name=args.name, file=args.pairs, image_root=args.image_root, aligned=args.aligned,
+                    no_face=args.no_face, missing=args.missing)
+    result = run_bins(spec, args.out_dir, align.AlignConfig(device=args.device), force=args.force)
+    print(json.dumps({"bin": str(result.bin_path), "pairs": result.pairs, "listed": result.listed,
+                      "counts": result.counts, "skipped": result.skipped}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

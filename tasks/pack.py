@@ -1,0 +1,332 @@
+"""Pack stage: an InsightFace ``.lst`` into ``train.rec`` / ``train.idx`` / ``property`` (spec 2.1-2.2).
+
+Input: an InsightFace ``.lst`` (:mod:`datasets.lst`), usually the ``train.lst`` of an lst-stage
+folder (:mod:`tasks.lst`; its ``stage.json`` gives the image size and class count, its
+``labels.csv`` the identity names). Relative image paths are taken relative to the list's folder.
+
+Output (``out_dir``), as face2rec2 writes it:
+
+* ``train.rec`` / ``train.idx``: image records keys ``1..N`` in list order (or shuffled, below),
+  then record 0 (``[N+1, N+1+K]``), then one identity record per run of equal labels. Image
+  headers carry ``[label, aligned]`` (``label_format="array"``, face2rec2, flag 2) or the scalar
+  label (``"scalar"``, dir2rec / dataset_merge, flag 0). The payload of an ``aligned=1`` line is
+  the image file's bytes, copied verbatim (no re-encode); each is checked to be an image of the
+  dataset's size. An ``aligned=0`` line with landmarks is aligned as face2rec2 does (5-point
+  similarity to the template of the image size, then JPEG ``jpeg_quality``); one without
+  landmarks is skipped (face2rec2 skips it silently; here it gets a ``skipped`` manifest row).
+* ``property``: ``num_classes,height,width`` (no newline); ``num_classes`` from the lst stage
+  (largest label + 1) or the largest label + 1.
+* ``labels.csv``: the lst stage's ``label,identity`` table, copied (when there is one).
+* ``manifest.parquet``: one row per list line: ``label``, ``key`` and ``offset`` (byte offset of
+  its record in ``train.rec``; -1 when skipped), ``line`` (0-based entry of the list).
+* ``stage.json``, written last.
+
+``shuffle`` (seeded, ``numpy`` PCG64) permutes the identity order and the order within every
+identity; an identity stays one contiguous run (one identity record). Same list, image bytes
+and parameters give a byte-identical ``train.rec``. The three files are replaced atomically, so
+a killed run leaves the previous set or none, and the next run rebuilds it.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from PIL import Image
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from datasets.atomic import atomic_write_bytes, remove_partials
+from datasets.errors import FormatError
+from datasets.face_align import warp_face
+from datasets.hashing import params_hash, sha256_bytes, sha256_file
+from datasets.images import UnreadableImage, decode_image
+from datasets.lst import InsightFaceLine, read_insightface_lst
+from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
+from datasets.rec_layout import PROPERTY_FILE, InsightFaceRecWriter
+from tasks.runtime import Progress, finished, logger
+from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
+
+__all__ = ["STAGE", "EXTRA_COLUMNS", "PackConfig", "PackResult", "pack_order", "run_pack", "pack_task", "main"]
+
+STAGE = "pack"
+REC_FILE, IDX_FILE = "train.rec", "train.idx"
+LABELS_FILE = "labels.csv"
+LIST_FILE = "train.lst"
+_CODE_MODULES = ("tasks.pack", "datasets.lst", "datasets.rec_layout", "datasets.recordio")
+
+EXTRA_COLUMNS: dict[str, pa.DataType] = {
+    "label": pa.int64(),
+    "key": pa.int64(),
+    "offset": pa.int64(),
+    "line": pa.int64(),
+    "aligned": pa.bool_(),
+}
+
+
+class PackConfig(BaseModel):
+    """Parameters of the pack stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shuffle: bool = Field(False, description="shuffle identity order and order within identities (seeded)")
+    seed: int = Field(0, ge=0, description="seed of the shuffle")
+    label_format: Literal["array", "scalar"] = Field(
+        "array", description="image record label: [label, aligned] (face2rec2, flag 2) or the scalar label (flag 0)")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of faces aligned here (aligned=0 lines only)")
+
+
+@dataclass
+class PackResult:
+    """Outcome of :func:`run_pack`. ``image_size`` is (height, width)."""
+
+    out_dir: Path
+    rec_path: Path
+    idx_path: Path
+    property_path: Path
+    manifest_path: Path
+    images: int
+    identities: int
+    num_classes: int
+    image_size: tuple[int, int]
+    counts: dict[str, int]
+    skipped: bool
+
+
+def pack_order(labels: np.ndarray | list[int], shuffle: bool, seed: int) -> np.ndarray:
+    """Order (indices into ``labels``) in which list entries are packed.
+
+    Without ``shuffle`` the list order. With it, entries are grouped by label (groups in order of
+    first appearance), the groups are permuted, then the entries of each group, with one
+    ``numpy.random.default_rng(seed)``: every label ends up one contiguous run.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not shuffle:
+        return np.arange(len(labels))
+    uniq, first = np.unique(labels, return_index=True)
+    groups = [np.flatnonzero(labels == lab) for lab in uniq[np.argsort(first)]]
+    rng = np.random.default_rng(seed)
+    parts = [groups[g][rng.permutation(len(groups[g]))] for g in rng.permutation(len(groups))]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _parse_size(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``"112,112"``, ``"112x96"`` or ``(112, 96)`` -> ``(height, width)``."""
+    parts = value.replace("x", ",").split(",") if isinstance(value, str) else list(value)
+    try:
+        size = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size {value!r} must be 'height,width' with two positive integers, e.g. 112,112")
+    return size  # type: ignore[return-value]
+
+
+def _resolve(path: str, root: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else root / p
+
+
+def _stamp(paths: list[Path], lst: Path) -> str:
+    """Digest of every listed image's size and mtime (the images are not read for it)."""
+    items = []
+    for i, p in enumerate(paths):
+        try:
+            st = p.stat()
+        except OSError as exc:
+            raise FormatError(lst, f"entry {i + 1}: image {p} cannot be read ({exc.strerror or exc})",
+                              "an existing image file for every line") from None
+        items.append((str(p), st.st_size, st.st_mtime_ns))
+    return params_hash(items, 64)
+
+
+def _payload(line: InsightFaceLine, path: Path, size: tuple[int, int], quality: int, lst: Path, entry: int) -> bytes | None:
+    """Record payload of one list entry (None: an unaligned line without landmarks, skipped)."""
+    data = path.read_bytes()
+    where = f"entry {entry + 1} ({path})"
+    if line.aligned:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for non-images
+            raise FormatError(lst, f"{where}: not an image ({type(exc).__name__}: {exc})", "an encoded face image") from None
+        if (height, width) != size:
+            raise FormatError(lst, f"{where}: image is {height}x{width}", f"{size[0]}x{size[1]} like the dataset (aligned=1)")
+        return data
+    if line.landmarks is None:
+        return None
+    try:
+        pixels = decode_image(path, data).pixels
+    except UnreadableImage as exc:
+        raise FormatError(lst, f"{where}: {exc.reason}", "a readable photo") from None
+    face = warp_face(pixels, np.asarray(line.landmarks, dtype=np.float64), size)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(face, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
+        raise RuntimeError(f"{lst}: {where}: JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _image_size_of(path: Path, lst: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as img:
+            return img.size[1], img.size[0]
+    except Exception as exc:  # noqa: BLE001
+        raise FormatError(lst, f"first image {path} cannot be read ({exc})", "an image to take the size from") from None
+
+
+def _lst_stage_defaults(folder: Path) -> tuple[Path, dict]:
+    record = load_record(folder)
+    if record is None or record.stage != "lst":
+        raise FormatError(folder, "no committed lst stage record (stage.json)", "a finished lst-stage folder or a .lst file")
+    return folder / LIST_FILE, {"record": record.fingerprint, **record.summary}
+
+
+def run_pack(
+    lst: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: PackConfig | None = None,
+    *,
+    image_size: str | tuple[int, int] | None = None,
+    num_classes: int | None = None,
+    labels: str | os.PathLike | None = None,
+    force: bool = False,
+) -> PackResult:
+    """Pack ``lst`` (a ``.lst`` file or an lst-stage folder) into ``out_dir``.
+
+    ``image_size`` (height, width), ``num_classes`` and ``labels`` (a ``label,identity`` CSV)
+    default to the lst stage's when ``lst`` is its folder; otherwise to the first image's size,
+    the largest label + 1, and none. Skipped (``skipped=True``) when the stage record matches
+    (same list, image sizes and mtimes, parameters, code); ``force`` rebuilds.
+    """
+    cfg = cfg or PackConfig()
+    out = Path(out_dir).resolve()
+    source = Path(lst).resolve()
+    stage_info: dict = {}
+    if source.is_dir():
+        source, stage_info = _lst_stage_defaults(source)
+        image_size = image_size or tuple(stage_info["image_size"])
+        num_classes = num_classes if num_classes is not None else stage_info.get("num_classes")
+        if labels is None and (source.parent / LABELS_FILE).is_file():
+            labels = source.parent / LABELS_FILE
+    lines = read_insightface_lst(source)
+    if not lines:
+        raise FormatError(source, "the list has no entries", "one line per image")
+    paths = [_resolve(line.path, source.parent) for line in lines]
+    size = _parse_size(image_size) if image_size is not None else _image_size_of(paths[0], source)
+    label_array = np.array([line.label for line in lines], dtype=np.int64)
+    if num_classes is not None and int(num_classes) <= int(label_array.max()):
+        raise ValueError(f"{source}: num_classes {num_classes} but labels go up to {int(label_array.max())}")
+
+    params = {"config": cfg.model_dump(mode="json"), "image_size": list(size), "num_classes": num_classes}
+    inputs = {"lst": sha256_file(source), "images": _stamp(paths, source)}
+    if labels is not None:
+        inputs["labels"] = sha256_file(labels)
+    code = code_version(*_CODE_MODULES)
+    if force:
+        invalidate(out)
+    else:
+        record = current_record(out, STAGE, params, inputs, code)
+        if record is not None:
+            logger().info("pack: %s is up to date (%s)", out, record.summary.get("counts"))
+            return _result(out, record.summary, skipped=True)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partials(out)
+
+    order = pack_order(label_array, cfg.shuffle, cfg.seed)
+    keys = np.full(len(lines), -1, np.int64)
+    offsets = np.full(len(lines), -1, np.int64)
+    status = np.full(len(lines), "ok", dtype=object)
+    reason = np.full(len(lines), "", dtype=object)
+    shas = np.full(len(lines), "", dtype=object)
+    progress = Progress("pack", total=len(order), description="pack: copy faces into train.rec", log_every_s=30)
+    with InsightFaceRecWriter(out, image_size=size, label_format=cfg.label_format, num_classes=num_classes) as writer:
+        for done, i in enumerate(order, 1):
+            payload = _payload(lines[i], paths[i], size, cfg.jpeg_quality, source, int(i))
+            if payload is None:
+                status[i], reason[i] = "skipped", "aligned=0 and no landmarks (face2rec2 skips such lines)"
+            else:
+                loc = writer.add(lines[i].label, payload, aligned=lines[i].aligned)
+                keys[i], offsets[i], shas[i] = loc.key, loc.offset, sha256_bytes(payload)
+            if done % 10000 == 0:
+                progress.update(done)
+    progress.update(len(order))
+    summary_rec = writer.summary
+    assert summary_rec is not None
+    outputs = [REC_FILE, IDX_FILE, PROPERTY_FILE, MANIFEST_FILE]
+    if labels is not None:
+        atomic_write_bytes(out / LABELS_FILE, Path(labels).read_bytes())
+        outputs.append(LABELS_FILE)
+    ph = params_hash(params)
+    manifest = pd.DataFrame({
+        "item_id": [str(i) for i in range(len(lines))],
+        "source_path": [str(p) for p in paths],
+        "source_sha256": shas,
+        "params_hash": ph,
+        "status": status,
+        "reason": reason,
+        "output_path": np.where(status == "ok", REC_FILE, ""),
+        "label": label_array,
+        "key": keys,
+        "offset": offsets,
+        "line": np.arange(len(lines), dtype=np.int64),
+        "aligned": [bool(line.aligned) for line in lines],
+    })
+    write_manifest(out / MANIFEST_FILE, manifest, stage=STAGE, extra=EXTRA_COLUMNS)
+    summary = {
+        "counts": status_counts(manifest), "images": summary_rec.num_images,
+        "identities": int(len(np.unique(label_array[status == "ok"]))), "identity_runs": len(summary_rec.identities),
+        "num_classes": summary_rec.property.num_classes, "image_size": list(size), "lst": str(source),
+    }
+    commit_record(out, STAGE, params, inputs, code, outputs, summary=summary)
+    logger().info("pack: %d images of %d identities -> %s", summary["images"], summary["identities"], out / REC_FILE)
+    return _result(out, summary, skipped=False)
+
+
+def _result(out: Path, summary: dict, skipped: bool) -> PackResult:
+    return PackResult(
+        out_dir=out, rec_path=out / REC_FILE, idx_path=out / IDX_FILE, property_path=out / PROPERTY_FILE,
+        manifest_path=out / MANIFEST_FILE, images=int(summary["images"]), identities=int(summary["identities"]),
+        num_classes=int(summary["num_classes"]), image_size=tuple(summary["image_size"]),
+        counts=dict(summary["counts"]), skipped=skipped,
+    )
+
+
+@task(name="pack", cache_policy=NO_CACHE)
+def pack_task(lst: str | os.PathLike, out_dir: str | os.PathLike, cfg: PackConfig | None = None,
+              force: bool = False) -> PackResult:
+    """:func:`run_pack` on an lst-stage folder (or a ``.lst``); Skipped in the UI when up to date."""
+    return finished(run_pack(lst, out_dir, cfg, force=force))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.pack", description="Pack an InsightFace .lst into train.rec/train.idx/property.")
+    parser.add_argument("lst", help="a .lst file or an lst-stage folder")
+    parser.add_argument("out_dir")
+    parser.add_argument("--image-size", help="height,width (default: the lst stage's, or the first image's)")
+    parser.add_argument("--num-classes", type=int)
+    parser.add_argument("--shuffle", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label-format", choices=["array", "scalar"], default="array")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = PackConfig(shuffle=args.shuffle, seed=args.seed, label_format=args.label_format)
+    result = run_pack(args.lst, args.out_dir, cfg, image_size=args.image_size, num_classes=args.num_classes, force=args.force)
+    print(json.dumps({"rec": str(result.rec_path), "images": result.images, "identities": result.identities,
+                      "num_classes": result.num_classes, "skipped": result.skipped}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
