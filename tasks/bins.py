@@ -73,7 +73,7 @@ OUTSIDE_DIR = "_outside"
 FOLDS = 10
 _CODE_MODULES = ("tasks.bins", "datasets.verification_bin")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TRUE, _FALSE = {"1", "true", "yes", "same"}, {"0", "false", "no", "different"}
+_TRUE, _FALSE = {"1", "true", "yes"}, {"0", "false", "no"}
 
 EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "path_b": pa.string(),

@@ -1,0 +1,222 @@
+"""The ``build-dataset`` flow: photos and aligned faces in, an InsightFace training set out.
+
+Stages (each a plain function in ``tasks/``, each skipped when its inputs, parameters and code are
+unchanged, shown as Skipped in the UI):
+
+1. **align** (:mod:`tasks.align`): ``raw_dir`` photos are detected (MTCNN) and aligned; every
+   ``aligned_dirs`` folder is taken as aligned faces (no detection). Shards of photos are Prefect
+   tasks, run by ``task_runner`` in a subflow ``align-<source>``; only new or changed photos are
+   processed.
+2. **lst** (:mod:`tasks.lst`): ``train.lst`` and ``labels.csv`` (stable labels).
+3. **pack** (:mod:`tasks.pack`): ``train.rec``, ``train.idx``, ``property``.
+4. **merge** (:mod:`tasks.merge`, when ``merge_with`` or ``merge.exclude`` is given): this set
+   and the others merged, relabelled, optionally de-duplicated with an embedding model.
+5. **bins** (:mod:`tasks.bins`): one verification ``<name>.bin`` per ``pairs`` entry.
+6. **dataset** (:mod:`tasks.dataset`): ``train.rec``, ``train.idx``, ``property``, ``labels.csv``
+   and the ``.bin`` files hard-linked into ``<data_root>/datasets/<name>/``, plus ``dataset.json``:
+   the folder a trainer reads.
+
+Layout: ``<data_root>/datasets/<name>/{align/<source>,lst,pack,merge,bins/<set>}/``, each with its
+``manifest.parquet`` and ``stage.json``. Artifacts: ``build-dataset-counts`` (rows per stage and
+status), a progress bar per detection subflow, ``build-dataset-samples`` (a grid of packed faces)
+and ``build-dataset-datasets`` (images, identities and bins of the packed sets).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from datasets.atomic import atomic_write_bytes
+from datasets.rec_layout import read_rec_index
+from flows.params import (
+    AlignConfig,
+    BuildDatasetParams,
+    DatasetLayout,
+    LstConfig,
+    MergeConfig,
+    PackConfig,
+    PairsSet,
+    TaskRunnerKind,
+)
+from flows.runs import make_task_runner, result_of
+from tasks.align import AlignPlan, AlignResult, align_shard_task, finalize_align_task, plan_align_task
+from tasks.bins import BinsResult, bins_finalize_task, bins_prepare_task
+from tasks.dataset import DatasetResult, gather_dataset_task, sample_grid_markdown
+from tasks.lst import lst_task
+from tasks.merge import merge_task
+from tasks.pack import pack_task
+from tasks.runtime import Progress, logger, publish_markdown, publish_table
+
+__all__ = ["build_dataset", "align_shards", "build"]
+
+PLAN_FILE = "parts/plan.pickle"
+
+
+@flow(name="align-shards")
+def align_shards(plan_file: str, torch_threads: int = 0, label: str = "") -> dict[str, int]:
+    """Align every shard of the plan pickled at ``plan_file`` on this flow's task runner and
+    update a progress artifact as shards finish. (The plan travels as a file: flow parameters are
+    stored by the API as JSON, and a plan lists every photo.) Returns the rows per status."""
+    plan: AlignPlan = pickle.loads(Path(plan_file).read_bytes())
+    light = plan.for_workers()
+    progress = Progress(f"build-dataset-align-{label}", total=plan.todo_files, description=f"align {label}: detect + warp")
+    futures = [align_shard_task.submit(light, shard, torch_threads) for shard in plan.shards]
+    files = {id(f): len(s.items) for f, s in zip(futures, plan.shards)}
+    counts: Counter[str] = Counter()
+    done, errors = 0, []
+    for future in as_completed(futures):
+        try:
+            counts.update(future.result())
+        except Exception as exc:  # noqa: BLE001 - let the other shards finish, then fail
+            errors.append(exc)
+        done += files[id(future)]
+        progress.update(done)
+    if errors:
+        raise errors[0]
+    return dict(counts)
+
+
+def _torch_threads(p: BuildDatasetParams) -> int:
+    if p.task_runner == "dask" and p.dask_address:
+        return 0  # a remote cluster's workers keep their own setting
+    return max(1, (os.cpu_count() or 1) // p.max_workers)
+
+
+def _align_source(label: str, raw: Path, out: Path, cfg: AlignConfig, p: BuildDatasetParams) -> AlignResult:
+    """Plan, align the shards (subflow on the chosen runner), finalize; or the Skipped result."""
+    planned = result_of(plan_align_task.with_options(task_run_name=f"align-plan-{label}"),
+                        str(raw), str(out), cfg, p.shard_size, p.force)
+    if isinstance(planned, AlignResult):
+        return planned
+    plan: AlignPlan = planned
+    if plan.shards:
+        plan_file = plan.out_dir / PLAN_FILE
+        atomic_write_bytes(plan_file, pickle.dumps(plan))
+        kind = "threads" if cfg.already_aligned else p.task_runner  # copying crops needs no other processes
+        runner = make_task_runner(kind, p.max_workers, p.dask_address)
+        result_of(align_shards.with_options(task_runner=runner, flow_run_name=f"align-{label}"),
+                  str(plan_file), _torch_threads(p), label)
+    return result_of(finalize_align_task.with_options(task_run_name=f"align-finalize-{label}"), plan)
+
+
+@task(name="check-inputs", cache_policy=NO_CACHE)
+def check_inputs_task(params: BuildDatasetParams) -> None:
+    """:meth:`BuildDatasetParams.check_inputs`: fail at once, naming the path, on bad input."""
+    params.check_inputs()
+
+
+def _count_rows(stage: str, counts: dict[str, int], skipped: bool) -> list[dict[str, Any]]:
+    return [{"stage": stage, "status": status, "count": int(n), "skipped": skipped} for status, n in sorted(counts.items())]
+
+
+def _dataset_row(name: str, role: str, folder: Path, bins: str = "") -> dict[str, Any]:
+    index = read_rec_index(folder)
+    prop = index.property
+    return {"dataset": name, "role": role, "path": str(folder),
+            "images": int(len(index.keys)), "identities": int(len(set(index.labels.tolist()))),
+            "num_classes": prop.num_classes if prop else None,
+            "image_size": f"{prop.height}x{prop.width}" if prop else "", "bins": bins}
+
+
+def build(p: BuildDatasetParams) -> dict[str, Any]:
+    """The body of :func:`build_dataset` (call it inside a flow run)."""
+    result_of(check_inputs_task, p)
+    layout: DatasetLayout = p.layout()
+    log = logger()
+    log.info("build-dataset %s -> %s (task runner %s, %d workers)", p.name, layout.root, p.task_runner, p.max_workers)
+    counts: list[dict[str, Any]] = []
+    stages: dict[str, str] = {}
+
+    aligned: dict[str, AlignResult] = {}
+    for label, (folder, cfg) in p.sources().items():
+        res = _align_source(label, folder, layout.align / label, cfg, p)
+        aligned[label] = res
+        counts += _count_rows(f"align/{label}", res.counts, res.skipped)
+        stages[f"align/{label}"] = "skipped" if res.skipped else "ran"
+
+    lst = result_of(lst_task, {label: str(r.out_dir) for label, r in aligned.items()}, str(layout.lst), p.lst, p.force)
+    counts += _count_rows("lst", lst.counts, lst.skipped)
+    stages["lst"] = "skipped" if lst.skipped else "ran"
+
+    pack = result_of(pack_task, str(layout.lst), str(layout.pack), p.pack, p.force)
+    counts += _count_rows("pack", pack.counts, pack.skipped)
+    stages["pack"] = "skipped" if pack.skipped else "ran"
+    train_dir = pack.out_dir
+
+    if p.merges():
+        others = [str(Path(d).resolve()) for d in p.merge_with]
+        order = [str(pack.out_dir), *others] if p.merge_first == "this" else [*others, str(pack.out_dir)]
+        merged = result_of(merge_task, order, str(layout.merge), p.merge, p.force)
+        counts += _count_rows("merge", merged.counts, merged.skipped)
+        stages["merge"] = "skipped" if merged.skipped else "ran"
+        train_dir = merged.out_dir
+
+    bins: dict[str, BinsResult] = {}
+    for spec in p.pairs:
+        plan = result_of(bins_prepare_task.with_options(task_run_name=f"bins-prepare-{spec.name}"),
+                         spec, str(layout.bins / spec.name), p.align)
+        faces = _align_source(f"bins-{spec.name}", plan.inputs_dir, plan.faces_dir, plan.align_cfg, p)
+        counts += _count_rows(f"bins/{spec.name}/align", faces.counts, faces.skipped)
+        res = result_of(bins_finalize_task, plan, p.force)
+        bins[spec.name] = res
+        counts += _count_rows(f"bins/{spec.name}", res.counts, res.skipped)
+        stages[f"bins/{spec.name}"] = "skipped" if res.skipped else "ran"
+
+    info = {"name": p.name, "train_from": train_dir.name,
+            "sources": {label: str(folder) for label, (folder, _cfg) in p.sources().items()},
+            "merge_with": [str(Path(d).resolve()) for d in p.merge_with]}
+    dataset: DatasetResult = result_of(gather_dataset_task, str(layout.root), str(train_dir),
+                                       {name: str(r.bin_path) for name, r in bins.items()}, info, p.force)
+    stages["dataset"] = "skipped" if dataset.skipped else "ran"
+
+    publish_table("build-dataset-counts", counts, description=f"{p.name}: rows per stage and status")
+    bins_text = ", ".join(f"{name} ({r.pairs} pairs)" for name, r in bins.items())
+    rows = [_dataset_row(p.name, "packed", pack.out_dir)]
+    if p.merges():
+        rows += [_dataset_row(Path(d).name, "merged in", Path(d).resolve()) for d in p.merge_with]
+    rows.append(_dataset_row(p.name, "training set", dataset.out_dir, bins_text))
+    publish_table("build-dataset-datasets", rows, description=f"{p.name}: packed datasets")
+    publish_markdown("build-dataset-samples", sample_grid_markdown(dataset.out_dir, f"{p.name}: sample aligned faces"),
+                     description="first face of identities spread over the training set")
+    log.info("build-dataset %s: %d images, %d identities, bins %s in %s", p.name, dataset.info["images"],
+             dataset.info["identities"], sorted(bins), dataset.out_dir)
+    return {"dataset_dir": str(dataset.out_dir), "images": dataset.info["images"],
+            "identities": dataset.info["identities"], "num_classes": dataset.info["num_classes"],
+            "bins": {name: r.pairs for name, r in bins.items()}, "stages": stages}
+
+
+@flow(name="build-dataset", flow_run_name="build-{name}", log_prints=True)
+def build_dataset(
+    name: str,
+    raw_dir: str | None = None,
+    aligned_dirs: list[str] | None = None,
+    data_root: str | None = None,
+    align: AlignConfig = AlignConfig(),
+    lst: LstConfig = LstConfig(),
+    pack: PackConfig = PackConfig(),
+    merge_with: list[str] | None = None,
+    merge: MergeConfig = MergeConfig(),
+    merge_first: Literal["this", "others"] = "this",
+    pairs: list[PairsSet] | None = None,
+    task_runner: TaskRunnerKind = "threads",
+    max_workers: int = 2,
+    dask_address: str | None = None,
+    shard_size: int = 64,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Build the training set ``<data_root>/datasets/<name>/`` (train.rec, train.idx, property,
+    labels.csv, <pairs>.bin, dataset.json) from ``raw_dir`` photos and/or ``aligned_dirs`` faces.
+    Parameters: see :class:`flows.params.BuildDatasetParams`. Returns counts and what each stage did."""
+    params = BuildDatasetParams(
+        name=name, raw_dir=raw_dir, aligned_dirs=aligned_dirs or [], data_root=data_root, align=align, lst=lst,
+        pack=pack, merge_with=merge_with or [], merge=merge, merge_first=merge_first, pairs=pairs or [],
+        task_runner=task_runner, max_workers=max_workers, dask_address=dask_address, shard_size=shard_size, force=force,
+    )
+    return build(params)
