@@ -3,11 +3,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# Debian's Chromium drives the Prefect UI test; without it that test is skipped with a reason.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "facepipe: installing Debian's chromium for the UI test"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-    || echo "facepipe: could not install chromium; the UI test will be skipped"
+# System tools some tests drive: Debian's Chromium (Prefect UI test) and docker-compose (validates
+# docker-compose.yml without an engine). Without them those tests are skipped with a reason.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+{ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; } || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "facepipe: installing ${missing[*]} from Debian"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+    || echo "facepipe: could not install ${missing[*]}; the tests that need them will be skipped"
 fi
 set +e
 .venv/bin/python -m pytest "$@"
