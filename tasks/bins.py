@@ -150,14 +150,13 @@ def _read_lfw(path: Path, lines: list[tuple[int, str]], root: Path) -> list[Pair
         cols = line.split()
         if k == 0 and 1 <= len(cols) <= 2 and all(c.isdigit() for c in cols):
             continue  # header: folds and pairs per fold
+        if len(cols) not in (3, 4):
+            raise FormatError(path, f"line {lineno}: {len(cols)} fields", "'name n1 n2' (same) or 'name1 n1 name2 n2' (different)")
         try:
             if len(cols) == 3:
-                name, n1, n2 = cols[0], int(cols[1]), int(cols[2])
-                a, b, same = (name, n1), (name, n2), True
-            elif len(cols) == 4:
-                a, b, same = (cols[0], int(cols[1])), (cols[2], int(cols[3])), False
+                a, b, same = (cols[0], int(cols[1])), (cols[0], int(cols[2])), True
             else:
-                raise FormatError(path, f"line {lineno}: {len(cols)} fields", "'name n1 n2' (same) or 'name1 n1 name2 n2' (different)")
+                a, b, same = (cols[0], int(cols[1])), (cols[2], int(cols[3])), False
         except ValueError:
             raise FormatError(path, f"line {lineno}: {line!r}", "image numbers as integers") from None
         paths = [str(root / name / f"{name}_{n:04d}.jpg") for name, n in (a, b)]

@@ -1,0 +1,166 @@
+"""The pack stage: real rec bytes from real aligned faces, verbatim payloads, shuffling, resume after SIGKILL."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from build_data import RAW, aligned_small_photos, require_photos, synthetic_identities
+from conftest import ROOT
+from datasets.errors import FormatError
+from datasets.images import load_image
+from datasets.lst import InsightFaceLine, read_insightface_lst, write_insightface_lst
+from datasets.manifest import read_manifest
+from datasets.rec_layout import read_property, read_rec_index
+from datasets.recordio import MXIndexedRecordIO, MXRecordIO, unpack
+from tasks.align import AlignConfig, run_align
+from tasks.lst import run_lst
+from tasks.pack import EXTRA_COLUMNS, STAGE, PackConfig, pack_order, run_pack
+
+
+@pytest.fixture
+def lst_dir(tmp_path):
+    raw = tmp_path / "synth"
+    synthetic_identities(raw, range(5), images=3)
+    aligned = run_align(raw, tmp_path / "aligned", AlignConfig(already_aligned=True)).out_dir
+    return run_lst({"synth": aligned, "real": aligned_small_photos()}, tmp_path / "lst").out_dir
+
+
+def _records(folder):
+    with MXIndexedRecordIO(folder / "train.idx", folder / "train.rec", "r") as rec:
+        return {key: unpack(rec.read_idx(key)) for key in rec.keys}
+
+
+def test_pack_copies_faces_verbatim_in_the_insightface_layout(tmp_path, lst_dir):
+    lines = read_insightface_lst(lst_dir / "train.lst")
+    result = run_pack(lst_dir, tmp_path / "pack")
+    assert (result.images, result.identities, result.num_classes, result.image_size) == (19, 7, 7, (112, 112))
+    assert str(read_property(result.property_path)) == "7,112,112"
+    records = _records(result.out_dir)
+    n, k = len(lines), 7
+    assert sorted(records) == list(range(0, n + k + 1))
+    meta, payload = records[0]
+    assert meta.flag == 2 and list(meta.label) == [n + 1, n + 1 + k] and payload == b""
+    for key, line in enumerate(lines, 1):  # no shuffle: list order; [label, aligned] headers, bytes verbatim
+        header, payload = records[key]
+        assert header.flag == 2 and list(header.label) == [line.label, 1.0] and header.id == key
+        assert payload == open(line.path, "rb").read()
+    runs = [tuple(records[key][0].label) for key in range(n + 1, n + k + 1)]
+    starts = [1] + [i + 1 for i in range(1, n) if lines[i].label != lines[i - 1].label]
+    assert runs == list(zip(starts, starts[1:] + [n + 1]))
+
+    df = read_manifest(result.manifest_path, stage=STAGE, extra=EXTRA_COLUMNS)
+    assert (df["status"] == "ok").all() and list(df["key"]) == list(range(1, n + 1))
+    with MXRecordIO(result.rec_path, "r") as rec:  # the manifest's offsets point at the records
+        for offset, key in zip(df["offset"], df["key"]):
+            assert unpack(rec.read_at(int(offset)))[0].id == key
+    index = read_rec_index(result.out_dir)
+    assert index.layout == "insightface" and list(index.labels) == [line.label for line in lines]
+    assert (result.out_dir / "labels.csv").read_bytes() == (lst_dir / "labels.csv").read_bytes()
+
+    again = run_pack(lst_dir, tmp_path / "pack")
+    assert again.skipped
+    scalar = run_pack(lst_dir, tmp_path / "scalar", PackConfig(label_format="scalar"))
+    header, payload = _records(scalar.out_dir)[1]
+    assert header.flag == 0 and header.label == lines[0].label and payload == records[1][1]
+
+
+def test_shuffle_keeps_identities_contiguous_and_is_byte_identical(tmp_path, lst_dir):
+    lines = read_insightface_lst(lst_dir / "train.lst")
+    cfg = PackConfig(shuffle=True, seed=7)
+    a = run_pack(lst_dir, tmp_path / "a", cfg)
+    b = run_pack(lst_dir, tmp_path / "b", cfg)
+    for name in ("train.rec", "train.idx", "property"):
+        assert (a.out_dir / name).read_bytes() == (b.out_dir / name).read_bytes(), name
+    index = read_rec_index(a.out_dir)
+    labels = index.labels.tolist()
+    assert labels != [line.label for line in lines]  # the order did change
+    runs = [labels[0]] + [y for x, y in zip(labels, labels[1:]) if y != x]
+    assert len(runs) == len(set(runs)) == 7 and len(index.identities) == 7  # one contiguous run per identity
+    assert sorted(labels) == sorted(line.label for line in lines)
+    other = run_pack(lst_dir, tmp_path / "c", PackConfig(shuffle=True, seed=8))
+    assert (other.out_dir / "train.rec").read_bytes() != (a.out_dir / "train.rec").read_bytes()
+    order = pack_order([3, 3, 1, 1, 1, 2], shuffle=True, seed=0)
+    assert sorted(order.tolist()) == list(range(6))
+    grouped = [[3, 3, 1, 1, 1, 2][i] for i in order]
+    assert len([g for i, g in enumerate(grouped) if i == 0 or g != grouped[i - 1]]) == 3
+
+
+def test_foreign_lists_unaligned_lines_and_bad_images(tmp_path):
+    require_photos()
+    aligned = aligned_small_photos()
+    df = read_manifest(aligned / "manifest.parquet")
+    row = df[df["source_path"] == "barack_obama/6_240p.jpg"].iloc[0]
+    landmarks = tuple(map(tuple, np.asarray(row["landmarks"]).reshape(5, 2)))
+    photo = str(RAW / "barack_obama" / "6_240p.jpg")
+    face = aligned / row["output_path"]
+    lst = tmp_path / "user.lst"
+    write_insightface_lst(lst, [
+        InsightFaceLine(True, str(face), 4),
+        InsightFaceLine(False, photo, 4, (0, 0, 10, 10), landmarks),  # face2rec2 aligns this one
+        InsightFaceLine(False, photo, 5, (0, 0, 10, 10)),  # no landmarks: skipped, as face2rec2 does
+        InsightFaceLine(True, os.path.relpath(face, tmp_path), 5),  # relative to the list's folder
+    ])
+    result = run_pack(lst, tmp_path / "pack")
+    assert result.images == 3 and result.num_classes == 6 and result.counts == {"ok": 3, "skipped": 1}
+    records = _records(result.out_dir)
+    warped = load_image(face).astype(int)
+    again = cv2.imdecode(np.frombuffer(records[2][1], np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1].astype(int)
+    assert list(records[2][0].label) == [4.0, 0.0] and np.abs(again - warped).mean() < 4
+    man = read_manifest(result.manifest_path, stage=STAGE, extra=EXTRA_COLUMNS)
+    assert man.loc[2, "status"] == "skipped" and man.loc[2, "key"] == -1 and "no landmarks" in man.loc[2, "reason"]
+
+    big = tmp_path / "big.lst"
+    write_insightface_lst(big, [InsightFaceLine(True, photo, 0)])
+    with pytest.raises(FormatError, match=r"big.lst: entry 1 .*6_240p.jpg\): image is 240x427 \(expected 112x112"):
+        run_pack(big, tmp_path / "bad", image_size="112,112")
+    gone = tmp_path / "gone.lst"
+    write_insightface_lst(gone, [InsightFaceLine(True, str(tmp_path / "nope.jpg"), 0)])
+    with pytest.raises(FormatError, match=r"gone.lst: entry 1: image .*nope.jpg cannot be read"):
+        run_pack(gone, tmp_path / "bad", image_size="112,112")
+    assert not (tmp_path / "bad" / "train.rec").exists()
+
+
+def test_killed_pack_leaves_no_torn_file_and_resumes_to_the_same_bytes(tmp_path):
+    # A list long enough that packing takes a while: 40 generated faces, each listed 150 times.
+    raw = tmp_path / "synth"
+    names = synthetic_identities(raw, range(20), images=2)
+    lines = [InsightFaceLine(True, str(p), label) for label, name in enumerate(sorted(names))
+             for _ in range(150) for p in names[name]]
+    lst = tmp_path / "big.lst"
+    write_insightface_lst(lst, lines)
+    reference = run_pack(lst, tmp_path / "reference", PackConfig(shuffle=True, seed=1))
+    assert reference.images == 6000
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "tasks.pack", str(lst), str(out), "--shuffle", "--seed", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    try:
+        while not any(p.name.endswith(".partial") and p.stat().st_size > 100_000 for p in out.glob(".*")):
+            assert proc.poll() is None, "pack ended before it was killed: " + proc.stdout.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "pack never started writing"
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "train.rec").exists() and not (out / "stage.json").exists(), "killed too late"
+    assert [p for p in out.iterdir() if p.name.endswith(".partial")], "the kill should leave temporary files"
+
+    resumed = run_pack(lst, out, PackConfig(shuffle=True, seed=1))
+    assert not resumed.skipped and resumed.images == 6000
+    for name in ("train.rec", "train.idx", "property"):
+        assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+    assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert len(manifest) == 6000 and (manifest["status"] == "ok").all()
