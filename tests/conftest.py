@@ -54,6 +54,17 @@ def prefect_server(tmp_path_factory):
     try:
         with temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
             yield stack
+            _drain_prefect_clients()
     finally:
         os.environ["PREFECT_API_URL"] = old
         down(stack)
+
+
+def _drain_prefect_clients() -> None:
+    """Send the queued run logs and events while the server still answers; otherwise the client
+    retries them against the stopped server at interpreter exit (measured: over a minute)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)

@@ -1,0 +1,215 @@
+"""The build-dataset flow end to end on a real Prefect server: real photos, generated identities, a pairs
+CSV and a merge; artifacts; a second run that skips every stage; an added photo processed alone on the
+process-pool runner; a Dask cluster; bad input failing fast."""
+from __future__ import annotations
+
+import inspect
+import shutil
+import time
+import uuid
+
+import pytest
+
+from build_data import copy_photos, synthetic_identities
+from datasets.lst import read_insightface_lst
+from datasets.rec_layout import read_property, read_rec_index
+from datasets.verification_bin import load_bin
+from flows.build_dataset import build_dataset
+from flows.params import BuildDatasetParams
+from tasks.align import AlignConfig, run_align
+from tasks.bins import PairsSet
+from tasks.lst import read_labels, run_lst
+from tasks.merge import MergeConfig
+from tasks.pack import run_pack
+
+pytestmark = pytest.mark.prefect_server
+STAGE_TASKS = ("align-plan", "lst", "pack", "merge", "bins", "dataset")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Photos of three people, generated identities with a pairs CSV, and another packed set to merge."""
+    from datasets.synthetic import write_pairs_csv
+
+    root = tmp_path_factory.mktemp("build-flow")
+    raw = copy_photos(root / "raw")
+    aligned = root / "aligned"
+    names = synthetic_identities(aligned, range(4), images=3)
+    pairs = write_pairs_csv(root / "pairs.csv", names, num_pairs=20, folds=10, relative_to=aligned)
+    other_faces = root / "other-faces"
+    synthetic_identities(other_faces, range(2, 6), images=2)  # identities 2 and 3 are also in `aligned`
+    other_aligned = run_align(other_faces, root / "other-aligned", AlignConfig(already_aligned=True)).out_dir
+    other = run_pack(run_lst([other_aligned], root / "other-lst").out_dir, root / "other").out_dir
+    return {"root": root, "raw": raw, "aligned": aligned, "pairs": pairs, "other": other}
+
+
+def _kwargs(inputs, **extra):
+    return dict(name="faces", raw_dir=str(inputs["raw"]), aligned_dirs=[str(inputs["aligned"])],
+                data_root=str(inputs["root"] / "data"), align=AlignConfig(device="cpu"),
+                merge_with=[str(inputs["other"])], merge=MergeConfig(dedup="name"),
+                pairs=[PairsSet(name="synth", file=str(inputs["pairs"]), image_root=str(inputs["aligned"]), aligned=True)],
+                **extra)
+
+
+def _client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _runs_below(client, flow_run_id) -> list:
+    """The flow run and its subflow runs (one level deep)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+    return [client.read_flow_run(flow_run_id), *children]
+
+
+def _task_states(client, flow_run_ids) -> dict[str, str]:
+    """``{task run name: state name}`` once every task run reports a final state (updates are batched)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 30
+    while True:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids))))
+        if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            return {r.name: r.state.name for r in runs}
+        time.sleep(0.5)
+
+
+def _artifacts(client, flow_run_ids) -> dict[str, object]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=list(flow_run_ids))))
+    return {a.key: a for a in found}
+
+
+def _stage_tasks(states: dict[str, str]) -> dict[str, str]:
+    """The task runs that are stages (not planning helpers)."""
+    return {name: state for name, state in states.items()
+            if name.startswith(STAGE_TASKS) and not any(w in name for w in ("prepare", "finalize"))}
+
+
+def _aligned_label(inputs) -> str:
+    return next(k for k in BuildDatasetParams(**_kwargs(inputs)).sources() if k != "raw")
+
+
+def test_flow_signature_matches_the_parameter_model():
+    signature = inspect.signature(build_dataset.fn)
+    assert list(signature.parameters) == list(BuildDatasetParams.model_fields)
+    for name, param in signature.parameters.items():
+        field = BuildDatasetParams.model_fields[name]
+        default = field.get_default(call_default_factory=True)
+        assert param.default == default or (param.default is None and default == []) or name == "name", name
+
+
+def test_build_then_rebuild_skips_every_stage(prefect_server, inputs):
+    state = build_dataset(**_kwargs(inputs, task_runner="threads"), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert set(result["stages"].values()) == {"ran"}
+    out = inputs["root"] / "data" / "datasets" / "faces"
+    assert result["dataset_dir"] == str(out)
+    # Training set: real faces of two people (kit_harington has one photo), 4 generated, merged by name
+    # with a set holding 2 of those 4 and 2 others -> 8 identities.
+    index = read_rec_index(out)
+    assert len(index.identities) == 8 and result["identities"] == 8 and str(read_property(out / "property")) == "8,112,112"
+    assert result["images"] == 4 + 12 + 8 == len(index.keys)
+    assert (out / "train.rec").stat().st_ino == (out / "merge" / "train.rec").stat().st_ino  # hard link
+    labels = read_labels(out / "labels.csv")
+    assert set(labels) == {"barack_obama", "rose_leslie", *(f"synth0_{i:06d}" for i in range(6))}
+    images, issame = load_bin(out / "synth.bin")
+    assert len(issame) == 20 == result["bins"]["synth"]
+    lines = read_insightface_lst(out / "lst" / "train.lst")
+    assert len(lines) == 16 and (out / "align" / "raw" / "manifest.parquet").is_file()
+
+    with _client() as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        assert flow_run.name == "build-faces"
+        runs = _runs_below(client, flow_run.id)
+        assert {r.name for r in runs[1:]} == {"align-raw", f"align-{_aligned_label(inputs)}", "align-bins-synth"}
+        artifacts = _artifacts(client, [r.id for r in runs])
+        counts = artifacts["build-dataset-counts"]
+        assert counts.type == "table"
+        rows = {(r["stage"], r["status"]): r["count"] for r in _table(counts.data)}
+        assert rows[("align/raw", "ok")] == 5 and rows[("lst", "dropped")] == 1 and rows[("merge", "merged")] == 2
+        samples = artifacts["build-dataset-samples"]
+        assert samples.type == "markdown" and "](data:image/jpeg;base64," in samples.data and len(samples.data) < 200_000
+        table = {r["role"]: r for r in _table(artifacts["build-dataset-datasets"].data)}
+        assert table["training set"]["images"] == 24 and table["training set"]["bins"] == "synth (20 pairs)"
+        assert table["packed"]["identities"] == 6 and table["merged in"]["identities"] == 4
+        progress = artifacts["build-dataset-align-raw"]
+        assert progress.type == "progress" and float(progress.data) == 100.0
+
+    started = time.monotonic()
+    again = build_dataset(**_kwargs(inputs, task_runner="threads"), return_state=True)
+    took = time.monotonic() - started
+    assert again.is_completed() and set(again.result()["stages"].values()) == {"skipped"}
+    with _client() as client:
+        runs = _runs_below(client, again.state_details.flow_run_id)
+        assert len(runs) == 1, "no subflow when nothing needs detection"
+        stages = _stage_tasks(_task_states(client, [r.id for r in runs]))
+    assert len(stages) == 8 and set(stages.values()) == {"Skipped"}, stages
+    print(f"second run of an unchanged build: {took:.1f} s")
+
+
+def _table(data):
+    import json
+
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def test_added_photo_is_processed_alone_on_the_process_pool(prefect_server, inputs):
+    out = inputs["root"] / "data" / "datasets" / "faces"
+    if not (out / "stage.json").exists():
+        pytest.skip("needs the build of test_build_then_rebuild_skips_every_stage")
+    faces = out / "align" / "raw" / "images"
+    before = {p: p.stat().st_mtime_ns for p in faces.rglob("*.jpg")}
+    copy_photos(inputs["raw"], {"kit_harington": ["3.jpg"]})  # kit_harington now has two photos
+    state = build_dataset(**_kwargs(inputs, task_runner="processes", max_workers=1), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["stages"] == {"align/raw": "ran", f"align/{_aligned_label(inputs)}": "skipped", "lst": "ran",
+                                "pack": "ran", "merge": "ran", "bins/synth": "skipped", "dataset": "ran"}
+    assert result["identities"] == 9 and result["images"] == 26
+    after = {p: p.stat().st_mtime_ns for p in faces.rglob("*.jpg")}
+    assert set(after) - set(before) == {faces / "kit_harington" / "3.jpg"}
+    assert all(after[p] == t for p, t in before.items()), "faces of unchanged photos were rewritten"
+    with _client() as client:
+        runs = _runs_below(client, state.state_details.flow_run_id)
+        subflow = next(r for r in runs if r.name == "align-raw")
+        shards = _task_states(client, [subflow.id])
+    assert len(shards) == 1 and list(shards.values()) == ["Completed"], shards
+
+
+def test_dask_cluster_runs_the_shards(prefect_server, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    raw = copy_photos(tmp_path / "raw", {"joe_biden": ["1.jpg", "2.jpg"]})
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        state = build_dataset(name="dask", raw_dir=str(raw), data_root=str(tmp_path / "data"), lst={"min_images": 1},
+                              align=AlignConfig(device="cpu"), task_runner="dask",
+                              dask_address=cluster.scheduler_address, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["images"] == 2
+    assert read_rec_index(tmp_path / "data" / "datasets" / "dask").labels.tolist() == [0, 0]
+
+
+def test_bad_input_fails_fast_naming_the_path(prefect_server, tmp_path, inputs):
+    missing = tmp_path / "no-such-folder"
+    state = build_dataset(name="bad", raw_dir=str(missing), data_root=str(tmp_path), return_state=True)
+    assert state.is_failed() and f"raw_dir {missing} is not a folder" in state.message
+    empty = tmp_path / "empty"
+    (empty / "someone").mkdir(parents=True)
+    state = build_dataset(name="bad", raw_dir=str(empty), data_root=str(tmp_path), return_state=True)
+    assert state.is_failed() and "holds no image files" in state.message
+    pairs = tmp_path / "pairs.csv"
+    shutil.copy(inputs["pairs"], pairs)
+    with open(pairs, "a", encoding="utf-8") as fh:
+        fh.write(f"synth0_000000/0.jpg,{uuid.uuid4().hex}.jpg,0\n")
+    state = build_dataset(name="bad", aligned_dirs=[str(inputs["aligned"])], data_root=str(tmp_path),
+                          pairs=[PairsSet(name="p", file=str(pairs), image_root=str(inputs["aligned"]), aligned=True)],
+                          return_state=True)
+    assert state.is_failed() and "pairs.csv line 22 names" in state.message
+    assert not (tmp_path / "datasets" / "bad" / "align").exists(), "nothing may run before the inputs are checked"
+    with pytest.raises(ValueError, match="give raw_dir"):
+        BuildDatasetParams(name="x")
