@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import cv2
 import numpy as np
@@ -58,7 +61,8 @@ from datasets.rec_layout import PROPERTY_FILE, InsightFaceRecWriter
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
-__all__ = ["STAGE", "EXTRA_COLUMNS", "PackConfig", "PackResult", "pack_order", "run_pack", "pack_task", "main"]
+__all__ = ["STAGE", "EXTRA_COLUMNS", "PackConfig", "PackResult", "encoded_size", "pack_order", "run_pack", "pack_task",
+           "main"]
 
 STAGE = "pack"
 REC_FILE, IDX_FILE = "train.rec", "train.idx"
@@ -133,34 +137,67 @@ def _parse_size(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-def _resolve(path: str, root: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else root / p
+def _resolve(path: str, root: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(root, path)
 
 
-def _stamp(paths: list[Path], lst: Path) -> str:
+def _stamp(paths: list[str], lst: Path) -> str:
     """Digest of every listed image's size and mtime (the images are not read for it)."""
     items = []
     for i, p in enumerate(paths):
         try:
-            st = p.stat()
+            st = os.stat(p)
         except OSError as exc:
             raise FormatError(lst, f"entry {i + 1}: image {p} cannot be read ({exc.strerror or exc})",
                               "an existing image file for every line") from None
-        items.append((str(p), st.st_size, st.st_mtime_ns))
+        items.append((p, st.st_size, st.st_mtime_ns))
     return params_hash(items, 64)
 
 
-def _payload(line: InsightFaceLine, path: Path, size: tuple[int, int], quality: int, lst: Path, entry: int) -> bytes | None:
+#: JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def encoded_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of a JPEG (from its frame header) or PNG (IHDR) without decoding;
+    None for other or malformed data. Microseconds instead of Pillow's ~70 us per file."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker in _SOF_MARKERS:
+            return (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
+        if marker == 0xDA:  # image data before any frame header
+            return None
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def _payload(line: InsightFaceLine, path: str, size: tuple[int, int], quality: int, lst: Path, entry: int) -> bytes | None:
     """Record payload of one list entry (None: an unaligned line without landmarks, skipped)."""
-    data = path.read_bytes()
+    with open(path, "rb") as fh:
+        data = fh.read()
     where = f"entry {entry + 1} ({path})"
     if line.aligned:
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for non-images
-            raise FormatError(lst, f"{where}: not an image ({type(exc).__name__}: {exc})", "an encoded face image") from None
+        found = encoded_size(data)
+        if found is None:
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    found = img.size[1], img.size[0]
+            except Exception as exc:  # noqa: BLE001 - Pillow raises many types for non-images
+                raise FormatError(lst, f"{where}: not an image ({type(exc).__name__}: {exc})", "an encoded face image") from None
+        height, width = found
         if (height, width) != size:
             raise FormatError(lst, f"{where}: image is {height}x{width}", f"{size[0]}x{size[1]} like the dataset (aligned=1)")
         return data
@@ -177,7 +214,31 @@ def _payload(line: InsightFaceLine, path: Path, size: tuple[int, int], quality: 
     return buf.tobytes()
 
 
-def _image_size_of(path: Path, lst: Path) -> tuple[int, int]:
+def _payloads_in_order(jobs: list[tuple[InsightFaceLine, str, int]], size: tuple[int, int], quality: int, lst: Path,
+                       workers: int = 4, chunk: int = 64) -> Iterator[tuple[bytes, str] | None]:
+    """``(payload, sha256)`` (:func:`_payload`) of every job, in order, read and hashed a few
+    chunks ahead on ``workers`` threads (file reads and hashing release the GIL, so they overlap
+    writing the ``.rec``)."""
+
+    def one(line: InsightFaceLine, path: str, entry: int) -> tuple[bytes, str] | None:
+        payload = _payload(line, path, size, quality, lst, entry)
+        return None if payload is None else (payload, sha256_bytes(payload))
+
+    def run(part: list[tuple[InsightFaceLine, str, int]]) -> list[tuple[bytes, str] | None]:
+        return [one(*job) for job in part]
+
+    parts = (jobs[i:i + chunk] for i in range(0, len(jobs), chunk))
+    with ThreadPoolExecutor(workers, thread_name_prefix="pack-read") as pool:
+        pending = deque(pool.submit(run, part) for part in itertools.islice(parts, 2 * workers))
+        while pending:
+            done = pending.popleft().result()
+            nxt = next(parts, None)
+            if nxt is not None:
+                pending.append(pool.submit(run, nxt))
+            yield from done
+
+
+def _image_size_of(path: str, lst: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             return img.size[1], img.size[0]
@@ -222,7 +283,8 @@ def run_pack(
     lines = read_insightface_lst(source)
     if not lines:
         raise FormatError(source, "the list has no entries", "one line per image")
-    paths = [_resolve(line.path, source.parent) for line in lines]
+    folder = str(source.parent)
+    paths = [_resolve(line.path, folder) for line in lines]
     size = _parse_size(image_size) if image_size is not None else _image_size_of(paths[0], source)
     label_array = np.array([line.label for line in lines], dtype=np.int64)
     if num_classes is not None and int(num_classes) <= int(label_array.max()):
@@ -250,14 +312,14 @@ def run_pack(
     reason = np.full(len(lines), "", dtype=object)
     shas = np.full(len(lines), "", dtype=object)
     progress = Progress("pack", total=len(order), description="pack: copy faces into train.rec", log_every_s=30)
+    jobs = [(lines[i], paths[i], int(i)) for i in order]
     with InsightFaceRecWriter(out, image_size=size, label_format=cfg.label_format, num_classes=num_classes) as writer:
-        for done, i in enumerate(order, 1):
-            payload = _payload(lines[i], paths[i], size, cfg.jpeg_quality, source, int(i))
-            if payload is None:
+        for done, (i, read) in enumerate(zip(order, _payloads_in_order(jobs, size, cfg.jpeg_quality, source)), 1):
+            if read is None:
                 status[i], reason[i] = "skipped", "aligned=0 and no landmarks (face2rec2 skips such lines)"
             else:
-                loc = writer.add(lines[i].label, payload, aligned=lines[i].aligned)
-                keys[i], offsets[i], shas[i] = loc.key, loc.offset, sha256_bytes(payload)
+                loc = writer.add(lines[i].label, read[0], aligned=lines[i].aligned)
+                keys[i], offsets[i], shas[i] = loc.key, loc.offset, read[1]
             if done % 10000 == 0:
                 progress.update(done)
     progress.update(len(order))
@@ -270,7 +332,7 @@ def run_pack(
     ph = params_hash(params)
     manifest = pd.DataFrame({
         "item_id": [str(i) for i in range(len(lines))],
-        "source_path": [str(p) for p in paths],
+        "source_path": paths,
         "source_sha256": shas,
         "params_hash": ph,
         "status": status,

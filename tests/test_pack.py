@@ -1,6 +1,7 @@
 """The pack stage: real rec bytes from real aligned faces, verbatim payloads, shuffling, resume after SIGKILL."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import mxnet_env
 from build_data import RAW, aligned_small_photos, require_photos, synthetic_identities
 from conftest import ROOT
 from datasets.errors import FormatError
@@ -22,7 +24,9 @@ from datasets.rec_layout import read_property, read_rec_index
 from datasets.recordio import MXIndexedRecordIO, MXRecordIO, unpack
 from tasks.align import AlignConfig, run_align
 from tasks.lst import run_lst
-from tasks.pack import EXTRA_COLUMNS, STAGE, PackConfig, pack_order, run_pack
+from tasks.pack import EXTRA_COLUMNS, STAGE, PackConfig, encoded_size, pack_order, run_pack
+
+mxnet_python = mxnet_env.pytest_fixture()
 
 
 @pytest.fixture
@@ -164,3 +168,33 @@ def test_killed_pack_leaves_no_torn_file_and_resumes_to_the_same_bytes(tmp_path)
     assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
     manifest = pd.read_parquet(out / "manifest.parquet")
     assert len(manifest) == 6000 and (manifest["status"] == "ok").all()
+
+
+def test_encoded_size_reads_jpeg_and_png_headers(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    variants = {}
+    for name, kwargs in {"baseline.jpg": {}, "progressive.jpg": {"progressive": True},
+                         "exif.jpg": {"exif": Image.Exif()}, "image.png": {}}.items():
+        img.save(tmp_path / name, **kwargs)
+        variants[name] = (tmp_path / name).read_bytes()
+    variants["opencv.jpg"] = cv2.imencode(".jpg", pixels)[1].tobytes()
+    for name, data in variants.items():
+        assert encoded_size(data) == (37, 53), name
+    assert encoded_size(b"GIF89a....") is None and encoded_size(b"\xff\xd8\xff") is None
+    assert encoded_size(variants["baseline.jpg"][:20]) is None  # truncated before the frame header
+
+
+@pytest.mark.mxnet
+def test_pack_is_byte_identical_to_face2rec2_on_mxnet(mxnet_python, tmp_path, lst_dir):
+    from bench.pack import REFERENCE
+
+    ours = run_pack(lst_dir, tmp_path / "ours")
+    (tmp_path / "mx").mkdir()
+    out = mxnet_env.run_script(REFERENCE, str(lst_dir / "train.lst"), str(tmp_path / "mx"), "1", python=mxnet_python)
+    assert json.loads(out.strip().splitlines()[-1])["images"] == ours.images
+    for name in ("train.rec", "train.idx"):
+        assert (tmp_path / "mx" / name).read_bytes() == (ours.out_dir / name).read_bytes(), name
