@@ -211,9 +211,29 @@ def build_dataset(
     shard_size: int = 64,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Build the training set ``<data_root>/datasets/<name>/`` (train.rec, train.idx, property,
-    labels.csv, <pairs>.bin, dataset.json) from ``raw_dir`` photos and/or ``aligned_dirs`` faces.
-    Parameters: see :class:`flows.params.BuildDatasetParams`. Returns counts and what each stage did."""
+    """Build the training set <data_root>/datasets/<name>/ (train.rec, train.idx, property,
+    labels.csv, <pairs name>.bin, dataset.json) from raw_dir photos and/or aligned_dirs faces.
+    Returns counts and what each stage did. (The argument texts below are the descriptions of
+    :class:`flows.params.BuildDatasetParams`; a test keeps them equal.)
+
+    Args:
+        name: dataset name: <data_root>/datasets/<name>/ (letters, digits, '.', '_', '-')
+        raw_dir: photos to detect and align: <raw_dir>/<identity>/<photo>
+        aligned_dirs: folders of already aligned faces, <dir>/<identity>/<image> (no detection)
+        data_root: artefact root; default $FACEPIPE_DATA_ROOT or ./data
+        align: detection and alignment
+        lst: image list and labels
+        pack: train.rec packing
+        merge_with: packed dataset folders to merge with this one (train.rec, train.idx, property)
+        merge: merge and de-duplication
+        merge_first: which comes first in the merge (the first dataset's identities are always kept)
+        pairs: verification sets to build (<name>.bin each)
+        task_runner: runs the detection shards: threads, processes or dask
+        max_workers: parallel shards (threads, processes or local Dask workers)
+        dask_address: scheduler of an existing Dask cluster, e.g. tcp://host:8786
+        shard_size: photos per detection shard (one Prefect task each)
+        force: redo every stage and every photo
+    """
     params = BuildDatasetParams(
         name=name, raw_dir=raw_dir, aligned_dirs=aligned_dirs or [], data_root=data_root, align=align, lst=lst,
         pack=pack, merge_with=merge_with or [], merge=merge, merge_first=merge_first, pairs=pairs or [],

@@ -95,12 +95,19 @@ def _aligned_label(inputs) -> str:
 
 
 def test_flow_signature_matches_the_parameter_model():
+    from prefect.utilities.callables import parameter_docstrings, parameter_schema
+
     signature = inspect.signature(build_dataset.fn)
     assert list(signature.parameters) == list(BuildDatasetParams.model_fields)
     for name, param in signature.parameters.items():
         field = BuildDatasetParams.model_fields[name]
         default = field.get_default(call_default_factory=True)
         assert param.default == default or (param.default is None and default == []) or name == "name", name
+    # The UI form shows the docstring's argument texts: the model's descriptions.
+    docs = parameter_docstrings(inspect.getdoc(build_dataset.fn))
+    assert docs == {name: field.description for name, field in BuildDatasetParams.model_fields.items()}
+    schema = parameter_schema(build_dataset.fn).model_dump()
+    assert schema["required"] == ["name"] and "PairsSet" in schema["definitions"]
 
 
 def test_build_then_rebuild_skips_every_stage(prefect_server, inputs):

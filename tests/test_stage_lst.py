@@ -9,7 +9,7 @@ import pytest
 
 from build_data import aligned_small_photos, synthetic_identities
 from datasets.errors import FormatError
-from datasets.face_align import TEMPLATE_112x112
+from datasets.face_align import TEMPLATE_112x112, estimate_similarities, estimate_similarity
 from datasets.images import load_image
 from datasets.lst import read_insightface_lst
 from datasets.manifest import read_manifest
@@ -124,3 +124,16 @@ def test_bad_inputs_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="different image sizes"):
         run_lst([narrow, square], tmp_path / "out")
     assert load_image(narrow / "images" / "synth0_000000" / "0.jpg").shape == (112, 96, 3)
+
+
+def test_vectorised_similarities_equal_the_single_fit():
+    rng = np.random.default_rng(0)
+    angles = rng.uniform(-3.1, 3.1, 200)  # any rotation, including upside-down faces
+    rot = np.stack([np.stack([np.cos(angles), -np.sin(angles)], -1), np.stack([np.sin(angles), np.cos(angles)], -1)], 1)
+    src = TEMPLATE_112x112[None] * rng.uniform(0.3, 5, (200, 1, 1)) + rng.normal(0, 4, (200, 5, 2))
+    src = np.einsum("kij,knj->kni", rot, src) + rng.uniform(-100, 900, (200, 1, 2))
+    batch = estimate_similarities(src, TEMPLATE_112x112)
+    single = np.stack([estimate_similarity(s, TEMPLATE_112x112) for s in src])
+    assert np.abs(batch - single).max() < 1e-9
+    with pytest.raises(ValueError, match="src set 1: points all coincide"):
+        estimate_similarities(np.stack([src[0], np.ones((5, 2))]), TEMPLATE_112x112)
