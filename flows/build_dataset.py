@@ -32,6 +32,7 @@ from typing import Any, Literal
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from pydantic import ValidationError
 
 from datasets.atomic import atomic_write_bytes
 from datasets.rec_layout import read_rec_index
@@ -234,9 +235,14 @@ def build_dataset(
         shard_size: photos per detection shard (one Prefect task each)
         force: redo every stage and every photo
     """
-    params = BuildDatasetParams(
-        name=name, raw_dir=raw_dir, aligned_dirs=aligned_dirs or [], data_root=data_root, align=align, lst=lst,
-        pack=pack, merge_with=merge_with or [], merge=merge, merge_first=merge_first, pairs=pairs or [],
-        task_runner=task_runner, max_workers=max_workers, dask_address=dask_address, shard_size=shard_size, force=force,
-    )
+    try:
+        params = BuildDatasetParams(
+            name=name, raw_dir=raw_dir, aligned_dirs=aligned_dirs or [], data_root=data_root, align=align, lst=lst,
+            pack=pack, merge_with=merge_with or [], merge=merge, merge_first=merge_first, pairs=pairs or [],
+            task_runner=task_runner, max_workers=max_workers, dask_address=dask_address, shard_size=shard_size,
+            force=force,
+        )
+    except ValidationError as exc:  # one line per problem instead of pydantic's report
+        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}"
+                                   for e in exc.errors())) from None
     return build(params)

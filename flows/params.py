@@ -114,6 +114,8 @@ class BuildDatasetParams(BaseModel):
         names = [p.name for p in self.pairs]
         if len(set(names)) != len(names):
             raise ValueError(f"pairs names must be unique, got {names}")
+        if self.merge.dedup != "none" and not self.merge_with:
+            raise ValueError(f"merge.dedup={self.merge.dedup!r} needs merge_with (the packed datasets to merge with)")
         if self.merge.needs_embeddings() and not self.merge.model:
             raise ValueError("merge.dedup='model' and merge.exclude need merge.model (a .onnx file or a checkpoint)")
         if self.task_runner != "dask" and self.dask_address:

@@ -218,5 +218,13 @@ def test_bad_input_fails_fast_naming_the_path(prefect_server, tmp_path, inputs):
                           return_state=True)
     assert state.is_failed() and "pairs.csv line 22 names" in state.message
     assert not (tmp_path / "datasets" / "bad" / "align").exists(), "nothing may run before the inputs are checked"
+    state = build_dataset(name="bad name", aligned_dirs=[str(inputs["aligned"])], data_root=str(tmp_path), return_state=True)
+    assert state.is_failed() and "name: Value error, name 'bad name' must start with a letter" in state.message
     with pytest.raises(ValueError, match="give raw_dir"):
         BuildDatasetParams(name="x")
+    with pytest.raises(ValueError, match="needs merge_with"):
+        BuildDatasetParams(name="x", raw_dir="r", merge=MergeConfig(dedup="name"))
+    with pytest.raises(ValueError, match="need merge.model"):
+        BuildDatasetParams(name="x", raw_dir="r", merge_with=["m"], merge=MergeConfig(dedup="model"))
+    with pytest.raises(ValueError, match="must start with a letter"):
+        BuildDatasetParams(name="../x", raw_dir="r")
