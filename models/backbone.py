@@ -56,10 +56,14 @@ class Backbone(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():  # the TorchScript ONNX exporter traces with a fixed shape
+            self._check_input(x)
+        return self.head(self.trunk(x))
+
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != self.image_size:
             raise ValueError(f"{self.network}: input has shape {tuple(x.shape)}, expected "
                              f"(N, 3, {self.image_size[0]}, {self.image_size[1]})")
-        return self.head(self.trunk(x))
 
 
 def parse_image_size(image_size: str | Sequence[int]) -> tuple[int, int]:

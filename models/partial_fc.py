@@ -193,7 +193,8 @@ class PartialFC(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.emb_size:
             raise ValueError(f"PartialFC: embeddings must be (N, {self.emb_size}), got {tuple(embeddings.shape)}")
-        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0] or labels.dtype not in (torch.int64, torch.int32):
+        if (labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]
+                or labels.dtype not in (torch.int64, torch.int32)):
             raise ValueError(f"PartialFC: labels must be int64 of shape ({embeddings.shape[0]},), "
                              f"got {labels.dtype} {tuple(labels.shape)}")
         labels = labels.long()
@@ -207,7 +208,7 @@ class PartialFC(nn.Module):
         else:
             all_embeddings, all_labels = embeddings, labels
         bad = (all_labels < 0) | (all_labels >= self.num_classes)
-        if bool(bad.any()):
+        if bool(bad.any()):  # one host sync per step; out-of-range labels would otherwise train silently
             value = int(all_labels[bad][0])
             raise ValueError(f"PartialFC: label {value} is out of range (expected 0..{self.num_classes - 1})")
         local = all_labels - self.start

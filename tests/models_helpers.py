@@ -6,7 +6,7 @@ from torch import nn
 
 
 @torch.no_grad()
-def calibrate_batch_norm(model: nn.Module, image_size=(112, 112), batch: int = 4, seed: int = 0) -> nn.Module:
+def calibrate_batch_norm(model: nn.Module, image_size=(112, 112), batch: int = 2, seed: int = 0) -> nn.Module:
     """Set every BN's running statistics from one random batch, then switch to eval mode.
 
     A freshly initialised deep network in eval mode has running mean 0 / variance 1 everywhere, so its
