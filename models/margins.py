@@ -53,6 +53,7 @@ def _full_precision(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_inputs(name: str, logits, labels, norms, needs_norms: bool) -> None:
+    """Shapes and dtypes always; label values only for CPU tensors (no host sync per step on a GPU)."""
     if logits.dim() != 2:
         raise ValueError(f"{name}: logits must be (N, C), got shape {tuple(logits.shape)}")
     if labels.shape != logits.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
