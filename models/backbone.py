@@ -1,0 +1,146 @@
+"""``get_backbone``: one function that builds any InsightFace network code as ``trunk -> embedding head``.
+
+Codes (``--network``): ``r18 r34 r49 r50 r74 r90 r100 r101 r152 r200 r269`` (fresnet table; default
+LResNet-E-IR), ``m1`` / ``m05`` (MobileNet v1, multiplier 1 / 0.5), ``y1`` / ``y2`` (MobileFaceNet,
+2019 config: GDC output, emb 128 / 256), ``mbf`` (arcface_torch's MobileFaceNet: scale 2, GDC, emb 512),
+``i4`` (Inception-ResNet-v2), ``p68 p92 p107 p131`` (DPN), ``d121 d161 d169 d201`` (DenseNet).
+
+The network takes *normalised* input ``(N, 3, H, W) float32`` (InsightFace: ``(pixel - 127.5) / 128``,
+RGB) and returns the embedding ``(N, emb_size) float32`` (not L2-normalised).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from models.densenet import DENSENET_CONFIGS, DenseNetTrunk
+from models.dpn import DPN_CONFIGS, DPNTrunk
+from models.embedding import EmbeddingHead, normalize_option
+from models.inception_resnet import InceptionResNetV2Trunk
+from models.layers import ACTIVATIONS, init_weights, output_shape
+from models.mobilefacenet import MobileFaceNetTrunk
+from models.mobilenet import MobileNetTrunk
+from models.resnet import RESNET_UNITS, ResNetTrunk
+
+# code -> (family, per-code defaults). Defaults not listed: emb 512, output "E".
+NETWORKS: dict[str, tuple[str, dict]] = {
+    **{f"r{d}": ("resnet", {"depth": d}) for d in RESNET_UNITS},
+    "m1": ("mobilenet", {"multiplier": 1.0}),
+    "m05": ("mobilenet", {"multiplier": 0.5}),
+    "y1": ("mobilefacenet", {"blocks": (1, 4, 6, 2), "emb_size": 128, "version_output": "GDC"}),
+    "y2": ("mobilefacenet", {"blocks": (2, 8, 16, 4), "emb_size": 256, "version_output": "GDC"}),
+    "mbf": ("mobilefacenet", {"blocks": (1, 4, 6, 2), "scale": 2, "emb_size": 512, "version_output": "GDC"}),
+    "i4": ("inception_resnet", {}),
+    **{f"p{d}": ("dpn", {"depth": d}) for d in DPN_CONFIGS},
+    **{f"d{d}": ("densenet", {"depth": d}) for d in DENSENET_CONFIGS},
+}
+# Extra keyword options per family (``**kw`` of get_backbone).
+FAMILY_OPTIONS = {
+    "resnet": (), "mobilenet": ("multiplier",), "mobilefacenet": ("blocks", "scale"), "inception_resnet": (),
+    "dpn": (), "densenet": ("densenet_dropout",),
+}
+
+
+class Backbone(nn.Module):
+    """``head(trunk(x))`` for ``x`` of shape ``(N, 3, *image_size)``; ``emb_size`` = output width."""
+
+    def __init__(self, network: str, trunk: nn.Module, head: EmbeddingHead, image_size: tuple[int, int]):
+        super().__init__()
+        self.network = network
+        self.image_size = image_size
+        self.emb_size = head.out_features
+        self.trunk = trunk
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing():  # the TorchScript ONNX exporter traces with a fixed shape
+            self._check_input(x)
+        return self.head(self.trunk(x))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != self.image_size:
+            raise ValueError(f"{self.network}: input has shape {tuple(x.shape)}, expected "
+                             f"(N, 3, {self.image_size[0]}, {self.image_size[1]})")
+
+
+def parse_image_size(image_size: str | Sequence[int]) -> tuple[int, int]:
+    """``"112,96"`` or ``(112, 96)`` -> ``(112, 96)`` (height, width)."""
+    parts = image_size.split(",") if isinstance(image_size, str) else list(image_size)
+    try:
+        size = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size {image_size!r} must be two positive integers 'height,width', e.g. 112,112")
+    return size  # type: ignore[return-value]
+
+
+def network_codes() -> list[str]:
+    """Every accepted ``network`` code."""
+    return list(NETWORKS)
+
+
+def _trunk(family: str, spec: dict, version_input: int, version_unit: int, version_se: int, act: str) -> nn.Module:
+    if family == "resnet":
+        return ResNetTrunk(spec["depth"], version_unit=version_unit, version_input=version_input,
+                           version_se=version_se, act=act)
+    if family == "mobilenet":
+        return MobileNetTrunk(spec["multiplier"], version_input, act)
+    if family == "mobilefacenet":
+        return MobileFaceNetTrunk(tuple(spec["blocks"]), spec.get("scale", 1), act)
+    if family == "inception_resnet":
+        return InceptionResNetV2Trunk(version_input)
+    if family == "dpn":
+        return DPNTrunk(spec["depth"], version_input, act)
+    return DenseNetTrunk(spec["depth"], version_input, act, spec.get("densenet_dropout", 0.2))
+
+
+def get_backbone(network: str, *, emb_size: int | None = None, version_se: int = 0, version_input: int = 1,
+                 version_output: str | None = None, version_unit: int = 3, version_act: str = "prelu",
+                 image_size: str | Sequence[int] = (112, 112), dropout: float = 0.4, **kw) -> Backbone:
+    """Build the network ``network`` (a code of ``NETWORKS``) with InsightFace's option names.
+
+    ``emb_size`` / ``version_output`` default to the code's own (512 / "E"; y1 128 / GDC, y2 256 / GDC).
+    ``version_se``, ``version_unit`` (1 v1, 2 v2 pre-activation, 3 IR) apply to ResNet codes;
+    ``version_input`` 0 = 7x7/2 stem + max-pool, 1 = L (3x3/1 stem); ``version_act`` prelu | relu
+    (Inception-ResNet keeps its ReLU); ``dropout`` is the rate of outputs E and F. Extra ``kw``:
+    ``multiplier`` (m*), ``blocks`` / ``scale`` (y*, mbf), ``densenet_dropout`` (d*).
+    Weights are initialised arcface_torch-style (kaiming-normal convs).
+    """
+    code = str(network).strip().lower()
+    if code not in NETWORKS:
+        hint = " (ResNet depths come from the fresnet table)" if re.fullmatch(r"r\d+", code) else ""
+        raise ValueError(f"network {network!r} is not a known code{hint}; valid codes: {', '.join(NETWORKS)}")
+    family, defaults = NETWORKS[code]
+    unknown = set(kw) - set(FAMILY_OPTIONS[family])
+    if unknown:
+        allowed = ", ".join(FAMILY_OPTIONS[family]) or "none"
+        raise TypeError(f"get_backbone({code!r}) got unexpected options {sorted(unknown)} (extra options: {allowed})")
+    if version_act not in ACTIVATIONS:
+        raise ValueError(f"version_act {version_act!r} is not supported (expected one of {', '.join(ACTIVATIONS)})")
+    if version_input not in (0, 1):
+        raise ValueError(f"version_input {version_input!r} is not supported (expected 0 or 1)")
+    if version_se and family != "resnet":
+        raise ValueError(f"version_se applies to ResNet codes only, not {code!r}")
+    if version_unit not in (1, 2, 3):
+        raise ValueError(f"version_unit {version_unit!r} is not supported (expected 1, 2 or 3)")
+    spec = {**defaults, **kw}
+    size = parse_image_size(image_size)
+    emb = int(emb_size if emb_size is not None else spec.get("emb_size", 512))
+    if emb < 1:
+        raise ValueError(f"emb_size {emb_size!r} must be a positive integer")
+    option = normalize_option(version_output if version_output is not None else spec.get("version_output", "E"))
+    trunk = _trunk(family, spec, version_input, version_unit, version_se, version_act)
+    try:
+        _, channels, h, w = output_shape(trunk, (1, 3, *size))
+    except RuntimeError as exc:
+        raise ValueError(f"image_size {size} is too small for {code!r}: {exc}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"image_size {size} is too small for {code!r} (last feature map {h}x{w})")
+    head = EmbeddingHead(option, channels, (h, w), emb, dropout, version_act)
+    model = Backbone(code, trunk, head, size)
+    init_weights(model)
+    return model
