@@ -479,8 +479,12 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> TrainResult:
     device = cfg.resolve_device()
     if cfg.deterministic and device == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    with distributed(device) as ctx:
-        return _Trainer(cfg, ctx, stop).run()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        with distributed(device) as ctx:
+            return _Trainer(cfg, ctx, stop).run()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)  # leave the caller's process as it was
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:
