@@ -146,6 +146,7 @@ class _Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.backbone = ckpt_io.build_backbone(cfg.backbone_args()).to(self.device)
+        torch.manual_seed(cfg.seed + 7919 * (ctx.rank + 1))  # each rank's classifier shard starts differently
         self.objective: Objective = make_objective(cfg, self.backbone.emb_size, self.num_classes, self.device)
         if cfg.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
@@ -488,10 +489,14 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> TrainResult:
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:
-    """First SIGTERM/SIGINT: stop at the next log point with a checkpoint; a second one: exit now."""
+    """SIGTERM or SIGINT: stop at the next log point with a checkpoint; a second SIGINT (Ctrl-C): exit now.
+
+    Repeated SIGTERMs stay graceful: a parent-death signal arrives once per exiting thread of a
+    multi-threaded parent, and the launcher escalates to SIGKILL after its grace period anyway.
+    """
 
     def handler(signum, frame):
-        if stop.is_set():
+        if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt(f"signal {signum}")
         stop.set()
 

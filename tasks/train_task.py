@@ -11,9 +11,10 @@ flow run (Prefect turns the runner's SIGTERM into an exception in the flow proce
 ``finally`` block stops the child's whole process tree: SIGTERM first (the trainer then saves a
 checkpoint at its next log point), SIGKILL after ``grace_s`` seconds. The tree, not just the
 process group: torchrun starts every worker in a *new session*, so killing torchrun's group alone
-would leave the ranks running. As a backstop the ranks ask the kernel for SIGTERM when torchrun dies
-(``PR_SET_PDEATHSIG``, see ``tasks.train``), and ``<output>/train.pid`` lets an ``on_cancellation``
-hook call :func:`kill_training` after the flow process itself is gone.
+would leave the ranks running. Backstops for a parent that is killed outright (SIGKILL, so no
+``finally``): the child is started with ``PR_SET_PDEATHSIG`` = SIGTERM (a two-line launcher sets it
+and then execs the command), the ranks set it too against torchrun's death (``tasks.train``), and
+``<output>/train.pid`` lets an ``on_cancellation`` hook call :func:`kill_training`.
 
 On CUDA the call holds one slot of the global concurrency limit ``gpu`` (created with limit 1 when
 missing) while the child runs, when it runs inside a Prefect flow or task run.
@@ -70,6 +71,17 @@ class TrainingRun:
     final_loss: float | None = None
     samples_per_s: float | None = None
     wall_s: float = 0.0
+
+
+# Run argv[1:] after asking the kernel for SIGTERM when the parent (this Python process) dies; exit at once if
+# it already has. Linux keeps the death signal across execve, so torchrun / tasks.train inherit it.
+_EXEC_WITH_PDEATHSIG = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, int(signal.SIGTERM))\n"
+    "if os.getppid() != int(os.environ['FACEPIPE_TRAIN_PARENT']):\n"
+    "    sys.exit('training launcher: the parent process is gone')\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
 
 
 def training_command(config_path: str | os.PathLike, nproc: int, python: str = sys.executable) -> list[str]:
@@ -270,7 +282,11 @@ def run_training(cfg: TrainConfig, nproc: int = 1, *, timeout_s: float | None = 
     started = time.monotonic()
     with _gpu_slot(device, gpu_slot):
         log.info("training: %s", " ".join(command))
-        proc = subprocess.Popen(command, cwd=str(_ROOT), env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        argv = command
+        if sys.platform.startswith("linux"):  # backstop: the child gets SIGTERM if this process is killed outright
+            argv = [python, "-c", _EXEC_WITH_PDEATHSIG, *command]
+            child_env["FACEPIPE_TRAIN_PARENT"] = str(os.getpid())
+        proc = subprocess.Popen(argv, cwd=str(_ROOT), env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True)
         pid_file = output / PID_FILE
         atomic_write_text(pid_file, str(proc.pid))

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import ROOT
 from tasks.train_record import read_status
-from tasks.train_task import PID_FILE, alive, process_tree, run_training, training_command
+from tasks.train_task import PID_FILE, alive, process_tree, run_training, stop_process_tree, training_command
 from train_data import tiny_config
 
 
@@ -87,6 +87,7 @@ def test_cancelling_the_parent_kills_every_rank(tmp_path: Path):
     """)
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, start_new_session=True)
+    tree: list[int] = []
     try:
         _wait_for(lambda: (read_status(out) or {}).get("step", 0) >= 2 or parent.poll() is not None, 240,
                   "both ranks to train")
@@ -100,10 +101,33 @@ def test_cancelling_the_parent_kills_every_rank(tmp_path: Path):
         parent.send_signal(signal.SIGTERM)
         parent.wait(timeout=90)
     finally:
-        if parent.poll() is None:
-            os.killpg(parent.pid, signal.SIGKILL)
+        stop_process_tree(parent.pid, grace_s=5, popen=parent)  # a failing test must not leave ranks behind
     survivors = [p for p in tree if alive(p)]
     assert not survivors, survivors
     status = read_status(out)
     assert status["state"] == "stopped"  # the ranks saw SIGTERM first and saved a checkpoint
     assert (out / "checkpoints" / "last.pt").exists() and not (out / PID_FILE).exists()
+
+
+def test_a_parent_killed_outright_takes_its_child_along(tmp_path: Path):
+    """SIGKILL leaves no ``finally``: the child was started with a parent-death signal, so it stops by itself."""
+    out = tmp_path / "run"
+    cfg = tiny_config(out, max_steps=100000, verbose=100000, val_targets=[])
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    script = ("from tasks.train_config import load_config\nfrom tasks.train_task import run_training\n"
+              f"run_training(load_config({str(tmp_path / 'cfg.yaml')!r}))\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, start_new_session=True)
+    child = None
+    try:
+        _wait_for(lambda: (read_status(out) or {}).get("step", 0) >= 1 or parent.poll() is not None, 240, "training")
+        assert parent.poll() is None, parent.stderr.read().decode()[-2000:]
+        child = int((out / PID_FILE).read_text())
+        assert os.getsid(child) != os.getsid(parent.pid)  # its own session: killing the parent's group misses it
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        _wait_for(lambda: not alive(child), 60, "the orphaned child to stop")
+    finally:
+        if child is not None and alive(child):
+            stop_process_tree(child, grace_s=2)
+    assert read_status(out)["state"] == "stopped"  # SIGTERM from the kernel: a clean stop with a checkpoint
