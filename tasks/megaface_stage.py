@@ -412,7 +412,7 @@ def run_megaface(
 
     start = time.perf_counter()
     probe_feats = np.load(out / FEATURES_DIR / PROBES_FILE)
-    distractor_feats = np.load(out / FEATURES_DIR / DISTRACTORS_FILE, mmap_mode="r")
+    distractor_feats = np.load(out / FEATURES_DIR / DISTRACTORS_FILE, mmap_mode="c")  # copy-on-write: torch wants writable arrays
     if probe_noise or distractor_noise:
         probe_feats, distractor_feats = remove_noises(
             probe_feats, probe_set.names, probe_set.identities, distractor_feats, distractor_set.names,
