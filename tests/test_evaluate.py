@@ -172,3 +172,26 @@ def test_network_and_size_checks_name_both_values(packs, tmp_path):
         run_verification(get_backbone("y1", emb_size=16, blocks=(1, 1, 1, 1)), [packs["easy"]], tmp_path / "a", CPU.model_copy(update={"network": "r50"}))
     with pytest.raises(ValueError, match=r"code\.onnx: the onnx takes 112x112 images, but image_size 112x96 was asked for"):
         run_verification(packs["onnx"], [packs["easy"]], tmp_path / "a", CPU.model_copy(update={"image_size": (112, 96)}))
+
+
+def _training_checkpoint(path, network="y1", normalize="mxnet"):
+    """A checkpoint file as tasks.checkpoint writes it (skips while that module has not landed)."""
+    checkpoint = pytest.importorskip("tasks.checkpoint", reason="needs tasks/checkpoint.py from the training work")
+    if not all(hasattr(checkpoint, name) for name in ("save_checkpoint", "FORMAT", "VERSION")):
+        pytest.skip("tasks.checkpoint has no save_checkpoint/FORMAT/VERSION")
+    args = {"network": network, "emb_size": 16, "blocks": [1, 1, 1, 1]}
+    model = get_backbone(**args)
+    meta = {"network": network, "emb_size": 16, "image_size": [112, 112], "normalize": normalize, "backbone_args": args}
+    state = {"format": checkpoint.FORMAT, "version": checkpoint.VERSION, "meta": meta, "backbone": model.state_dict()}
+    return checkpoint.save_checkpoint(path, state), model
+
+
+def test_training_checkpoint_is_loaded_with_its_settings(tmp_path):
+    tiny = write_pack(tmp_path / "tiny.bin", *easy_pairs(10, seed=5))
+    path, model = _training_checkpoint(tmp_path / "model-0001.pt")
+    from_file = run_verification(path, [tiny], tmp_path / "a", CPU).rows[0]
+    assert (from_file["model_kind"], from_file["network"], from_file["emb_size"], from_file["normalize"]) == ("checkpoint", "y1", 16, "mxnet")
+    from_module = run_verification(model, [tiny], tmp_path / "b", CPU.model_copy(update={"normalize": "mxnet"})).rows[0]
+    assert from_file["accuracy"] == from_module["accuracy"] and from_file["xnorm"] == pytest.approx(from_module["xnorm"], rel=1e-6)
+    with pytest.raises(ValueError, match=r"model-0001\.pt: the checkpoint holds network 'y1' \(emb 16\), but network 'r100' was asked for"):
+        run_verification(path, [tiny], tmp_path / "c", CPU.model_copy(update={"network": "r100"}))
