@@ -19,7 +19,8 @@ sizes (the first N distractors of the list; sizes beyond the list are replaced b
 and TAR at ``far`` (and at ``roc_fars``) from one pass (:mod:`tasks.megaface`).
 
 Output (``out_dir``): ``megaface.parquet`` (one row per distractor size: ``distractors``,
-``rank_1`` ... ``rank_10``, ``tar@far=1e-06`` with ``far_achieved``, counts, model digest, seconds),
+``rank_1`` ... ``rank_10``, ``tar@far=1e-06`` with ``far_achieved``, counts, model digest,
+``extract_seconds`` (feature extraction, probes and distractors) and ``seconds`` (evaluation)),
 ``cmc_<probe_set>_megaface_<algo>_<size>_1.json`` per size in the devkit's output shape
 ``{"cmc": [[ranks], [rates]], "roc": [[fars], [tars]]}`` (achieved FARs, ascending), ``features/``
 with its own ``stage.json`` (reused when only evaluation settings or noise lists change), and
@@ -293,8 +294,9 @@ def _embed_set(model: EvalModel, images: ImageSource, target: Path, key: str, cf
 
 
 def _features(model: ModelSource, digest: str, probes: ImageSource, distractors: ImageSource, folder: Path,
-              cfg: MegaFaceConfig, force: bool) -> tuple[dict[str, Any], bool]:
-    """Make ``folder/probes.npy`` and ``folder/distractors.npy`` current; ``(model description, skipped)``."""
+              cfg: MegaFaceConfig, force: bool) -> tuple[dict[str, Any], float, bool]:
+    """Make ``folder/probes.npy`` and ``folder/distractors.npy`` current; ``(model description, seconds the
+    extraction took, skipped)``."""
     params = {"extraction": cfg.model_dump(mode="json", include=set(ExtractionConfig.model_fields))}
     inputs = {"model": digest, "probes": probes.stamp, "distractors": distractors.stamp}
     code = code_version(*_FEATURE_CODE_MODULES)
@@ -306,7 +308,7 @@ def _features(model: ModelSource, digest: str, probes: ImageSource, distractors:
         record = current_record(folder, FEATURES_STAGE, params, inputs, code)
         if record is not None:
             logger().info("megaface: features in %s are up to date", folder)
-            return record.summary["model"], True
+            return record.summary["model"], float(record.summary["seconds"]), True
     folder.mkdir(parents=True, exist_ok=True)
     remove_partials(folder)
     loaded = load_eval_model(model, cfg, digest=digest)
@@ -318,7 +320,7 @@ def _features(model: ModelSource, digest: str, probes: ImageSource, distractors:
     _embed_set(loaded, distractors, folder / DISTRACTORS_FILE, key, cfg)
     summary = {"model": loaded.describe(), "seconds": time.perf_counter() - start}
     commit_record(folder, FEATURES_STAGE, params, inputs, code, [PROBES_FILE, DISTRACTORS_FILE], summary=summary)
-    return summary["model"], False
+    return summary["model"], summary["seconds"], False
 
 
 # --- evaluation -------------------------------------------------------------------------------------
@@ -408,7 +410,7 @@ def run_megaface(
                                   skipped=True, features_skipped=True, devkit_dir=devkit)
     out.mkdir(parents=True, exist_ok=True)
     remove_partials(out)
-    description, features_skipped = _features(model, digest, probe_set, distractor_set, out / FEATURES_DIR, cfg, force)
+    description, extract_seconds, features_skipped = _features(model, digest, probe_set, distractor_set, out / FEATURES_DIR, cfg, force)
 
     start = time.perf_counter()
     probe_feats = np.load(out / FEATURES_DIR / PROBES_FILE)
@@ -437,7 +439,8 @@ def run_megaface(
                      far_key(cfg.far): None if main_hit is None else main_hit.tar,
                      "far_achieved": None if main_hit is None else main_hit.far,
                      "noisy_probes": int(noisy_p.sum()), "noisy_distractors": int(noisy_d[:size].sum()),
-                     "metric": cfg.metric, "flip": cfg.flip, "precision": cfg.precision, "seconds": seconds})
+                     "metric": cfg.metric, "flip": cfg.flip, "precision": cfg.precision, "extract_seconds": extract_seconds,
+                     "seconds": seconds})
         points = sorted((hit.far, hit.tar) for hit in roc[size].values() if hit is not None)
         doc = {"cmc": [list(ident.ranks), [float(v) for v in ident.cmc[size]]],
                "roc": [[p[0] for p in points], [p[1] for p in points]]}

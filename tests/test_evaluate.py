@@ -195,3 +195,12 @@ def test_training_checkpoint_is_loaded_with_its_settings(tmp_path):
     assert from_file["accuracy"] == from_module["accuracy"] and from_file["xnorm"] == pytest.approx(from_module["xnorm"], rel=1e-6)
     with pytest.raises(ValueError, match=r"model-0001\.pt: the checkpoint holds network 'y1' \(emb 16\), but network 'r100' was asked for"):
         run_verification(path, [tiny], tmp_path / "c", CPU.model_copy(update={"network": "r100"}))
+
+
+def test_command_line(packs, tmp_path, capsys):
+    from tasks.evaluate import main
+
+    args = [str(packs["onnx"]), str(packs["known"]), "--out-dir", str(tmp_path / "cli"), "--device", "cpu"]
+    assert main(args) == 0
+    assert "[known]XNorm: 2.000000 Accuracy-Flip: 0.92000+-0.02449" in capsys.readouterr().out
+    assert main(args) == 0 and '"skipped": true' in capsys.readouterr().out

@@ -188,3 +188,17 @@ def test_bad_input_is_named(sets, tmp_path):
     with pytest.raises(ValueError, match=r"Backbone: the module holds network 'y1' \(emb 16\), but network 'r100' was asked for"):
         run_megaface(get_backbone("y1", emb_size=16, blocks=(1, 1, 1, 1)), sets["probes"], sets["distractors"], tmp_path / "mf3",
                      CFG.model_copy(update={"network": "r100"}))
+
+
+def test_command_line(sets, tmp_path, capsys):
+    from tasks.megaface_stage import main
+
+    probes, distractors = sets["probes"], sets["distractors"]
+    onnx = export_onnx(CodeEmbedder(), tmp_path / "code.onnx")
+    assert main([str(onnx), "--probes", probes.path, "--probe-root", probes.root, "--distractors", distractors.path,
+                 "--distractor-root", distractors.root, "--out-dir", str(tmp_path / "cli"), "--sizes", "2,6",
+                 "--far", "0.05", "--device", "cpu", "--algo", "code"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["skipped"] is False
+    assert printed["rank_1"]["2"] == 1.0 and printed["rank_1"]["6"] == pytest.approx(RANK1_ALL, abs=1e-12)
+    assert (tmp_path / "cli" / cmc_file_name("facescrub", "code", 6)).is_file()
