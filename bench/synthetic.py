@@ -180,7 +180,8 @@ def to_tensor(images: np.ndarray, size: int):
     return (torch.from_numpy(small).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
 
 
-def train_and_verify(seed: int, device: str, workers: int) -> dict:
+def train_and_verify(seed: int, device: str, workers: int, keep: dict | None = None) -> dict:
+    """Train the small CNN on ``RECIPE`` and verify held-out pairs; ``keep`` receives embeddings and pairs."""
     import torch
     import torch.nn.functional as F
 
@@ -227,6 +228,8 @@ def train_and_verify(seed: int, device: str, workers: int) -> dict:
         emb = torch.cat([net(xt[i:i + 256]) + net(xt[i:i + 256].flip(3)) for i in range(0, len(xt), 256)])
         emb = F.normalize(emb).cpu().numpy()
     acc, std = ten_fold_accuracy(np.sum(emb[a] * emb[b], axis=1), same)
+    if keep is not None:
+        keep.update(embeddings=emb, a=a, b=b, same=same, held_out=held)
     return {
         "seed": seed,
         "render_s": round(render_s, 1),
@@ -240,12 +243,19 @@ def train_and_verify(seed: int, device: str, workers: int) -> dict:
     }
 
 
-def contact_sheet(path: Path, identities: int = 6, images: int = 8) -> None:
+def contact_sheet(path: Path, identities: int = 6, images: int = 6) -> None:
+    """PNG grid: one identity per row, its canonical face (difficulty 0) first, then ``images`` renders.
+
+    Quantised to 256 colours (sensor noise makes a true-colour PNG about 1 MB)."""
+    from PIL import Image
+
     faces = SyntheticFaces(identities, images, seed=0)
-    rows = [np.hstack([faces.render(i, k) for k in range(images)]) for i in range(identities)]
-    sheet = cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR)
+    canonical = SyntheticFaces(identities, 1, seed=0, difficulty=0.0)
+    rows = [np.hstack([canonical.render(i, 0)] + [faces.render(i, k) for k in range(images)])
+            for i in range(identities)]
+    sheet = Image.fromarray(np.vstack(rows)).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), sheet, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    sheet.save(path, optimize=True)
 
 
 def main() -> None:

@@ -136,18 +136,13 @@ def test_landmarks_follow_the_drawn_face():
 
 def test_mtcnn_finds_the_faces_at_our_landmarks():
     """A real face detector (facenet-pytorch MTCNN, weights in the wheel) sees faces where we drew them."""
-    torch = pytest.importorskip("torch")
     facenet = pytest.importorskip("facenet_pytorch")
-    torch.set_num_threads(2)
     detector = facenet.MTCNN(device="cpu")
     faces = SyntheticFaces(num_identities=12, images_per_identity=2, seed=0)
-    errors = []
-    for i in range(12):
-        for k in range(2):
-            image, ours = faces.render_with_landmarks(i, k)
-            boxes, _, points = detector.detect(image, landmarks=True)
-            if boxes is not None:
-                errors.append(np.linalg.norm(np.asarray(points[0], dtype=np.float64) - ours, axis=1))
+    rendered = [faces.render_with_landmarks(i, k) for i in range(12) for k in range(2)]
+    boxes, _, points = detector.detect(np.stack([image for image, _ in rendered]), landmarks=True)
+    errors = [np.linalg.norm(np.asarray(p[0], dtype=np.float64) - ours, axis=1)
+              for b, p, (_, ours) in zip(boxes, points, rendered) if b is not None]
     assert len(errors) >= 14, f"MTCNN found a face in only {len(errors)} of 24 synthetic images"
     median = np.median(np.array(errors), axis=0)
     assert median.max() < 6.0, f"MTCNN landmarks are {median.round(1)} px from ours"
