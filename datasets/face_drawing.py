@@ -138,7 +138,7 @@ def draw_traits(r: np.random.Generator) -> IdentityTraits:
     darkness = skin_t / (len(_SKIN_TONES) - 1)
     hair_p = _HAIR_WEIGHTS_LIGHT * (1 - darkness) + _HAIR_WEIGHTS_DARK * darkness
     iris_p = _IRIS_WEIGHTS_LIGHT * (1 - darkness) + _IRIS_WEIGHTS_DARK * darkness
-    hair = _HAIR_COLOURS[r.choice(len(_HAIR_COLOURS), p=hair_p / hair_p.sum())] * u(0.8, 1.15)
+    hair = _HAIR_COLOURS[r.choice(len(_HAIR_COLOURS), p=hair_p / hair_p.sum())] * u(0.8, 1.15) + r.normal(0, 8, 3)
     iris = _IRIS_COLOURS[r.choice(len(_IRIS_COLOURS), p=iris_p / iris_p.sum())] * u(0.8, 1.2)
     lips = np.array(_mix(skin, (170, 62, 72), u(0.35, 0.6))) * u(0.7, 0.92)
     style = _HAIR_STYLES[r.choice(len(_HAIR_STYLES), p=[0.08, 0.3, 0.2, 0.2, 0.12, 0.1])]
@@ -152,7 +152,7 @@ def draw_traits(r: np.random.Generator) -> IdentityTraits:
         chin_y=u(104, 116),
         jaw_taper=u(0.1, 0.5),
         skin=tuple(float(v) for v in skin),  # type: ignore[arg-type]
-        texture=r.normal(0, 0.05, (6, 6)).astype(np.float32),
+        texture=r.normal(0, 0.07, (6, 6)).astype(np.float32),
         eye_spacing=u(15.5, 20.0),
         eye_y=u(49, 54.5),
         eye_half_width=u(4.8, 7.2),
@@ -197,21 +197,22 @@ def draw_variation(r: np.random.Generator, difficulty: float = 1.0) -> ImageVari
     u = r.uniform
     # every draw is made whatever the difficulty, so a lower difficulty is a milder version of the same image
     background = np.clip(u(25, 230, 3) + r.normal(0, 25, (3, 3, 3)), 0, 255).astype(np.uint8)
-    occluded, occlusion_kind = r.random() < 0.08 * d, 1 + int(r.integers(4))
+    # occluder kinds: hand/object blob, sunglasses, hat, scarf (hats hide the hair, so they are rarer)
+    occluded, occlusion_kind = r.random() < 0.05 * d, 1 + int(r.choice(4, p=[0.35, 0.3, 0.1, 0.25]))
     mouth_opens, mouth_open = r.random() < 0.35, u(0, 1) ** 2
-    blurred, blur = r.random() < 0.5, u(0.2, 1.3)
+    blurred, blur = r.random() < 0.5, u(0.2, 1.1)
     variation = ImageVariation(
-        rotation_deg=float(np.clip(r.normal(0, 5.0), -12, 12)) * d,
+        rotation_deg=float(np.clip(r.normal(0, 4.5), -12, 12)) * d,
         scale=float(math.exp(np.clip(r.normal(0, 0.05), -0.12, 0.12) * d)),
         shift=(float(np.clip(r.normal(0, 2.0), -5, 5)) * d, float(np.clip(r.normal(0, 2.0), -5, 5)) * d),
-        yaw=u(-0.45, 0.45) * d,
+        yaw=u(-0.4, 0.4) * d,
         background=background,
         clothes=tuple(u(10, 240, 3)),  # type: ignore[arg-type]
         light_angle=u(0, 2 * math.pi),
-        light_strength=u(0, 0.5) * d,
-        brightness=float(math.exp(np.clip(r.normal(0, 0.15), -0.35, 0.3) * d)),
-        contrast=1.0 + u(-0.3, 0.15) * d,
-        colour_cast=tuple(float(math.exp(v * d)) for v in r.normal(0, 0.06, 3)),  # type: ignore[arg-type]
+        light_strength=u(0, 0.4) * d,
+        brightness=float(math.exp(np.clip(r.normal(0, 0.12), -0.3, 0.25) * d)),
+        contrast=1.0 + u(-0.25, 0.12) * d,
+        colour_cast=tuple(float(math.exp(v * d)) for v in r.normal(0, 0.045, 3)),  # type: ignore[arg-type]
         mouth_open=mouth_open * mouth_opens * min(d, 1.0),
         smile=u(-0.4, 1.0) * min(d, 1.0),
         blink=bool(r.random() < 0.05 * d),

@@ -137,15 +137,23 @@ def test_landmarks_follow_the_drawn_face():
 def test_mtcnn_finds_the_faces_at_our_landmarks():
     """A real face detector (facenet-pytorch MTCNN, weights in the wheel) sees faces where we drew them."""
     facenet = pytest.importorskip("facenet_pytorch")
-    detector = facenet.MTCNN(device="cpu")
-    faces = SyntheticFaces(num_identities=12, images_per_identity=2, seed=0)
-    rendered = [faces.render_with_landmarks(i, k) for i in range(12) for k in range(2)]
-    boxes, _, points = detector.detect(np.stack([image for image, _ in rendered]), landmarks=True)
-    errors = [np.linalg.norm(np.asarray(p[0], dtype=np.float64) - ours, axis=1)
-              for b, p, (_, ours) in zip(boxes, points, rendered) if b is not None]
-    assert len(errors) >= 14, f"MTCNN found a face in only {len(errors)} of 24 synthetic images"
-    median = np.median(np.array(errors), axis=0)
-    assert median.max() < 6.0, f"MTCNN landmarks are {median.round(1)} px from ours"
+    import torch
+
+    faces = SyntheticFaces(num_identities=20, images_per_identity=2, seed=0)
+    rendered = [faces.render_with_landmarks(i, k) for i in range(20) for k in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is as fast, and never spins on a busy machine
+    try:
+        boxes, _, points = facenet.MTCNN(device="cpu").detect(np.stack([im for im, _ in rendered]), landmarks=True)
+    finally:
+        torch.set_num_threads(threads)
+    offsets = np.array([np.asarray(p[0], dtype=np.float64) - ours
+                        for b, p, (_, ours) in zip(boxes, points, rendered) if b is not None])
+    # measured on 120 images: MTCNN finds 89% (97% of canonical faces); its points lie 3 to 5 px from ours
+    assert len(offsets) >= 30, f"MTCNN found a face in only {len(offsets)} of 40 synthetic images"
+    pooled = np.median(np.linalg.norm(offsets, axis=2))
+    bias = np.linalg.norm(np.median(offsets, axis=0), axis=1)
+    assert pooled < 6.0 and bias.max() < 4.0, f"MTCNN points {pooled:.1f} px from ours, biased by {bias.round(1)} px"
 
 
 def test_written_folders_pairs_and_jpeg_sizes(tmp_path):
