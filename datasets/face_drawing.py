@@ -95,6 +95,7 @@ class ImageVariation:
     shift: tuple[float, float]
     yaw: float  # -1..1, positive turns the face towards the image's right
     background: np.ndarray  # (3, 3, 3) uint8 RGB colours, smoothly interpolated behind the head
+    clutter: np.ndarray  # (n, 8) background objects: x, y, half width, half height, angle, R, G, B
     clothes: tuple[float, float, float]
     light_angle: float
     light_strength: float
@@ -197,26 +198,29 @@ def draw_variation(r: np.random.Generator, difficulty: float = 1.0) -> ImageVari
     u = r.uniform
     # every draw is made whatever the difficulty, so a lower difficulty is a milder version of the same image
     background = np.clip(u(25, 230, 3) + r.normal(0, 25, (3, 3, 3)), 0, 255).astype(np.uint8)
+    clutter = np.column_stack([u(-16, 128, 4), u(-16, 128, 4), u(4, 30, 4), u(4, 30, 4), u(0, 180, 4),
+                               u(10, 245, (4, 3))])[: int(r.integers(0, 5))]
     # occluder kinds: hand/object blob, sunglasses, hat, scarf (hats hide the hair, so they are rarer)
-    occluded, occlusion_kind = r.random() < 0.05 * d, 1 + int(r.choice(4, p=[0.35, 0.3, 0.1, 0.25]))
+    occluded, occlusion_kind = r.random() < 0.04 * d, 1 + int(r.choice(4, p=[0.35, 0.3, 0.1, 0.25]))
     mouth_opens, mouth_open = r.random() < 0.35, u(0, 1) ** 2
-    blurred, blur = r.random() < 0.5, u(0.2, 1.1)
+    blurred, blur = r.random() < 0.4, u(0.2, 0.9)
     variation = ImageVariation(
-        rotation_deg=float(np.clip(r.normal(0, 4.5), -12, 12)) * d,
+        rotation_deg=float(np.clip(r.normal(0, 3.5), -12, 12)) * d,
         scale=float(math.exp(np.clip(r.normal(0, 0.05), -0.12, 0.12) * d)),
-        shift=(float(np.clip(r.normal(0, 2.0), -5, 5)) * d, float(np.clip(r.normal(0, 2.0), -5, 5)) * d),
-        yaw=u(-0.4, 0.4) * d,
+        shift=(float(np.clip(r.normal(0, 1.5), -5, 5)) * d, float(np.clip(r.normal(0, 1.5), -5, 5)) * d),
+        yaw=u(-0.3, 0.3) * d,
         background=background,
+        clutter=clutter,
         clothes=tuple(u(10, 240, 3)),  # type: ignore[arg-type]
         light_angle=u(0, 2 * math.pi),
         light_strength=u(0, 0.4) * d,
-        brightness=float(math.exp(np.clip(r.normal(0, 0.12), -0.3, 0.25) * d)),
-        contrast=1.0 + u(-0.25, 0.12) * d,
-        colour_cast=tuple(float(math.exp(v * d)) for v in r.normal(0, 0.045, 3)),  # type: ignore[arg-type]
+        brightness=float(math.exp(np.clip(r.normal(0, 0.08), -0.25, 0.2) * d)),
+        contrast=1.0 + u(-0.15, 0.1) * d,
+        colour_cast=tuple(float(math.exp(v * d)) for v in r.normal(0, 0.03, 3)),  # type: ignore[arg-type]
         mouth_open=mouth_open * mouth_opens * min(d, 1.0),
         smile=u(-0.4, 1.0) * min(d, 1.0),
         blink=bool(r.random() < 0.05 * d),
-        glasses_on=bool(r.random() >= 0.12 * min(d, 1.0)),
+        glasses_on=bool(r.random() >= 0.1 * min(d, 1.0)),
         blur_sigma=blur * blurred * d,
         noise_sigma=u(1.0, 6.0) * d,
         occlusion=occlusion_kind if occluded else 0,
@@ -226,7 +230,7 @@ def draw_variation(r: np.random.Generator, difficulty: float = 1.0) -> ImageVari
     if d == 0:  # the canonical image: neutral face, plain grey background, no camera effects
         variation = ImageVariation(
             rotation_deg=0.0, scale=1.0, shift=(0.0, 0.0), yaw=0.0,
-            background=np.full((3, 3, 3), 128, dtype=np.uint8),
+            background=np.full((3, 3, 3), 128, dtype=np.uint8), clutter=np.zeros((0, 8)),
             clothes=(70.0, 80.0, 110.0), light_angle=0.0, light_strength=0.0, brightness=1.0, contrast=1.0,
             colour_cast=(1.0, 1.0, 1.0), mouth_open=0.0, smile=0.3, blink=False, glasses_on=True,
             blur_sigma=0.0, noise_sigma=0.0, occlusion=0, occlusion_colour=(0.0, 0.0, 0.0), occlusion_pos=(0.0, 0.0),
@@ -361,6 +365,12 @@ def paint_face(t: IdentityTraits, v: ImageVariation, scale: float, r: np.random.
     """
     size = int(round((CANONICAL_SIZE + 2 * CANVAS_MARGIN) * scale))
     cv = _Canvas(cv2.resize(v.background, (size, size), interpolation=cv2.INTER_LINEAR), CANVAS_MARGIN, scale)
+    for x, y, w, h, angle, *colour in v.clutter:  # background objects: round ones or tall boxes
+        if w > 0.7 * h:
+            cv.ellipse((x, y), (w, h), angle, colour)
+        else:
+            box = np.array([[x - w, y - h], [x + w, y - h], [x + w, y + h], [x - w, y + h]])
+            cv.poly(_rotate(box, (x, y), angle), colour)
     outline = _face_outline(t, v.yaw)
     points = face_landmarks(t, v)
     _paint_head(cv, t, v, outline)
