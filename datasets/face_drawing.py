@@ -139,7 +139,8 @@ def draw_traits(r: np.random.Generator) -> IdentityTraits:
     darkness = skin_t / (len(_SKIN_TONES) - 1)
     hair_p = _HAIR_WEIGHTS_LIGHT * (1 - darkness) + _HAIR_WEIGHTS_DARK * darkness
     iris_p = _IRIS_WEIGHTS_LIGHT * (1 - darkness) + _IRIS_WEIGHTS_DARK * darkness
-    hair = _HAIR_COLOURS[r.choice(len(_HAIR_COLOURS), p=hair_p / hair_p.sum())] * u(0.8, 1.15) + r.normal(0, 8, 3)
+    hair = _HAIR_COLOURS[r.choice(len(_HAIR_COLOURS), p=hair_p / hair_p.sum())] * u(0.8, 1.15)
+    hair = hair * (1.0 + r.normal(0, 0.07, 3))  # a little hue jitter, relative so black stays black
     iris = _IRIS_COLOURS[r.choice(len(_IRIS_COLOURS), p=iris_p / iris_p.sum())] * u(0.8, 1.2)
     lips = np.array(_mix(skin, (170, 62, 72), u(0.35, 0.6))) * u(0.7, 0.92)
     style = _HAIR_STYLES[r.choice(len(_HAIR_STYLES), p=[0.08, 0.3, 0.2, 0.2, 0.12, 0.1])]
@@ -201,26 +202,26 @@ def draw_variation(r: np.random.Generator, difficulty: float = 1.0) -> ImageVari
     clutter = np.column_stack([u(-16, 128, 4), u(-16, 128, 4), u(4, 30, 4), u(4, 30, 4), u(0, 180, 4),
                                u(10, 245, (4, 3))])[: int(r.integers(0, 5))]
     # occluder kinds: hand/object blob, sunglasses, hat, scarf (hats hide the hair, so they are rarer)
-    occluded, occlusion_kind = r.random() < 0.04 * d, 1 + int(r.choice(4, p=[0.35, 0.3, 0.1, 0.25]))
+    occluded, occlusion_kind = r.random() < 0.03 * d, 1 + int(r.choice(4, p=[0.35, 0.3, 0.1, 0.25]))
     mouth_opens, mouth_open = r.random() < 0.35, u(0, 1) ** 2
-    blurred, blur = r.random() < 0.4, u(0.2, 0.9)
+    blurred, blur = r.random() < 0.4, u(0.15, 0.75)
     variation = ImageVariation(
-        rotation_deg=float(np.clip(r.normal(0, 3.5), -12, 12)) * d,
-        scale=float(math.exp(np.clip(r.normal(0, 0.05), -0.12, 0.12) * d)),
-        shift=(float(np.clip(r.normal(0, 1.5), -5, 5)) * d, float(np.clip(r.normal(0, 1.5), -5, 5)) * d),
-        yaw=u(-0.3, 0.3) * d,
+        rotation_deg=float(np.clip(r.normal(0, 2.8), -10, 10)) * d,
+        scale=float(math.exp(np.clip(r.normal(0, 0.04), -0.1, 0.1) * d)),
+        shift=(float(np.clip(r.normal(0, 1.2), -4, 4)) * d, float(np.clip(r.normal(0, 1.2), -4, 4)) * d),
+        yaw=u(-0.25, 0.25) * d,
         background=background,
         clutter=clutter,
         clothes=tuple(u(10, 240, 3)),  # type: ignore[arg-type]
         light_angle=u(0, 2 * math.pi),
-        light_strength=u(0, 0.4) * d,
-        brightness=float(math.exp(np.clip(r.normal(0, 0.08), -0.25, 0.2) * d)),
-        contrast=1.0 + u(-0.15, 0.1) * d,
-        colour_cast=tuple(float(math.exp(v * d)) for v in r.normal(0, 0.03, 3)),  # type: ignore[arg-type]
+        light_strength=u(0, 0.32) * d,
+        brightness=float(math.exp(np.clip(r.normal(0, 0.065), -0.2, 0.16) * d)),
+        contrast=1.0 + u(-0.12, 0.08) * d,
+        colour_cast=tuple(float(math.exp(v * d)) for v in r.normal(0, 0.025, 3)),  # type: ignore[arg-type]
         mouth_open=mouth_open * mouth_opens * min(d, 1.0),
         smile=u(-0.4, 1.0) * min(d, 1.0),
-        blink=bool(r.random() < 0.05 * d),
-        glasses_on=bool(r.random() >= 0.1 * min(d, 1.0)),
+        blink=bool(r.random() < 0.04 * d),
+        glasses_on=bool(r.random() >= 0.08 * min(d, 1.0)),
         blur_sigma=blur * blurred * d,
         noise_sigma=u(1.0, 6.0) * d,
         occlusion=occlusion_kind if occluded else 0,
