@@ -115,9 +115,9 @@ class ImageVariation:
 
 def _colour(c: Sequence[float]) -> tuple[int, int, int]:
     """An RGB triple as the int tuple OpenCV draws with, rounded and clipped to 0-255."""
-    r, g, b = (float(v) for v in c)
-    return (int(min(255.0, max(0.0, r)) + 0.5), int(min(255.0, max(0.0, g)) + 0.5),
-            int(min(255.0, max(0.0, b)) + 0.5))
+    r, g, b = c
+    return (int(min(255.0, max(0.0, float(r))) + 0.5), int(min(255.0, max(0.0, float(g))) + 0.5),
+            int(min(255.0, max(0.0, float(b))) + 0.5))
 
 
 def _mix(a: Sequence[float], b: Sequence[float], t: float) -> tuple[float, float, float]:
@@ -273,7 +273,7 @@ class _Canvas:
     def ellipse(self, centre: Sequence[float], axes: Sequence[float], angle: float, colour: Sequence[float],
                 thickness: float = -1, target: np.ndarray | None = None) -> None:
         img = self.image if target is None else target
-        c = tuple(int(v) for v in self.fixed(np.array([centre]))[0])
+        c = (round((float(centre[0]) + self.margin) * self.k), round((float(centre[1]) + self.margin) * self.k))
         ax = (self.length(axes[0]), self.length(axes[1]))
         t = -1 if thickness < 0 else self._pixels(thickness)  # -1: filled
         cv2.ellipse(img, c, ax, float(angle), 0.0, 360.0, _colour(colour) if target is None else 255, t, cv2.LINE_AA,
