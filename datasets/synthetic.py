@@ -34,15 +34,13 @@ import cv2
 import numpy as np
 
 from .atomic import atomic_write_bytes, atomic_write_text
+from .face_align import TEMPLATE_112x112
 from .face_drawing import CANONICAL_SIZE, CANVAS_MARGIN, IdentityTraits, ImageVariation, draw_traits, \
     draw_variation, face_landmarks, paint_face
 
 #: ArcFace 112x112 alignment template, (5, 2) float32 (x, y) pixels: left eye, right eye, nose tip,
 #: left and right mouth corners (left = smaller x, i.e. the subject's right).
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
+ARCFACE_TEMPLATE = TEMPLATE_112x112.astype(np.float32)
 
 _FACE_CENTRE = (56.0, 64.0)  # rotation/scale centre of the pose transform, canonical pixels
 
