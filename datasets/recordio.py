@@ -172,17 +172,30 @@ def _segments(buf: bytes | bytearray) -> list[tuple[int, int, int]]:
     return cuts
 
 
-def frame_record(buf: bytes | bytearray) -> bytes:
-    """On-disk bytes of one logical record (segments, headers, padding), as MXNet writes them."""
-    buf = _as_payload(buf)
-    if len(buf) > MAX_RECORD_BYTES:
-        raise ValueError(f"RecordIO record of {len(buf)} bytes is too large (limit {MAX_RECORD_BYTES} bytes)")
-    out = bytearray()
+_PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by length % 4
+
+
+def _frame_into(out: bytearray, buf: bytes | bytearray) -> None:
+    """Append the on-disk bytes of one logical record to ``out`` (the writers' hot path)."""
+    n = len(buf)
+    if n > MAX_RECORD_BYTES:
+        raise ValueError(f"RecordIO record of {n} bytes is too large (limit {MAX_RECORD_BYTES} bytes)")
+    if buf.find(MAGIC_BYTES) == -1:  # the common case: one segment, cflag 0
+        out += _SEGMENT_HEADER.pack(MAGIC, n)
+        out += buf
+        out += _PADDING[n % 4]
+        return
     for cflag, start, end in _segments(buf):
         length = end - start
         out += _SEGMENT_HEADER.pack(MAGIC, (cflag << 29) | length)
         out += buf[start:end]
-        out += b"\0" * (-length % 4)
+        out += _PADDING[length % 4]
+
+
+def frame_record(buf: bytes | bytearray) -> bytes:
+    """On-disk bytes of one logical record (segments, headers, padding), as MXNet writes them."""
+    out = bytearray()
+    _frame_into(out, _as_payload(buf))
     return bytes(out)
 
 
@@ -288,6 +301,14 @@ class _AppendFile:
         self.buffer += data
         if len(self.buffer) >= self.LIMIT:
             self.flush()
+
+    def write_record(self, payload: bytes | bytearray) -> int:
+        """Frame and append one record; returns the offset where it starts."""
+        pos = self.flushed + len(self.buffer)
+        _frame_into(self.buffer, payload)
+        if len(self.buffer) >= self.LIMIT:
+            self.flush()
+        return pos
 
     def flush(self) -> None:
         with memoryview(self.buffer) as view:
@@ -414,8 +435,7 @@ class MXRecordIO:
     # I/O
     def write(self, buf: bytes) -> None:
         """Append one record (bytes, any size below 2**29)."""
-        out = self._out()
-        out.write(frame_record(buf))
+        self._out().write_record(_as_payload(buf))
 
     def read(self) -> bytes | None:
         """The next record's bytes, or ``None`` after the last record."""
@@ -565,8 +585,7 @@ class MXIndexedRecordIO(MXRecordIO):
     def write_idx(self, idx: Any, buf: bytes) -> None:
         """Append record ``buf`` and the line ``"<key>\\t<offset>\\n"`` to the ``.idx``."""
         key = self.key_type(idx)
-        pos = self.tell()
-        self.write(buf)
+        pos = self._out().write_record(_as_payload(buf))
         self.fidx.write(f"{key}\t{pos}\n".encode())  # type: ignore[union-attr]
         self.idx[key] = pos
         self.keys.append(key)

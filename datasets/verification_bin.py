@@ -146,10 +146,12 @@ def decode_bin(
         if img is None:
             raise FormatError(path, f"image {i} (pair {i // 2}) of {len(buf)} bytes cannot be decoded", "JPEG/PNG bytes")
         img = img[:, :, ::-1]  # BGR -> RGB, copied by the assignment below
+        found = f"{img.shape[0]}x{img.shape[1]}"
         if img.shape[1] != image_size[0]:
             img = resize_short(img, image_size[0])
+            found += f" ({img.shape[0]}x{img.shape[1]} after resize_short to {image_size[0]})"
         if img.shape[:2] != (height, width):
-            raise FormatError(path, f"image {i} (pair {i // 2}) measures {img.shape[0]}x{img.shape[1]}", f"{height}x{width} after resize_short")
+            raise FormatError(path, f"image {i} (pair {i // 2}) measures {found}", f"{height}x{width}")
         out[i] = img
 
     threads = num_threads or min(8, os.cpu_count() or 1)

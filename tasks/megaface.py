@@ -60,6 +60,18 @@ def _match_noise(names: Sequence[str], noise: set[str], key, what: str, strict: 
     return noisy
 
 
+def noisy_probes(probe_names: Sequence[str], noise: set[str], *, strict: bool = True) -> np.ndarray:
+    """Boolean ``(P,)`` mask of the probes that ``noise`` lists, by file name or full name.
+    ``strict``: an entry that names no probe raises ``ValueError`` naming a few (else a warning)."""
+    return _match_noise(probe_names, set(noise), _probe_key, "probe", strict)
+
+
+def noisy_distractors(distractor_names: Sequence[str], noise: set[str], *, strict: bool = True) -> np.ndarray:
+    """Boolean ``(M,)`` mask of the distractors that ``noise`` lists, by their last three path parts
+    or full name. ``strict`` as in :func:`noisy_probes`."""
+    return _match_noise(distractor_names, set(noise), _distractor_key, "distractor", strict)
+
+
 def remove_noises(
     probe_feats: np.ndarray,
     probe_names: Sequence[str],
@@ -92,8 +104,8 @@ def remove_noises(
     if len(distractor_names) != distractors.shape[0]:
         raise ValueError(f"{distractors.shape[0]} distractor features but {len(distractor_names)} names")
     dim = probes.shape[1]
-    noisy_probe = _match_noise(probe_names, set(probe_noise), _probe_key, "probe", strict)
-    noisy_distractor = _match_noise(distractor_names, set(distractor_noise), _distractor_key, "distractor", strict)
+    noisy_probe = noisy_probes(probe_names, probe_noise, strict=strict)
+    noisy_distractor = noisy_distractors(distractor_names, distractor_noise, strict=strict)
 
     probe_out = np.zeros((probes.shape[0], dim + 1), np.float32)
     probe_out[:, :dim] = probes
@@ -302,37 +314,81 @@ def verification_tar_at_far(
     (probe, distractor) pair, P x M of them (3,530 x 1,000,000 = 3.5e9 in the challenge). Scores:
     ``-|p - x|^2`` (euclidean) or ``p.x`` (cosine). Only the ``floor(far * P * M) + 1`` highest
     impostor scores are kept while streaming over distractor chunks. Returns None when
-    ``far < 1 / (P * M)`` (too few impostor pairs to measure it).
+    ``far < 1 / (P * M)`` (too few impostor pairs to measure it). See :func:`verification_roc`.
+    """
+    m = np.asarray(distractor_feats).shape[0] if np.ndim(distractor_feats) == 2 else 0
+    return verification_roc(probe_feats, probe_ids, distractor_feats, (far,), (m,) if m else None,
+                            metric=metric, device=device, chunk=chunk)[m][float(far)]
+
+
+def verification_roc(
+    probe_feats: np.ndarray,
+    probe_ids: Sequence,
+    distractor_feats: np.ndarray,
+    fars: Sequence[float] = (1e-6,),
+    sizes: Sequence[int] | None = None,
+    *,
+    metric: Metric = "euclidean",
+    device: str | torch.device = "auto",
+    chunk: int | None = None,
+) -> dict[int, dict[float, TarAtFar | None]]:
+    """TAR at several FARs against the first N distractors for each N in ``sizes`` (default: all
+    M), from one pass over the distractors: ``{N: {far: TarAtFar or None}}``.
+
+    Pairs and scores as :func:`verification_tar_at_far`. The pass keeps the
+    ``floor(max(fars) * P * max(sizes)) + 1`` highest impostor scores seen so far and takes a copy at
+    each size, which holds every score a smaller size or FAR needs. A FAR below ``1 / (P * N)``
+    gives None (logged); sizes above M are left out. Raises ``ValueError`` when the scores to keep
+    exceed 50 million (use smaller FARs).
     """
     probes, codes = _probe_codes(probe_feats, probe_ids, distractor_feats)
     distractors = np.asarray(distractor_feats)
-    n_impostors = probes.shape[0] * distractors.shape[0]
-    if n_impostors == 0 or far * n_impostors < 1 - 1e-9:
-        logger().warning("TAR@FAR=%g needs >= %d impostor pairs, got %d", far, math.ceil(1 / far), n_impostors)
-        return None
-    keep = int(math.floor(far * n_impostors * (1 + 1e-12))) + 1
+    n_probes, m = probes.shape[0], distractors.shape[0]
+    sizes = tuple(sorted({int(s) for s in (sizes if sizes is not None else (m,)) if 0 < int(s) <= m}))
+    fars = tuple(sorted({float(f) for f in fars}))
+    if not fars or fars[0] <= 0:
+        raise ValueError(f"FAR targets must be positive, got {fars}")
+    out: dict[int, dict[float, TarAtFar | None]] = {size: dict.fromkeys(fars) for size in sizes}
+    if not sizes or n_probes == 0:
+        logger().warning("TAR@FAR needs probes and distractors, got %d and %d", n_probes, m)
+        return out or {m: dict.fromkeys(fars)}
+    n_most = n_probes * sizes[-1]
+    measurable = [f for f in fars if f * n_most >= 1 - 1e-9]
+    for f in fars:
+        if f not in measurable:
+            logger().warning("TAR@FAR=%g needs >= %d impostor pairs, got %d", f, math.ceil(1 / f), n_most)
+    if not measurable:
+        return out
+    keep = int(math.floor(measurable[-1] * n_most * (1 + 1e-12))) + 1
     if keep > _MAX_TOP_IMPOSTORS:
-        raise ValueError(f"FAR {far:g} of {n_impostors:,} impostor pairs keeps {keep:,} scores; use a smaller FAR")
+        raise ValueError(f"FAR {measurable[-1]:g} of {n_most:,} impostor pairs keeps {keep:,} scores; use a smaller FAR")
     dev = _device(device)
     scorer = _Scorer(probes, metric, dev)
 
     top = torch.empty(0, device=dev)
-    size = _chunk_size(chunk, probes.shape[0], dev)
-    for _, scores in _distractor_scores(scorer, distractors, [distractors.shape[0]], size, symmetric=True):
+    top_at: dict[int, torch.Tensor] = {}
+    size = _chunk_size(chunk, n_probes, dev)
+    for stop, scores in _distractor_scores(scorer, distractors, sizes, size, symmetric=True):
         flat = scores.reshape(-1)
         if top.numel() == keep:  # only scores above the current keep-th best can change the kept values
             flat = flat[flat > top[-1]]
         merged = torch.cat([top, flat])
         top = torch.topk(merged, keep).values if merged.numel() > keep else torch.sort(merged, descending=True).values
+        if stop in out:
+            top_at[stop] = top
 
     codes_t = torch.from_numpy(codes).to(dev)
     genuine = []
-    for rows in _probe_row_blocks(probes.shape[0], dev):
+    for rows in _probe_row_blocks(n_probes, dev):
         scores = scorer.scores(rows, scorer.probes, symmetric=True)
-        cols = torch.arange(probes.shape[0], device=dev)
+        cols = torch.arange(n_probes, device=dev)
         mask = (codes_t[rows, None] == codes_t[None, :]) & (cols[None, :] > torch.arange(rows.start, rows.stop, device=dev)[:, None])
         genuine.append(scores[mask].cpu())
     genuine_scores = torch.cat(genuine).double().numpy()
     if genuine_scores.size == 0:
         raise ValueError("no probe identity has two or more images: no genuine pairs")
-    return tar_at_far(genuine_scores, top.double().cpu().numpy(), far, n_impostors=n_impostors)
+    for n, kept in top_at.items():
+        impostors = kept.double().cpu().numpy()
+        for f in fars:
+            out[n][f] = tar_at_far(genuine_scores, impostors, f, n_impostors=n_probes * n)
+    return out

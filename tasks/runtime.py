@@ -7,6 +7,8 @@ one they log through the standard ``logging`` module and artifacts are skipped.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from typing import Any, Sequence
 
@@ -14,6 +16,22 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import Completed, State
 
 _LOG = logging.getLogger("facepipe")
+
+
+def _drop_prefect_exit_hooks() -> None:
+    """In a forked child, forget the exit hooks of Prefect's log and event services.
+
+    Prefect 3.8 registers ``threading`` exit hooks that drain its background services; in a forked
+    child (a DataLoader worker) those services' threads do not exist, the hook fails an assertion and
+    the child exits with code 1 ("DataLoader worker exited unexpectedly") once a flow has run in the
+    parent. The parent keeps its hooks.
+    """
+    hooks = getattr(threading, "_threading_atexits", None)
+    if hooks:
+        hooks[:] = [h for h in hooks if not getattr(getattr(h, "func", h), "__module__", "").startswith("prefect")]
+
+
+os.register_at_fork(after_in_child=_drop_prefect_exit_hooks)
 
 
 def in_run() -> bool:

@@ -177,7 +177,7 @@ def test_decode_bin_resizes_like_mxnet_resize_short(tmp_path):
     assert resize_short(np.zeros((150, 120, 3), np.uint8), 112).shape == (140, 112, 3)
     tall = np.zeros((150, 120, 3), np.uint8)
     write_bin(tmp_path / "tall.bin", [tall, tall], [False])
-    with pytest.raises(FormatError, match=r"tall\.bin: image 0 \(pair 0\) measures 140x112"):
+    with pytest.raises(FormatError, match=r"tall\.bin: image 0 \(pair 0\) measures 150x120 \(140x112 after resize_short to 112\) \(expected 112x112\)"):
         decode_bin(tmp_path / "tall.bin")
 
 

@@ -1,0 +1,261 @@
+"""Verification stage: an embedding model on LFW / CFP-FP / AgeDB-30 style ``.bin`` packs (spec 4).
+
+For each target pack: decode it (:func:`datasets.verification_bin.decode_bin`; an image whose width
+is not the model's is resized as InsightFace does, any other size is an error), extract flip-fused
+embeddings (:mod:`tasks.embed`; CUDA when present, optional bf16), evaluate with the InsightFace
+protocol (:mod:`tasks.verification`).
+
+Output (``out_dir``):
+
+* ``verification.parquet``: one row per target, tidy so that runs of several models can be
+  concatenated: ``model``, ``model_sha256``, ``target``, ``bin_sha256``, ``images``, ``n_pairs``,
+  ``n_same``, ``n_diff``, ``nfolds``, ``accuracy``, ``accuracy_std``, ``threshold_mean`` (squared
+  distance), ``val@far=1e-03``, ``val_std``, ``val_far``, ``tar@far=1e-01`` ... ``tar@far=1e-06``
+  (null when the set has too few different pairs), ``xnorm`` (mean raw embedding norm), ``seconds``
+  (decode + extract + evaluate), ``notes``, and the model and extraction settings.
+* ``verification_roc.parquet``: the ROC over all pairs, one row per point: ``model_sha256``,
+  ``target``, ``far``, ``tar``, ``threshold`` (accept iff squared distance <= threshold).
+* ``verification_roc.png``: TAR against FAR on a log axis, one curve per target.
+* ``stage.json`` last. Its inputs are the model file's sha256 and each pack's sha256, so the same
+  model on the same packs with the same settings is Skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from datasets.atomic import atomic_paths, atomic_write_bytes, remove_partials
+from datasets.errors import FormatError
+from datasets.hashing import sha256_file
+from datasets.verification_bin import decode_bin
+from tasks.eval_model import EvalModel, ExtractionConfig, ModelSource, load_eval_model, model_digest, rows_table
+from tasks.runtime import finished, logger, publish_markdown, publish_table
+from tasks.stage import code_version, commit_record, current_record, invalidate
+from tasks.verification import DEFAULT_FAR_TARGETS, evaluate_verification, far_key
+
+__all__ = ["STAGE", "METRICS_FILE", "ROC_FILE", "PLOT_FILE", "VerificationConfig", "VerificationStageResult",
+           "run_verification", "plot_roc", "metrics_table", "verification_task", "main"]
+
+STAGE = "verification"
+METRICS_FILE = "verification.parquet"
+ROC_FILE = "verification_roc.parquet"
+PLOT_FILE = "verification_roc.png"
+_CODE_MODULES = ("tasks.evaluate", "tasks.eval_model", "tasks.embed", "tasks.verification", "datasets.verification_bin")
+_TABLE_COLUMNS = ("target", "accuracy", "accuracy_std", "threshold_mean", "val@far=1e-03", "xnorm", "n_pairs", "seconds")
+
+
+class VerificationConfig(ExtractionConfig):
+    """Parameters of the verification stage (extraction settings plus the protocol's)."""
+
+    nfolds: int = Field(10, ge=1, description="contiguous folds of the accuracy protocol (1 = train on the test set)")
+    far_targets: list[float] = Field(list(DEFAULT_FAR_TARGETS), description="FARs at which TAR is reported")
+
+
+@dataclass
+class VerificationStageResult:
+    """Outcome of :func:`run_verification`: the written files and the metric rows (one per target)."""
+
+    out_dir: Path
+    metrics_path: Path
+    roc_path: Path
+    plot_path: Path
+    rows: list[dict[str, Any]]
+    skipped: bool
+
+    def summary_lines(self) -> list[str]:
+        """InsightFace-style log lines: ``[lfw]XNorm: ... Accuracy-Flip: 0.99500+-0.00300``."""
+        return [f"[{r['target']}]XNorm: {r['xnorm']:f} Accuracy-Flip: {r['accuracy']:1.5f}+-{r['accuracy_std']:1.5f}"
+                for r in self.rows]
+
+
+def _target_paths(targets: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]) -> dict[str, Path]:
+    """``{name: absolute path}``; a name is the pack's file stem unless given."""
+    items = list(targets.items()) if isinstance(targets, Mapping) else [(Path(t).stem, t) for t in targets]
+    if not items:
+        raise ValueError("verification: no target .bin files given")
+    out: dict[str, Path] = {}
+    for name, target in items:
+        path = Path(target).resolve()
+        if name in out:
+            raise ValueError(f"verification: two targets are named {name!r} ({out[name]} and {path}); pass a mapping name -> path")
+        if not path.is_file():
+            raise FormatError(path, "verification pack does not exist", "a .bin pickle (lfw.bin, cfp_fp.bin, ...)")
+        out[name] = path
+    return out
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    with atomic_paths(path) as (tmp,):
+        pq.write_table(table, tmp)
+
+
+def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = "") -> Path:
+    """PNG of TAR against FAR (log axis, 1e-6 ... 1), one step curve per ``{name: (far, tar)}``.
+    Points with FAR 0 cannot be drawn on the log axis and are left out. Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lowest = 1.0
+    for name, (far, tar) in curves.items():
+        far, tar = np.asarray(far, np.float64), np.asarray(tar, np.float64)
+        keep = far > 0
+        if keep.any():
+            lowest = min(lowest, float(far[keep].min()))
+            ax.step(far[keep], tar[keep], where="post", label=name, linewidth=1.5)
+    ax.set_xscale("log")
+    ax.set_xlim(min(1e-6, lowest), 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("FAR (false accept rate)")
+    ax.set_ylabel("TAR (true accept rate)")
+    ax.grid(True, which="major", alpha=0.35)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if curves:
+        ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def _evaluate_target(model: EvalModel, name: str, path: Path, digest: str, cfg: VerificationConfig) -> tuple[dict, pa.Table]:
+    start = time.perf_counter()
+    images, issame = decode_bin(path, model.image_size)
+    emb = model.embed(images, cfg)
+    try:
+        result = evaluate_verification(emb.fused, issame, nfolds=cfg.nfolds, far_targets=cfg.far_targets,
+                                       raw_norms=emb.raw_norms)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    seconds = time.perf_counter() - start
+    logger().info("%s (%d pairs, %.1f s)", result.summary(name), result.n_pairs, seconds)
+    row = {**model.describe(), "target": name, "bin_sha256": digest, "images": int(images.shape[0]),
+           **result.to_row(), "seconds": seconds, "flip": cfg.flip, "precision": cfg.precision}
+    for target in cfg.far_targets:  # same columns whatever the set size
+        row.setdefault(far_key(float(target)), None)
+    roc = pa.table({"model_sha256": [model.digest] * len(result.roc_far), "target": [name] * len(result.roc_far),
+                    "far": result.roc_far, "tar": result.roc_tar, "threshold": result.roc_thresholds})
+    return row, roc
+
+
+def run_verification(
+    model: ModelSource,
+    targets: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+    out_dir: str | os.PathLike,
+    cfg: VerificationConfig | None = None,
+    *,
+    force: bool = False,
+) -> VerificationStageResult:
+    """Evaluate ``model`` (checkpoint or ``.onnx`` path, or an ``nn.Module``) on the ``targets`` packs
+    (paths, named by file stem, or ``{name: path}``) into ``out_dir`` (see the module docstring).
+
+    Skipped (``skipped=True``, nothing loaded) when ``stage.json`` matches the model and pack digests,
+    the settings and the code; ``force`` redoes it.
+    """
+    cfg = cfg or VerificationConfig()
+    out = Path(out_dir).resolve()
+    sets = _target_paths(targets)
+    digest = model_digest(model)
+    bin_digests = {name: sha256_file(path) for name, path in sets.items()}
+    params = {"config": cfg.model_dump(mode="json"), "targets": list(sets)}
+    inputs = {"model": digest, **{f"bin:{name}": d for name, d in bin_digests.items()}}
+    code = code_version(*_CODE_MODULES)
+    paths = (out / METRICS_FILE, out / ROC_FILE, out / PLOT_FILE)
+    if force:
+        invalidate(out)
+    elif current_record(out, STAGE, params, inputs, code) is not None:
+        rows = pq.read_table(out / METRICS_FILE).to_pylist()
+        logger().info("verification: %s is up to date (%s)", out, ", ".join(f"{r['target']} {r['accuracy']:.5f}" for r in rows))
+        return VerificationStageResult(out, *paths, rows=rows, skipped=True)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partials(out)
+
+    loaded = load_eval_model(model, cfg, digest=digest)
+    logger().info("verification: %s (%s, %s input %dx%d) on %s", loaded.name, loaded.kind, loaded.normalize,
+                  *loaded.image_size, ", ".join(sets))
+    rows, rocs = [], []
+    for name, path in sets.items():
+        row, roc = _evaluate_target(loaded, name, path, bin_digests[name], cfg)
+        rows.append(row)
+        rocs.append(roc)
+    _write_parquet(out / METRICS_FILE, rows_table(rows))
+    _write_parquet(out / ROC_FILE, pa.concat_tables(rocs))
+    curves = {name: (roc.column("far").to_numpy(), roc.column("tar").to_numpy()) for name, roc in zip(sets, rocs)}
+    plot_roc(curves, out / PLOT_FILE, title=f"{loaded.name} ({digest[:12]})")
+    summary = {r["target"]: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"]} for r in rows}
+    commit_record(out, STAGE, params, inputs, code, [METRICS_FILE, ROC_FILE, PLOT_FILE], summary=summary)
+    return VerificationStageResult(out, *paths, rows=rows, skipped=False)
+
+
+def metrics_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for the ``verification-metrics`` table artifact: the headline columns, rounded."""
+    out = []
+    for r in rows:
+        keys = [*_TABLE_COLUMNS[:5], *(k for k in r if k.startswith("tar@far=")), *_TABLE_COLUMNS[5:]]
+        out.append({"model": r["model"], **{k: (round(r[k], 5) if isinstance(r.get(k), float) else r.get(k)) for k in keys}})
+    return out
+
+
+def roc_markdown(plot_path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown with the ROC plot as a data URI and one accuracy line per target."""
+    data = base64.b64encode(Path(plot_path).read_bytes()).decode("ascii")
+    lines = [f"- **{r['target']}**: accuracy {r['accuracy']:.5f} ± {r['accuracy_std']:.5f}, {r['n_pairs']} pairs" for r in rows]
+    return "\n".join(["### Verification ROC", "", f"![ROC](data:image/png;base64,{data})", "", *lines])
+
+
+@task(name="verification", cache_policy=NO_CACHE)
+def verification_task(model: str, targets: list[str] | dict[str, str], out_dir: str,
+                      cfg: VerificationConfig | None = None, force: bool = False) -> VerificationStageResult:
+    """:func:`run_verification`; publishes ``verification-metrics`` and ``verification-roc``; Skipped when up to date."""
+    result = run_verification(model, targets, out_dir, cfg, force=force)
+    name = result.rows[0]["model"] if result.rows else str(model)
+    publish_table("verification-metrics", metrics_table(result.rows), description=f"{name}: verification accuracy and TAR@FAR")
+    publish_markdown("verification-roc", roc_markdown(result.plot_path, result.rows), description=f"{name}: ROC per target")
+    return finished(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.evaluate",
+                                     description="Verification accuracy of an embedding model on .bin packs.")
+    parser.add_argument("model", help="a training checkpoint or a .onnx file")
+    parser.add_argument("targets", nargs="+", help="verification packs (lfw.bin, cfp_fp.bin, ...)")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
+    parser.add_argument("--no-flip", action="store_true")
+    parser.add_argument("--normalize", choices=["arcface", "mxnet"])
+    parser.add_argument("--nfolds", type=int, default=10)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = VerificationConfig(batch_size=args.batch_size, device=args.device, precision="bf16" if args.bf16 else "fp32",
+                             flip=not args.no_flip, normalize=args.normalize, nfolds=args.nfolds)
+    result = run_verification(args.model, args.targets, args.out_dir, cfg, force=args.force)
+    print("\n".join(result.summary_lines()))
+    print(json.dumps({"metrics": str(result.metrics_path), "plot": str(result.plot_path), "skipped": result.skipped}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
