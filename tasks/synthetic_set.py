@@ -15,7 +15,6 @@ writes, with the project's real writers:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import cv2
 import numpy as np
 
 from datasets.rec_layout import InsightFaceRecWriter
+from datasets.synthetic import SyntheticFaces, make_pairs
 from datasets.verification_bin import write_bin
 from tasks.stage import code_version, commit_record, current_record
 
@@ -46,10 +46,7 @@ class SyntheticSet:
 
 
 def _code() -> str:
-    modules = ["datasets.synthetic", "tasks.synthetic_set"]
-    if importlib.util.find_spec("datasets.face_drawing") is not None:
-        modules.append("datasets.face_drawing")
-    return code_version(*modules)
+    return code_version("datasets.synthetic", "datasets.face_drawing", "tasks.synthetic_set")
 
 
 def write_synthetic_set(out_dir: str | Path, *, identities: int = 200, images_per_identity: int = 10,
@@ -58,10 +55,6 @@ def write_synthetic_set(out_dir: str | Path, *, identities: int = 200, images_pe
                         held_out_first: int = 100_000, val_name: str = "synth_val", workers: int = 1,
                         quality: int = 95) -> SyntheticSet:
     """Render, pack and write the set into ``out_dir`` (see the module docstring); reuse it if up to date."""
-    try:
-        from datasets.synthetic import SyntheticFaces, make_pairs
-    except ImportError as exc:  # pragma: no cover - the generator lives on its own branch until merged
-        raise ImportError(f"the synthetic identity generator (datasets/synthetic.py) is not available: {exc}") from exc
     if held_out_first < identities:
         raise ValueError(f"held_out_first {held_out_first} overlaps the training identities 0..{identities - 1}")
     out = Path(out_dir)

@@ -7,17 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("datasets.synthetic", reason="needs the synthetic identity generator (datasets/synthetic.py)")
-
-from conftest import ROOT  # noqa: E402
-from datasets.verification_bin import decode_bin  # noqa: E402
-from tasks.embed import OnnxEmbedder, extract_embeddings  # noqa: E402
-from tasks.export import export_onnx  # noqa: E402
-from tasks.synthetic_set import write_synthetic_set  # noqa: E402
-from tasks.train import train  # noqa: E402
-from tasks.train_config import load_config  # noqa: E402
-from tasks.train_record import read_metrics  # noqa: E402
-from tasks.verification import evaluate_verification  # noqa: E402
+from conftest import ROOT
+from datasets.verification_bin import decode_bin
+from tasks.embed import OnnxEmbedder, extract_embeddings
+from tasks.export import export_onnx
+from tasks.synthetic_set import write_synthetic_set
+from tasks.train import train
+from tasks.train_config import load_config
+from tasks.train_record import read_metrics
+from tasks.verification import evaluate_verification
 
 #: Training identities x images, and held-out identities x images for 600 pairs (all 56x56, seed 0).
 DATA = {"identities": 300, "images_per_identity": 10, "held_out_identities": 100, "held_out_images": 6, "pairs": 600}
