@@ -39,7 +39,6 @@ with; ``stage.json`` last.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -53,6 +52,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
@@ -65,6 +65,7 @@ from datasets.rec_layout import PROPERTY_FILE, InsightFaceRecWriter, RecIndex, r
 from datasets.recordio import MXRecordIO, unpack
 from datasets.verification_bin import decode_bin
 from tasks.embed import OnnxEmbedder, extract_embeddings
+from tasks.eval_model import load_eval_model, model_digest
 from tasks.lst import LABELS_FILE, read_labels, write_labels
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate
@@ -133,38 +134,18 @@ class MergeResult:
 
 
 def load_embedding_model(model: str | os.PathLike) -> Embedder:
-    """A callable embedding model from a ``.onnx`` file or a training checkpoint."""
-    path = Path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: embedding model not found (expected a .onnx file or a training checkpoint)")
-    if path.suffix.lower() == ".onnx":
-        return OnnxEmbedder(path)
-    try:
-        from tasks.checkpoint import load_embedder
-    except ImportError as exc:
-        raise ValueError(f"{path}: not a .onnx file, and this build cannot load training checkpoints ({exc})") from exc
-    return load_embedder(path)
+    """A callable embedding model from a ``.onnx`` file or a training checkpoint (``tasks.eval_model``)."""
+    return load_eval_model(model).embedder
 
 
 def _model_fingerprint(model: Embedder, path: str | None) -> str | None:
     """Digest identifying the model's weights, or None when it cannot be told (never skip then)."""
     if path:
-        p = Path(path)
-        st = p.stat()
-        return params_hash([str(p.resolve()), st.st_size, st.st_mtime_ns])
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return None
+        return model_digest(path)
     if isinstance(model, torch.nn.Module):
-        h = hashlib.sha256()
-        for name, tensor in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
-        return h.hexdigest()[:32]
+        return model_digest(model)
     if isinstance(model, OnnxEmbedder):
-        st = model.path.stat()
-        return params_hash([str(model.path), st.st_size, st.st_mtime_ns])
+        return model_digest(model.path)
     return None
 
 

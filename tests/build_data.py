@@ -59,7 +59,7 @@ def aligned_small_photos() -> Path:
 
 def synthetic_identities(dst: Path, identities: range, images: int = 3, seed: int = 0) -> dict[str, list[Path]]:
     """Generated aligned identities ``dst/<name>/<k>.jpg`` (112x112 JPEG): ``{name: paths}``."""
-    synthetic = pytest.importorskip("datasets.synthetic", reason="needs the synthetic identity generator (datasets/synthetic.py)")
+    from datasets import synthetic
     SyntheticFaces, write_identity_folders = synthetic.SyntheticFaces, synthetic.write_identity_folders
 
     faces = SyntheticFaces(num_identities=len(identities), images_per_identity=images, seed=seed,

@@ -75,7 +75,7 @@ def test_lfw_pairs_are_aligned_like_the_dataset_and_keep_their_folds(tmp_path):
 
 
 def test_csv_pairs_of_aligned_faces_pass_through(tmp_path):
-    write_pairs_csv = pytest.importorskip("datasets.synthetic", reason="needs datasets/synthetic.py").write_pairs_csv
+    from datasets.synthetic import write_pairs_csv
 
     faces = tmp_path / "faces"
     names = synthetic_identities(faces, range(20), images=2)

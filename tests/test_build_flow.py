@@ -29,7 +29,7 @@ STAGE_TASKS = ("align-plan", "lst", "pack", "merge", "bins", "dataset")
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Photos of three people, generated identities with a pairs CSV, and another packed set to merge."""
-    write_pairs_csv = pytest.importorskip("datasets.synthetic", reason="needs datasets/synthetic.py").write_pairs_csv
+    from datasets.synthetic import write_pairs_csv
 
     root = tmp_path_factory.mktemp("build-flow")
     raw = copy_photos(root / "raw")

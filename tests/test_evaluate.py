@@ -176,7 +176,7 @@ def test_network_and_size_checks_name_both_values(packs, tmp_path):
 
 def _training_checkpoint(path, network="y1", normalize="mxnet"):
     """A checkpoint file as tasks.checkpoint writes it (skips while that module has not landed)."""
-    checkpoint = pytest.importorskip("tasks.checkpoint", reason="needs tasks/checkpoint.py from the training work")
+    from tasks import checkpoint
     if not all(hasattr(checkpoint, name) for name in ("save_checkpoint", "FORMAT", "VERSION")):
         pytest.skip("tasks.checkpoint has no save_checkpoint/FORMAT/VERSION")
     args = {"network": network, "emb_size": 16, "blocks": [1, 1, 1, 1]}

@@ -1,0 +1,118 @@
+"""A packed training set of generated identities (``datasets.synthetic``), for demos, tests and benchmarks.
+
+    python -m tasks.synthetic_set data/synth56 --identities 200 --images 10 --image-size 56,56
+
+writes, with the project's real writers:
+
+* ``train.rec`` / ``train.idx`` / ``property``: ``identities x images`` JPEG faces (quality 95) in the
+  InsightFace layout (:class:`datasets.rec_layout.InsightFaceRecWriter`), labels 0..identities-1;
+* ``<val_name>.bin``: a verification pack (:func:`datasets.verification_bin.write_bin`) of ``pairs``
+  LFW-style pairs (10 folds, half same / half different) over *held-out* identities: another range of
+  the generator's identity numbers (from ``held_out_first``), never seen in training;
+* ``stage.json``: the parameters (commit point); an existing set with the same parameters and
+  generator code is reused, so benchmarks and tests pay for rendering once per folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from datasets.rec_layout import InsightFaceRecWriter
+from datasets.synthetic import SyntheticFaces, make_pairs
+from datasets.verification_bin import write_bin
+from tasks.stage import code_version, commit_record, current_record
+
+__all__ = ["SyntheticSet", "write_synthetic_set", "main"]
+
+STAGE = "synthetic-set"
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """Where a synthetic set lies; ``val_bin`` is the held-out verification pack."""
+
+    folder: Path
+    val_bin: Path
+    identities: int
+    images: int
+    pairs: int
+    skipped: bool
+
+
+def _code() -> str:
+    return code_version("datasets.synthetic", "datasets.face_drawing", "tasks.synthetic_set")
+
+
+def write_synthetic_set(out_dir: str | Path, *, identities: int = 200, images_per_identity: int = 10,
+                        image_size: tuple[int, int] = (112, 112), seed: int = 0, difficulty: float = 1.0,
+                        held_out_identities: int = 100, held_out_images: int = 6, pairs: int = 600,
+                        held_out_first: int = 100_000, val_name: str = "synth_val", workers: int = 1,
+                        quality: int = 95) -> SyntheticSet:
+    """Render, pack and write the set into ``out_dir`` (see the module docstring); reuse it if up to date."""
+    if held_out_first < identities:
+        raise ValueError(f"held_out_first {held_out_first} overlaps the training identities 0..{identities - 1}")
+    out = Path(out_dir)
+    h, w = (int(v) for v in image_size)
+    params = {"identities": identities, "images_per_identity": images_per_identity, "image_size": [h, w], "seed": seed,
+              "difficulty": difficulty, "held_out_identities": held_out_identities, "held_out_images": held_out_images,
+              "pairs": pairs, "held_out_first": held_out_first, "val_name": val_name, "quality": quality}
+    code = _code()
+    val_bin = out / f"{val_name}.bin"
+    if current_record(out, STAGE, params, {}, code) is not None:
+        return SyntheticSet(out, val_bin, identities, identities * images_per_identity, pairs, skipped=True)
+
+    def jpeg(rgb: np.ndarray) -> bytes:
+        return cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+    train = SyntheticFaces(identities, images_per_identity, image_size=(h, w), seed=seed, difficulty=difficulty)
+    images, labels = train.render_array(workers=workers)
+    with InsightFaceRecWriter(out, image_size=(h, w)) as writer:
+        for image, label in zip(images, labels):
+            writer.add(int(label), jpeg(image))
+    del images
+    held = SyntheticFaces(held_out_identities, held_out_images, image_size=(h, w), seed=seed, difficulty=difficulty,
+                          first_identity=held_out_first)
+    held_images, _ = held.render_array(workers=workers)
+    n = held_out_images
+    groups = {f"{i:06d}": [f"{i * n + k:08d}" for k in range(n)] for i in range(held_out_identities)}
+    chosen = make_pairs(groups, num_pairs=pairs, seed=seed)
+    order = [int(x) for a, b, _ in chosen for x in (a, b)]
+    write_bin(val_bin, [held_images[i] for i in order], [bool(s) for _, _, s in chosen], quality=quality)
+    outputs = ["train.rec", "train.idx", "property", val_bin.name]
+    commit_record(out, STAGE, params, {}, code, outputs,
+                  summary={"images": int(len(labels)), "identities": identities, "pairs": pairs})
+    return SyntheticSet(out, val_bin, identities, identities * images_per_identity, pairs, skipped=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.synthetic_set", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--identities", type=int, default=200)
+    parser.add_argument("--images", type=int, default=10, help="images per identity")
+    parser.add_argument("--image-size", default="112,112", help="height,width")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--difficulty", type=float, default=1.0)
+    parser.add_argument("--held-out-identities", type=int, default=100)
+    parser.add_argument("--held-out-images", type=int, default=6)
+    parser.add_argument("--pairs", type=int, default=600)
+    parser.add_argument("--val-name", default="synth_val")
+    parser.add_argument("--workers", type=int, default=1, help="rendering processes")
+    args = parser.parse_args(argv)
+    size = tuple(int(v) for v in args.image_size.replace("x", ",").split(","))
+    result = write_synthetic_set(args.out_dir, identities=args.identities, images_per_identity=args.images,
+                                 image_size=size, seed=args.seed, difficulty=args.difficulty,
+                                 held_out_identities=args.held_out_identities, held_out_images=args.held_out_images,
+                                 pairs=args.pairs, val_name=args.val_name, workers=args.workers)
+    print(json.dumps({"folder": str(result.folder), "val_bin": str(result.val_bin), "images": result.images,
+                      "identities": result.identities, "pairs": result.pairs, "skipped": result.skipped}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

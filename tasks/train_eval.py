@@ -1,0 +1,79 @@
+"""Verification during training: the ``val_targets`` of a run (InsightFace ``--target lfw,cfp_fp,agedb_30``).
+
+Each target is a verification ``.bin`` (``datasets.verification_bin``), decoded once at the run's
+image size and kept in memory as ``(2P, H, W, 3)`` uint8; every evaluation extracts flip-fused
+embeddings (``tasks.embed``) and applies the InsightFace 10-fold protocol (``tasks.verification``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from datasets.verification_bin import decode_bin
+from tasks.embed import extract_embeddings
+from tasks.verification import VerificationResult, evaluate_verification
+
+__all__ = ["resolve_val_targets", "ValidationSets"]
+
+
+def resolve_val_targets(targets: Sequence[str] | None, dataset: str | os.PathLike) -> list[tuple[str, Path]]:
+    """``[(name, path)]`` for ``targets``: a name means ``<dataset>/<name>.bin``, anything else a path.
+
+    ``None``: every ``.bin`` in the dataset folder, sorted by name. A missing target raises
+    ``FileNotFoundError`` naming it and listing the ``.bin`` files that do exist.
+    """
+    folder = Path(dataset)
+    available = sorted(folder.glob("*.bin")) if folder.is_dir() else []
+    if targets is None:
+        return [(p.stem, p) for p in available]
+    out = []
+    for target in targets:
+        path = Path(target)
+        if path.suffix.lower() != ".bin" or not path.exists():
+            candidate = folder / f"{target}.bin"
+            if candidate.exists():
+                path = candidate
+        if not path.is_file():
+            have = ", ".join(p.stem for p in available) or "none"
+            raise FileNotFoundError(f"val target {target!r}: neither {folder / f'{target}.bin'} nor {path} exists "
+                                    f"(.bin files in {folder}: {have})")
+        out.append((path.stem, path))
+    return out
+
+
+class ValidationSets:
+    """Decoded verification sets; :meth:`evaluate` runs a model over all of them."""
+
+    def __init__(self, targets: Sequence[tuple[str, Path]], image_size: tuple[int, int], normalize: str,
+                 batch_size: int = 256):
+        self.targets = list(targets)
+        self.image_size = tuple(image_size)
+        self.normalize = normalize
+        self.batch_size = batch_size
+        self._data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.targets]
+
+    def data(self, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """``(images (2P, H, W, 3) uint8 RGB, issame (P,) bool)``, decoded on first use."""
+        if name not in self._data:
+            self._data[name] = decode_bin(path, self.image_size)
+        return self._data[name]
+
+    def evaluate(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None
+                 ) -> dict[str, VerificationResult]:
+        """Verification results per target, in target order (the model is left in its former mode)."""
+        results = {}
+        for name, path in self.targets:
+            images, issame = self.data(name, path)
+            emb = extract_embeddings(model, images, batch_size=self.batch_size, flip=True, device=device,
+                                     normalize=self.normalize, amp_dtype=amp_dtype)
+            results[name] = evaluate_verification(emb.fused, issame, raw_norms=emb.raw_norms)
+        return results
