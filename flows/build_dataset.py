@@ -32,7 +32,6 @@ from typing import Any, Literal
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from pydantic import ValidationError
 
 from datasets.atomic import atomic_write_bytes
 from datasets.rec_layout import read_rec_index
@@ -46,7 +45,7 @@ from flows.params import (
     PairsSet,
     TaskRunnerKind,
 )
-from flows.runs import make_task_runner, result_of
+from flows.runs import make_task_runner, result_of, validated
 from tasks.align import AlignPlan, AlignResult, align_shard_task, finalize_align_task, plan_align_task
 from tasks.bins import BinsResult, bins_finalize_task, bins_prepare_task
 from tasks.dataset import DatasetResult, gather_dataset_task, sample_grid_markdown
@@ -235,14 +234,11 @@ def build_dataset(
         shard_size: photos per detection shard (one Prefect task each)
         force: redo every stage and every photo
     """
-    try:
-        params = BuildDatasetParams(
-            name=name, raw_dir=raw_dir, aligned_dirs=aligned_dirs or [], data_root=data_root, align=align, lst=lst,
-            pack=pack, merge_with=merge_with or [], merge=merge, merge_first=merge_first, pairs=pairs or [],
-            task_runner=task_runner, max_workers=max_workers, dask_address=dask_address, shard_size=shard_size,
-            force=force,
-        )
-    except ValidationError as exc:  # one line per problem instead of pydantic's report
-        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'parameters'}: {e['msg']}"
-                                   for e in exc.errors())) from None
+    params = validated(
+        BuildDatasetParams,
+        name=name, raw_dir=raw_dir, aligned_dirs=aligned_dirs or [], data_root=data_root, align=align, lst=lst,
+        pack=pack, merge_with=merge_with or [], merge=merge, merge_first=merge_first, pairs=pairs or [],
+        task_runner=task_runner, max_workers=max_workers, dask_address=dask_address, shard_size=shard_size,
+        force=force,
+    )
     return build(params)

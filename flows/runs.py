@@ -1,9 +1,25 @@
 """Small helpers for calling tasks and subflows from a flow."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model_type: type[M], /, **values: Any) -> M:
+    """``model(**values)``, with a validation failure as one ``ValueError`` line per problem
+    (``lr: Input should be greater than 0``) instead of pydantic's multi-line report."""
+    try:
+        return model_type(**values)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            where = ".".join(map(str, e["loc"])) or "parameters"
+            problems.append(f"{where}: {str(e['msg']).removeprefix('Value error, ')}")
+        raise ValueError("; ".join(problems)) from None
 
 
 def result_of(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

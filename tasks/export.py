@@ -27,10 +27,19 @@ from typing import Literal
 import numpy as np
 import torch
 
-from datasets.atomic import atomic_paths
-from tasks.checkpoint import load_embedder
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-__all__ = ["ExportResult", "export_onnx", "check_onnx", "main"]
+from datasets.atomic import atomic_paths
+from datasets.hashing import sha256_file
+from tasks.checkpoint import load_embedder
+from tasks.runtime import finished, logger
+from tasks.stage import code_version, commit_record, current_record, invalidate
+
+__all__ = ["ExportResult", "ExportStageResult", "export_onnx", "check_onnx", "run_export_stage", "export_task", "main"]
+
+STAGE = "export"
+MODEL_FILE = "model.onnx"
 
 Exporter = Literal["auto", "torchscript", "dynamo"]
 INPUT, OUTPUT = "input", "embedding"
@@ -126,6 +135,45 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = 17, exp
                              f"(allowed {atol:g}); {out} was not written")
     used_opset = opset if used == "torchscript" else max(opset, 18)
     return ExportResult(out, used, used_opset, diff, (2, 5), export_s, meta)
+
+
+@dataclass(frozen=True)
+class ExportStageResult:
+    """``<out_dir>/model.onnx`` of a checkpoint; ``skipped`` when it was already exported."""
+
+    path: Path
+    checkpoint: str
+    max_abs_diff: float
+    skipped: bool
+
+
+def run_export_stage(checkpoint: str | Path, out_dir: str | Path, *, opset: int = 17, force: bool = False) -> ExportStageResult:
+    """:func:`export_onnx` into ``<out_dir>/model.onnx``, skipped when ``stage.json`` records the same
+    checkpoint (sha256), opset and exporter code."""
+    out = Path(out_dir).resolve()
+    params = {"opset": opset}
+    inputs = {"checkpoint": sha256_file(checkpoint)}
+    code = code_version("tasks.export")
+    if force:
+        invalidate(out)
+    else:
+        record = current_record(out, STAGE, params, inputs, code)
+        if record is not None:
+            logger().info("export: %s is up to date", out / MODEL_FILE)
+            return ExportStageResult(out / MODEL_FILE, str(checkpoint), float(record.summary["max_abs_diff"]), skipped=True)
+    out.mkdir(parents=True, exist_ok=True)
+    result = export_onnx(checkpoint, out / MODEL_FILE, opset=opset)
+    logger().info("export: %s (%s, opset %d, max |onnxruntime - torch| %.2g)", result.path, result.exporter,
+                  result.opset, result.max_abs_diff)
+    commit_record(out, STAGE, params, inputs, code, [MODEL_FILE],
+                  summary={"max_abs_diff": result.max_abs_diff, "exporter": result.exporter, "checkpoint": str(checkpoint)})
+    return ExportStageResult(result.path, str(checkpoint), result.max_abs_diff, skipped=False)
+
+
+@task(name="export", cache_policy=NO_CACHE)
+def export_task(checkpoint: str, out_dir: str, opset: int = 17, force: bool = False) -> ExportStageResult:
+    """:func:`run_export_stage`; Skipped when the ONNX file is up to date."""
+    return finished(run_export_stage(checkpoint, out_dir, opset=opset, force=force))
 
 
 def main(argv: list[str] | None = None) -> int:

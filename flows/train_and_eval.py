@@ -1,0 +1,202 @@
+"""The ``train-and-eval`` flow: a packed training set in; a trained, evaluated and exported model out.
+
+Stages (each a plain function in ``tasks/``, each Skipped in the UI when its inputs and options are
+unchanged, each switched off by its parameter):
+
+1. **train** (:mod:`tasks.train_stage`): ``tasks.train`` in a child process (torchrun when
+   ``nproc`` > 1) whose log streams into the run; a finished run with the same options and data is
+   Skipped, a stopped or killed one resumes exactly from ``last.pt``.
+2. **triplet** (``triplet=true``): fine-tuning of the trained checkpoint with semi-hard triplets.
+3. **verification** (:mod:`tasks.evaluate`): accuracy, VAL@FAR, TAR@FAR and ROC on the ``.bin`` sets.
+4. **megaface** (:mod:`tasks.megaface_stage`, when ``megaface`` is given): rank-1 identification
+   and TAR@FAR=1e-6 with noise removal.
+5. **export** (:mod:`tasks.export`): ``model.onnx``, checked against torch with onnxruntime.
+
+Layout: ``<data_root>/runs/<name>/{train,triplet,verification,megaface,export}/``. Artifacts:
+``train-metrics-*``/``train-summary-*`` (training), ``verification-metrics`` and
+``verification-roc`` (a table and a ROC plot), ``megaface-metrics``, and ``train-and-eval-summary``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.runs import result_of, validated
+from flows.train_params import MegaFaceSpec, TrainAndEvalParams
+from tasks.evaluate import VerificationConfig, verification_task
+from tasks.export import export_task
+from tasks.megaface_stage import megaface_task
+from tasks.runtime import logger, publish_markdown
+from tasks.train_config import TrainConfig
+from tasks.train_stage import train_stage_task
+
+__all__ = ["train_and_eval", "run"]
+
+
+@task(name="check-inputs", cache_policy=NO_CACHE)
+def check_inputs_task(params: TrainAndEvalParams) -> TrainConfig | None:
+    """:meth:`TrainAndEvalParams.check_inputs`: fail at once, naming the path or option, on bad input."""
+    return params.check_inputs()
+
+
+def _state(skipped: bool) -> str:
+    return "skipped (up to date)" if skipped else "ran"
+
+
+def _summary_markdown(name: str, rows: list[tuple[str, str, str]]) -> str:
+    lines = [f"### train-and-eval `{name}`", "", "| stage | state | result |", "| --- | --- | --- |"]
+    lines += [f"| {stage} | {state} | {result} |" for stage, state, result in rows]
+    return "\n".join(lines)
+
+
+def run(p: TrainAndEvalParams) -> dict[str, Any]:
+    """The body of :func:`train_and_eval` (call it inside a flow run)."""
+    cfg: TrainConfig | None = result_of(check_inputs_task.with_options(task_run_name="check-inputs"), p)
+    layout = p.layout(cfg)
+    log = logger()
+    log.info("train-and-eval %s -> %s", layout.root.name, layout.root)
+    rows: list[tuple[str, str, str]] = []
+    out: dict[str, Any] = {"run_dir": str(layout.root)}
+
+    if cfg is not None:
+        trained = result_of(train_stage_task.with_options(task_run_name="train"), cfg, p.nproc, p.timeout_s, p.force)
+        best = trained.best or {}
+        rows.append(("train", _state(trained.skipped),
+                     f"{cfg.network}/{cfg.loss}, step {trained.step}, best {best.get('target', '-')} "
+                     f"{best.get('accuracy', float('nan')):.4f}"))
+        model = trained.checkpoint
+        if p.triplet:
+            tuned = result_of(train_stage_task.with_options(task_run_name="triplet"),
+                              p.triplet_config(cfg, trained.checkpoint), p.nproc, p.timeout_s, p.force)
+            tbest = tuned.best or {}
+            rows.append(("triplet", _state(tuned.skipped),
+                         f"step {tuned.step}, best {tbest.get('target', '-')} {tbest.get('accuracy', float('nan')):.4f}"))
+            model = tuned.checkpoint
+        out["checkpoint"] = model
+    else:
+        model = str(Path(p.model).resolve())  # type: ignore[arg-type]
+        rows.append(("train", "off", f"evaluating {model}"))
+
+    if p.verification:
+        targets = p.verification_targets(cfg)
+        if targets:
+            ver = result_of(verification_task.with_options(task_run_name="verification"), model, targets, str(layout.verification), p.verification_config, p.force)
+            rows.append(("verification", _state(ver.skipped),
+                         ", ".join(f"{r['target']} {r['accuracy']:.4f}" for r in ver.rows)))
+            out["verification"] = {r["target"]: r["accuracy"] for r in ver.rows}
+        else:
+            log.warning("verification: no .bin sets in %s and none given in targets; stage left out", p.dataset_dir())
+            rows.append(("verification", "off", "no .bin sets"))
+
+    if p.megaface is not None:
+        spec: MegaFaceSpec = p.megaface
+        mega = result_of(megaface_task.with_options(task_run_name="megaface"), model, spec.probes, spec.distractors, str(layout.megaface), spec.config, p.force)
+        rows.append(("megaface", _state(mega.skipped),
+                     ", ".join(f"{r['distractors']}: rank-1 {r.get('rank_1', float('nan')):.4f}" for r in mega.rows)))
+        out["megaface"] = {int(r["distractors"]): r.get("rank_1") for r in mega.rows}
+
+    if p.export:
+        if model.lower().endswith(".onnx"):
+            rows.append(("export", "off", "the model is already ONNX"))
+        else:
+            exported = result_of(export_task.with_options(task_run_name="export"), model, str(layout.export), force=p.force)
+            rows.append(("export", _state(exported.skipped), f"`{exported.path}` (max diff {exported.max_abs_diff:.1e})"))
+            out["onnx"] = str(exported.path)
+
+    publish_markdown("train-and-eval-summary", _summary_markdown(layout.root.name, rows), description="stages of this run")
+    out["stages"] = {stage: state for stage, state, _ in rows}
+    log.info("train-and-eval %s: %s", layout.root.name, "; ".join(f"{s} {st}: {r}" for s, st, r in rows))
+    return out
+
+
+@flow(name="train-and-eval", log_prints=True)
+def train_and_eval(
+    dataset: str,
+    name: str | None = None,
+    data_root: str | None = None,
+    preset: str | None = None,
+    network: str | None = None,
+    loss: str | None = None,
+    margin_s: float | None = None,
+    margin_m: float | None = None,
+    lr: float | None = None,
+    lr_steps: str | list[int] | None = None,
+    mom: float | None = None,
+    wd: float | None = None,
+    per_batch_size: int | None = None,
+    emb_size: int | None = None,
+    image_size: str | None = None,
+    max_steps: int | None = None,
+    epochs: int | None = None,
+    ckpt: int | None = None,
+    verbose: int | None = None,
+    pretrained: str | None = None,
+    device: str | None = None,
+    options: dict[str, Any] | None = None,
+    nproc: int = 1,
+    timeout_s: float | None = None,
+    train: bool = True,
+    model: str | None = None,
+    triplet: bool = False,
+    triplet_options: dict[str, Any] | None = None,
+    verification: bool = True,
+    targets: list[str] | None = None,
+    verification_config: VerificationConfig = VerificationConfig(),
+    megaface: MegaFaceSpec | None = None,
+    export: bool = True,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Train a face-recognition model on a packed dataset, fine-tune it with triplets, evaluate it
+    (verification .bin sets, MegaFace) and export it to ONNX. Returns the checkpoint, the ONNX path,
+    the accuracies and what each stage did. (The argument texts below are the descriptions of
+    :class:`flows.train_params.TrainAndEvalParams`; a test keeps them equal.)
+
+    Args:
+        dataset: training set: a name under <data_root>/datasets/ or a folder with train.rec, train.idx, property
+        name: run name: <data_root>/runs/<name>/ (default <dataset>-<network>-<loss>)
+        data_root: artefact root; default $FACEPIPE_DATA_ROOT or ./data
+        preset: training preset: configs/<preset>.yaml (cpu-demo, r100-arcface, r50-cosface, y1-softmax, m1-triplet) or a YAML path
+        network: network code: r100, r50, y1, m1, ... (default: the preset's, else r50)
+        loss: loss name or 2018 loss-type number: arcface/4, cosface/2, softmax/0, sphereface/1, combined/5, ...
+        margin_s: scale s of the normalised logits (margin-s)
+        margin_m: margin m (margin-m)
+        lr: base learning rate
+        lr_steps: steps at which lr drops 10x, e.g. 100000,140000,160000 (lr-steps)
+        mom: SGD momentum
+        wd: weight decay
+        per_batch_size: images per step per GPU (per-batch-size)
+        emb_size: embedding size (emb-size)
+        image_size: input 'height,width', must match the dataset (image-size)
+        max_steps: stop after this many steps (max-steps)
+        epochs: passes over the training set
+        ckpt: checkpoints: 0 none, 1 best, 2 all, 3 last (the flow needs 1, 2 or 3)
+        verbose: evaluate and checkpoint every N steps
+        pretrained: start from this checkpoint ('prefix,epoch' or a path)
+        device: auto, cpu or cuda
+        options: any other training option, e.g. {"version_se": 1}
+        nproc: training processes on this machine (GPUs); >1 runs torchrun
+        timeout_s: stop training after this many seconds (it can be resumed)
+        train: train; false: evaluate and export `model` instead
+        model: a checkpoint or .onnx to evaluate when train is false
+        triplet: fine-tune the trained model with semi-hard triplets (lr 0.005, mom 0)
+        triplet_options: training options of the triplet stage, on top of the training run's
+        verification: verification accuracy on the .bin sets
+        targets: .bin sets: names in the dataset folder or paths (default: every .bin there)
+        verification_config: verification settings
+        megaface: MegaFace identification with noise removal (off when empty)
+        export: export the final model to ONNX (checked with onnxruntime)
+        force: redo every stage (an earlier run with other options is moved aside, not deleted)
+    """
+    params = validated(
+        TrainAndEvalParams,
+        dataset=dataset, name=name, data_root=data_root, preset=preset, network=network, loss=loss,
+        margin_s=margin_s, margin_m=margin_m, lr=lr, lr_steps=lr_steps, mom=mom, wd=wd, per_batch_size=per_batch_size,
+        emb_size=emb_size, image_size=image_size, max_steps=max_steps, epochs=epochs, ckpt=ckpt, verbose=verbose,
+        pretrained=pretrained, device=device, options=options or {}, nproc=nproc, timeout_s=timeout_s, train=train,
+        model=model, triplet=triplet, triplet_options=triplet_options or {}, verification=verification,
+        targets=targets, verification_config=verification_config, megaface=megaface, export=export, force=force,
+    )
+    return run(params)
