@@ -59,8 +59,7 @@ def aligned_small_photos() -> Path:
 
 def synthetic_identities(dst: Path, identities: range, images: int = 3, seed: int = 0) -> dict[str, list[Path]]:
     """Generated aligned identities ``dst/<name>/<k>.jpg`` (112x112 JPEG): ``{name: paths}``."""
-    from datasets import synthetic
-    SyntheticFaces, write_identity_folders = synthetic.SyntheticFaces, synthetic.write_identity_folders
+    from datasets.synthetic import SyntheticFaces, write_identity_folders
 
     faces = SyntheticFaces(num_identities=len(identities), images_per_identity=images, seed=seed,
                            first_identity=identities.start)
