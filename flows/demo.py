@@ -29,7 +29,7 @@ from datasets.synthetic import SyntheticFaces, write_identity_folders, write_pai
 from flows.local import DEFAULT_PORT, REPO, LocalStack, default_data_root, down, up
 from tasks.stage import code_version, commit_record, current_record
 
-__all__ = ["prepare_sample", "build_params", "train_params", "run_deployment", "main"]
+__all__ = ["prepare_sample", "build_params", "train_params", "deployment_run_argv", "run_deployment", "main"]
 
 SAMPLE_STAGE = "demo-sample"
 PHOTOS = REPO / "sample" / "faces" / "raw"
@@ -67,10 +67,15 @@ def train_params(data_root: Path) -> dict[str, Any]:
             "image_size": "112,112"}
 
 
-def run_deployment(stack: LocalStack, deployment: str, params: dict[str, Any], timeout_s: float = 3600) -> None:
-    """``prefect deployment run <deployment> --params <json> --watch``; raises when the run does not complete."""
-    argv = [sys.executable, "-m", "prefect", "deployment", "run", deployment, "--params", json.dumps(params),
+def deployment_run_argv(deployment: str, params: dict[str, Any], timeout_s: float = 3600) -> list[str]:
+    """argv of ``prefect deployment run <deployment> --params <json> --watch`` (exit code 0 only when the run completes)."""
+    return [sys.executable, "-m", "prefect", "deployment", "run", deployment, "--params", json.dumps(params),
             "--watch", "--watch-timeout", str(int(timeout_s))]
+
+
+def run_deployment(stack: LocalStack, deployment: str, params: dict[str, Any], timeout_s: float = 3600) -> None:
+    """Run ``deployment`` through the CLI, streaming its events; raises SystemExit when the run does not complete."""
+    argv = deployment_run_argv(deployment, params, timeout_s)
     print(f"\n$ prefect deployment run {deployment} --params '{json.dumps(params)}' --watch", flush=True)
     done = subprocess.run(argv, cwd=REPO, env=stack.env(), check=False)
     if done.returncode != 0:

@@ -155,7 +155,7 @@ def train_and_eval(
     :class:`flows.train_params.TrainAndEvalParams`; a test keeps them equal.)
 
     Args:
-        dataset: training set: a name under <data_root>/datasets/ or a folder with train.rec, train.idx, property
+        dataset: training set: a name under <data_root>/datasets/, or a path (with /) to a folder with train.rec, train.idx, property
         name: run name: <data_root>/runs/<name>/ (default <dataset>-<network>-<loss>)
         data_root: artefact root; default $FACEPIPE_DATA_ROOT or ./data
         preset: training preset: configs/<preset>.yaml (cpu-demo, r100-arcface, r50-cosface, y1-softmax, m1-triplet) or a YAML path

@@ -88,7 +88,7 @@ class TrainAndEvalParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field(description="training set: a name under <data_root>/datasets/ or a folder with train.rec, train.idx, property")
+    dataset: str = Field(description="training set: a name under <data_root>/datasets/, or a path (with /) to a folder with train.rec, train.idx, property")
     name: str | None = Field(None, description="run name: <data_root>/runs/<name>/ (default <dataset>-<network>-<loss>)")
     data_root: str | None = Field(None, description="artefact root; default $FACEPIPE_DATA_ROOT or ./data")
     preset: str | None = Field(None, description="training preset: configs/<preset>.yaml (cpu-demo, r100-arcface, r50-cosface, y1-softmax, m1-triplet) or a YAML path")
@@ -145,10 +145,9 @@ class TrainAndEvalParams(BaseModel):
         return Path(self.data_root).resolve() if self.data_root else default_data_root()
 
     def dataset_dir(self) -> Path:
-        """The training set folder: ``dataset`` itself when it is a path, else ``<data_root>/datasets/<dataset>``."""
-        given = Path(self.dataset).expanduser()
-        if given.is_absolute() or len(given.parts) > 1 or given.is_dir():
-            return given.resolve()
+        """``<data_root>/datasets/<dataset>`` for a bare name (``sample``); a path (with ``/``, or ``./name``) as given."""
+        if "/" in self.dataset or self.dataset.startswith(("~", ".")):
+            return Path(self.dataset).expanduser().resolve()
         return self.resolved_data_root() / "datasets" / self.dataset
 
     def _overrides(self) -> dict[str, Any]:

@@ -102,3 +102,16 @@ def test_bad_input_fails_fast_with_one_line(prefect_server, tmp_path: Path, chan
     assert state.is_failed()
     assert message.format(root=tmp_path) in state.message and "\n" not in state.message.strip()
     assert not (tmp_path / "runs").exists(), "nothing may run before the inputs are checked"
+
+
+def test_dataset_is_a_name_under_the_data_root_unless_it_is_a_path(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sample").mkdir()  # a folder of that name in the working directory does not change the meaning
+    params = TrainAndEvalParams(dataset="sample", data_root=str(tmp_path / "data"))
+    assert params.dataset_dir() == tmp_path / "data" / "datasets" / "sample"
+    assert TrainAndEvalParams(dataset="./sample").dataset_dir() == tmp_path / "sample"
+    assert TrainAndEvalParams(dataset=str(tmp_path / "x")).dataset_dir() == tmp_path / "x"
+    with pytest.raises(ValueError, match="train is false: give model"):
+        TrainAndEvalParams(dataset="sample", train=False)
+    with pytest.raises(ValueError, match="model is only used when train is false"):
+        TrainAndEvalParams(dataset="sample", model="m.onnx")
