@@ -178,12 +178,17 @@ def up(stack: LocalStack) -> None:
     start_serve(stack)
 
 
+def stop(stack: LocalStack, name: str) -> None:
+    """Stop one of the stack's processes (``"serve"`` or ``"server"``) if it runs."""
+    pid = _read_pid(stack.pid_file(name))
+    if pid:
+        _stop_pid(pid)
+    stack.pid_file(name).unlink(missing_ok=True)
+
+
 def down(stack: LocalStack) -> None:
     for name in ("serve", "server"):
-        pid = _read_pid(stack.pid_file(name))
-        if pid:
-            _stop_pid(pid)
-        stack.pid_file(name).unlink(missing_ok=True)
+        stop(stack, name)
 
 
 def status(stack: LocalStack) -> dict[str, object]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ from build_data import copy_photos, synthetic_identities
 from conftest import ROOT
 from datasets.rec_layout import read_rec_index
 from flows.demo import deployment_run_argv
-from flows.local import LocalStack, start_serve
+from flows.local import LocalStack, start_serve, stop
+from tasks.train_task import stop_process_tree
 
 pytestmark = pytest.mark.prefect_server
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -150,3 +153,36 @@ def test_prefect_ui_shows_the_runs_and_artifacts(served, first_runs, tmp_path: P
         finally:
             browser.close()
     assert all((shots / f"{name}.png").stat().st_size > 10_000 for name in ("runs", "verification-roc", "build-dataset-samples"))
+
+
+def test_compose_deploy_command_registers_prefect_yaml_and_a_process_worker_runs_it(served, first_runs):
+    """docker-compose's one-shot ``deploy`` command (pools, the gpu limit, ``prefect --no-prompt deploy --all``)
+    against the real server, then a ``prefect worker`` on pool cpu runs build-dataset/default (cached: Skipped).
+    Runs last: it replaces the served deployments by the work-pool ones."""
+    stack = served["stack"]
+    stop(stack, "serve")  # the worker, not the serve process, must pick the run up
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    command = compose["services"]["deploy"]["command"][-1]
+    env = {**stack.env(), "FACEPIPE_APP_DIR": str(ROOT)}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # `prefect` of this venv
+    deployed = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    with api.client() as client:
+        pools = {f"{client.read_flow(d.flow_id).name}/{d.name}": d.work_pool_name for d in client.read_deployments()}
+        assert client.read_work_pool("cpu").type == "process" and client.read_work_pool("gpu").type == "process"
+        assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
+    assert pools == {"build-dataset/default": "cpu", "train-and-eval/default": "gpu"}
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu", "--type", "process"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        params = {**served["build"], "data_root": str(stack.data_root)}  # the pool sets FACEPIPE_DATA_ROOT=/data
+        again = _run(stack, "build-dataset/default", params)
+        assert again.returncode == 0, again.stdout[-3000:]
+        with api.client() as client:
+            flow_run = _flow_run(client, again.stdout)
+            states = api.task_states(client, [r.id for r in api.runs_below(client, flow_run.id)])
+        assert flow_run.work_pool_name == "cpu" and flow_run.state.is_completed()
+        assert {state for name, state in states.items() if name.startswith("pack")} == {"Skipped"}
+    finally:
+        worker.send_signal(signal.SIGINT)
+        stop_process_tree(worker.pid, grace_s=20, popen=worker)
