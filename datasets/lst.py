@@ -202,7 +202,8 @@ def read_insightface_columns(path: str | os.PathLike) -> InsightFaceColumns:
     text = _read_text(path)
     if _PLAIN_LIST.fullmatch(text):
         fields = (text[:-1] if text.endswith("\n") else text).replace("\n", "\t").split("\t") if text else []
-        return InsightFaceColumns(np.array(fields[0::3], dtype=str) == "1", fields[1::3],
+        flags = "".join(fields[0::3]).encode("ascii")  # one "0"/"1" character a line
+        return InsightFaceColumns(np.frombuffer(flags, np.uint8) == ord("1"), fields[1::3],
                                   np.array(fields[2::3], dtype=np.int64).reshape(-1))
     lines = read_insightface_lst(path, text=text)
     for i, line in enumerate(lines):

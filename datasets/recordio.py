@@ -246,9 +246,8 @@ def pack_framed(ids: Sequence[int] | np.ndarray, labels: Sequence[float] | np.nd
     data = b"".join(parts)
     offsets = np.zeros(n, np.int64)
     np.cumsum((lengths[:-1] + _SEGMENT_HEADER.size + 3) & ~3, out=offsets[1:])
-    magic_words = np.flatnonzero(np.frombuffer(data, "<u4") == MAGIC)
-    if len(magic_words) == n and np.array_equal(magic_words * 4, offsets):
-        return data, offsets  # the only aligned magic words are the segment headers: one segment a record
+    if np.count_nonzero(np.frombuffer(data, "<u4") == MAGIC) == n:
+        return data, offsets  # the only aligned magic words are the n segment headers: one segment a record
     out = bytearray()
     for i in range(n):
         offsets[i] = len(out)
@@ -708,7 +707,7 @@ class MXIndexedRecordIO(MXRecordIO):
         data, offsets = pack_framed(ids, labels, payloads)
         offsets += out.tell()
         out.write(data)
-        key_list = [self.key_type(k) for k in ids.tolist()]
+        key_list = ids.tolist() if self.key_type is int else [self.key_type(k) for k in ids.tolist()]
         offset_list = offsets.tolist()
         self.fidx.write("".join(map("{}\t{}\n".format, key_list, offset_list)).encode())  # type: ignore[union-attr]
         self.idx.update(zip(key_list, offset_list))

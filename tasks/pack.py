@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -138,13 +139,27 @@ def _parse_size(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 def _resolve_all(paths: list[str], root: str) -> list[str]:
     """``paths`` with the relative ones taken relative to ``root``."""
+    if os.sep == "/" and all(map(str.startswith, paths, itertools.repeat("/"))):
+        return list(paths)  # all absolute (what the lst stage writes): one C-level pass
     isabs, join = os.path.isabs, os.path.join
     return [p if isabs(p) else join(root, p) for p in paths]
 
 
-def _stat_images(paths: list[str], lst: Path) -> tuple[str, list[int]]:
-    """``(stamp, sizes)``: digest of every listed image's path, size and mtime (the images are not
-    read for it), and the sizes in bytes."""
+def _images_stamp(paths: list[str], sizes: list[int], mtimes: list[int]) -> str:
+    """Digest of every listed image's path, size (bytes) and mtime (ns), in list order."""
+    digest = hashlib.sha256("\0".join(paths).encode("utf-8", "surrogateescape"))
+    digest.update(np.array(sizes, np.int64).tobytes())
+    digest.update(np.array(mtimes, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _cannot_read(lst: Path, entry: int, path: str, exc: OSError) -> FormatError:
+    return FormatError(lst, f"entry {entry + 1}: image {path} cannot be read ({exc.strerror or exc})",
+                       "an existing image file for every line")
+
+
+def _stat_images(paths: list[str], lst: Path) -> str:
+    """:func:`_images_stamp` of the images as they are now (``stat`` only; they are not read)."""
     try:
         stats = list(map(os.stat, paths))
     except OSError:
@@ -152,14 +167,9 @@ def _stat_images(paths: list[str], lst: Path) -> tuple[str, list[int]]:
             try:
                 os.stat(p)
             except OSError as exc:
-                raise FormatError(lst, f"entry {i + 1}: image {p} cannot be read ({exc.strerror or exc})",
-                                  "an existing image file for every line") from None
+                raise _cannot_read(lst, i, p, exc) from None
         raise
-    sizes = [st.st_size for st in stats]
-    digest = hashlib.sha256("\0".join(paths).encode("utf-8", "surrogateescape"))
-    digest.update(np.array(sizes, np.int64).tobytes())
-    digest.update(np.array([st.st_mtime_ns for st in stats], np.int64).tobytes())
-    return digest.hexdigest(), sizes
+    return _images_stamp(paths, [st.st_size for st in stats], [st.st_mtime_ns for st in stats])
 
 
 #: JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size.
@@ -231,21 +241,6 @@ class _SizeCheck:
 _O_READ = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def _read_file(path: str, size: int) -> bytes:
-    """A file's bytes: one ``read`` of its expected ``size`` (plus one byte, to see the end)."""
-    fd = os.open(path, _O_READ)
-    try:
-        data = os.read(fd, size + 1)
-        if len(data) > size:  # it grew since it was measured: read the rest
-            parts = [data]
-            while chunk := os.read(fd, 1 << 20):
-                parts.append(chunk)
-            data = b"".join(parts)
-    finally:
-        os.close(fd)
-    return data
-
-
 def _aligned_payload(data: bytes, size: tuple[int, int], lst: Path, where: str) -> bytes:
     """``data`` if it is an image of ``size``; FormatError naming the entry otherwise."""
     found = encoded_size(data)
@@ -283,30 +278,76 @@ def _unaligned_payload(line: InsightFaceLine, path: str, size: tuple[int, int], 
 _BATCH = 512
 
 
-def _pack_batch(rows: list[int], lst: InsightFaceColumns, paths: list[str], sizes: list[int], size: tuple[int, int],
-                quality: int, check: _SizeCheck, source: Path) -> tuple[list[int], list[bytes]]:
-    """``(kept rows, payloads)`` of one batch of list rows, in order; rows of skipped lines left out."""
-    aligned = lst.aligned
-    if aligned[rows].all():  # the common case: faces copied verbatim
-        payloads = [_read_file(paths[i], sizes[i]) for i in rows]
-        for i, data in zip(rows, payloads):
-            if not check(data):
-                _aligned_payload(data, size, source, f"entry {i + 1} ({paths[i]})")
-        return rows, payloads
-    kept, payloads = [], []
-    for i in rows:
-        where = f"entry {i + 1} ({paths[i]})"
-        if aligned[i]:
-            data = _read_file(paths[i], sizes[i])
-            if not check(data):
-                _aligned_payload(data, size, source, where)
-        else:
-            data = _unaligned_payload(lst.line(i), paths[i], size, quality, source, where)
-            if data is None:
-                continue
-        kept.append(i)
-        payloads.append(data)
-    return kept, payloads
+class _FaceReader:
+    """The record payloads of a list's entries, batch by batch (:meth:`batch`), with the size and
+    mtime of every image taken from the open file as it is read (:meth:`stamp`)."""
+
+    def __init__(self, rows: InsightFaceColumns, paths: list[str], size: tuple[int, int], quality: int, lst: Path):
+        self.rows, self.paths, self.size, self.quality, self.lst = rows, paths, size, quality, lst
+        self.check = _SizeCheck(size)
+        self.sizes = [0] * len(paths)
+        self.mtimes = [0] * len(paths)
+
+    def stamp(self) -> str:
+        """:func:`_images_stamp` of the images as they were read (once every entry went through :meth:`batch`)."""
+        return _images_stamp(self.paths, self.sizes, self.mtimes)
+
+    def read(self, rows: list[int]) -> list[bytes]:
+        """The bytes of the images of list rows ``rows``: for each one ``read`` of the size ``fstat`` gives."""
+        paths, sizes, mtimes = self.paths, self.sizes, self.mtimes
+        open_, fstat, read, close = os.open, os.fstat, os.read, os.close
+        out: list[bytes] = []
+        append = out.append
+        i = -1
+        try:
+            for i in rows:
+                fd = open_(paths[i], _O_READ)
+                try:
+                    st = fstat(fd)
+                    size = st.st_size
+                    data = read(fd, size + 1)  # one byte more to see the end
+                    if len(data) > size:  # grew since fstat: read the rest
+                        parts = [data]
+                        while chunk := read(fd, 1 << 20):
+                            parts.append(chunk)
+                        data = b"".join(parts)
+                finally:
+                    close(fd)
+                append(data)
+                sizes[i], mtimes[i] = size, st.st_mtime_ns
+        except OSError as exc:
+            raise _cannot_read(self.lst, i, paths[i], exc) from None
+        return out
+
+    def batch(self, rows: list[int]) -> tuple[list[int], list[bytes]]:
+        """``(kept rows, payloads)`` of list rows ``rows``, in order; skipped lines left out."""
+        aligned, check = self.rows.aligned, self.check
+        if aligned[rows].all():  # the common case: faces copied verbatim
+            payloads = self.read(rows)
+            for i, data in zip(rows, payloads):
+                if not check(data):
+                    _aligned_payload(data, self.size, self.lst, f"entry {i + 1} ({self.paths[i]})")
+            return rows, payloads
+        kept, payloads = [], []
+        for i in rows:
+            path = self.paths[i]
+            where = f"entry {i + 1} ({path})"
+            if aligned[i]:
+                data = self.read([i])[0]
+                if not check(data):
+                    _aligned_payload(data, self.size, self.lst, where)
+            else:
+                try:
+                    st = os.stat(path)
+                except OSError as exc:
+                    raise _cannot_read(self.lst, i, path, exc) from None
+                self.sizes[i], self.mtimes[i] = st.st_size, st.st_mtime_ns
+                data = _unaligned_payload(self.rows.line(i), path, self.size, self.quality, self.lst, where)
+                if data is None:
+                    continue
+            kept.append(i)
+            payloads.append(data)
+        return kept, payloads
 
 
 def _image_size_of(path: str, lst: Path) -> tuple[int, int]:
@@ -362,14 +403,15 @@ def run_pack(
         raise ValueError(f"{source}: num_classes {num_classes} but labels go up to {int(label_array.max())}")
 
     params = {"config": cfg.model_dump(mode="json"), "image_size": list(size), "num_classes": num_classes}
-    stamp, file_sizes = _stat_images(paths, source)
-    inputs = {"lst": sha256_file(source), "images": stamp}
+    inputs = {"lst": sha256_file(source)}
     if labels is not None:
         inputs["labels"] = sha256_file(labels)
     code = code_version(*_CODE_MODULES)
-    if not force:
-        record = current_record(out, STAGE, params, inputs, code)
-        if record is not None:
+    record = None if force else load_record(out)
+    if record is not None and "images" in record.inputs:
+        # everything else matches: stat the images (without reading them) to see if they changed
+        if current_record(out, STAGE, params, {**inputs, "images": record.inputs["images"]}, code) is not None \
+                and _stat_images(paths, source) == record.inputs["images"]:
             logger().info("pack: %s is up to date (%s)", out, record.summary.get("counts"))
             return _result(out, record.summary, skipped=True)
     invalidate(out)  # from here on the old record no longer describes the folder's files
@@ -381,16 +423,16 @@ def run_pack(
     offsets = np.full(n, -1, np.int64)
     shas = np.full(n, "", dtype=object)
     ok = np.zeros(n, bool)
-    check = _SizeCheck(size)
+    reader = _FaceReader(lst_rows, paths, size, cfg.jpeg_quality, source)
     sha256 = hashlib.sha256
     progress = Progress("pack", total=n, description="pack: copy faces into train.rec", log_every_s=30)
     with ThreadPoolExecutor(1, thread_name_prefix="pack-manifest") as manifest_thread:
         with InsightFaceRecWriter(out, image_size=size, label_format=cfg.label_format, num_classes=num_classes,
                                   background_writes=True) as writer:
             for start in range(0, n, _BATCH):
-                kept, payloads = _pack_batch(order[start:start + _BATCH], lst_rows, paths, file_sizes, size,
-                                             cfg.jpeg_quality, check, source)
-                if kept:
+                kept_rows, payloads = reader.batch(order[start:start + _BATCH])
+                if kept_rows:
+                    kept = np.array(kept_rows, np.int64)
                     shas[kept] = [sha256(data).hexdigest() for data in payloads]
                     keys[kept], offsets[kept] = writer.add_many(label_array[kept], payloads, lst_rows.aligned[kept])
                     ok[kept] = True
@@ -403,6 +445,7 @@ def run_pack(
                                                       extra=EXTRA_COLUMNS)
         manifest_written.result()
     progress.update(n)
+    inputs["images"] = reader.stamp()
     summary_rec = writer.summary
     assert summary_rec is not None
     outputs = [REC_FILE, IDX_FILE, PROPERTY_FILE, MANIFEST_FILE]
