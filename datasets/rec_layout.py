@@ -221,7 +221,7 @@ class InsightFaceRecWriter:
         """
         rec = self._writer()
         labels = np.asarray(labels).reshape(-1)
-        if labels.dtype.kind not in "iub":
+        if labels.size and labels.dtype.kind not in "iub":
             raise ValueError(f"image labels must be integers, got dtype {labels.dtype}")
         labels = labels.astype(np.int64)
         n = len(labels)
