@@ -292,12 +292,15 @@ class _FaceReader:
         """:func:`_images_stamp` of the images as they were read (once every entry went through :meth:`batch`)."""
         return _images_stamp(self.paths, self.sizes, self.mtimes)
 
-    def read(self, rows: list[int]) -> list[bytes]:
-        """The bytes of the images of list rows ``rows``: for each one ``read`` of the size ``fstat`` gives."""
-        paths, sizes, mtimes = self.paths, self.sizes, self.mtimes
+    def read_faces(self, rows: list[int]) -> list[bytes]:
+        """The image bytes of (aligned) list rows ``rows``, each read in one ``read`` of the size
+        ``fstat`` gives and checked to be an image of the dataset's size."""
+        paths, sizes, mtimes, check = self.paths, self.sizes, self.mtimes, self.check
         open_, fstat, read, close = os.open, os.fstat, os.read, os.close
         out: list[bytes] = []
         append = out.append
+        prefix, size_bytes = check.prefix, check.size_bytes
+        k = len(prefix or b"")
         i = -1
         try:
             for i in rows:
@@ -313,36 +316,36 @@ class _FaceReader:
                         data = b"".join(parts)
                 finally:
                     close(fd)
-                append(data)
                 sizes[i], mtimes[i] = size, st.st_mtime_ns
+                # _SizeCheck.__call__ inlined for the common case (same encoder as the last JPEG)
+                if prefix is None or not (data.startswith(prefix) and data[k + 3:k + 7] == size_bytes):
+                    if not check(data):
+                        _aligned_payload(data, self.size, self.lst, f"entry {i + 1} ({paths[i]})")
+                    prefix = check.prefix
+                    k = len(prefix or b"")
+                append(data)
         except OSError as exc:
             raise _cannot_read(self.lst, i, paths[i], exc) from None
         return out
 
     def batch(self, rows: list[int]) -> tuple[list[int], list[bytes]]:
         """``(kept rows, payloads)`` of list rows ``rows``, in order; skipped lines left out."""
-        aligned, check = self.rows.aligned, self.check
+        aligned = self.rows.aligned
         if aligned[rows].all():  # the common case: faces copied verbatim
-            payloads = self.read(rows)
-            for i, data in zip(rows, payloads):
-                if not check(data):
-                    _aligned_payload(data, self.size, self.lst, f"entry {i + 1} ({self.paths[i]})")
-            return rows, payloads
+            return rows, self.read_faces(rows)
         kept, payloads = [], []
         for i in rows:
-            path = self.paths[i]
-            where = f"entry {i + 1} ({path})"
             if aligned[i]:
-                data = self.read([i])[0]
-                if not check(data):
-                    _aligned_payload(data, self.size, self.lst, where)
+                data = self.read_faces([i])[0]
             else:
+                path = self.paths[i]
                 try:
                     st = os.stat(path)
                 except OSError as exc:
                     raise _cannot_read(self.lst, i, path, exc) from None
                 self.sizes[i], self.mtimes[i] = st.st_size, st.st_mtime_ns
-                data = _unaligned_payload(self.rows.line(i), path, self.size, self.quality, self.lst, where)
+                data = _unaligned_payload(self.rows.line(i), path, self.size, self.quality, self.lst,
+                                          f"entry {i + 1} ({path})")
                 if data is None:
                     continue
             kept.append(i)

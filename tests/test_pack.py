@@ -253,6 +253,12 @@ def test_wrong_or_missing_image_deep_in_the_list_names_its_entry(tmp_path):
     small = tmp_path / "small.jpg"
     cv2.imwrite(str(small), np.zeros((112, 96, 3), np.uint8))  # same encoder as the faces, another size
     lines = [InsightFaceLine(True, str(files[i % 4]), i % 2) for i in range(700)]
+    png = tmp_path / "face.png"  # not a JPEG: the full check accepts it, the faces after it still pass
+    cv2.imwrite(str(png), cv2.imread(str(files[0])))
+    lines[300] = InsightFaceLine(True, str(png), 0)
+    write_insightface_lst(tmp_path / "png.lst", lines)
+    packed = run_pack(tmp_path / "png.lst", tmp_path / "png")
+    assert packed.images == 700 and _records(packed.out_dir)[301][1] == png.read_bytes()
     lines[600] = InsightFaceLine(True, str(small), 0)
     write_insightface_lst(tmp_path / "wrong.lst", lines)
     with pytest.raises(FormatError, match=r"wrong.lst: entry 601 \(.*small.jpg\): image is 112x96 \(expected 112x112"):
