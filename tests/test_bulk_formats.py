@@ -11,7 +11,7 @@ import pytest
 from datasets.errors import FormatError
 from datasets.lst import InsightFaceLine, read_insightface_columns, read_insightface_lst, write_insightface_lst
 from datasets.rec_layout import FLOAT32_EXACT_LIMIT, InsightFaceRecWriter
-from datasets.recordio import IRHeader, MXIndexedRecordIO, MXRecordIO, pack, pack_framed, unpack
+from datasets.recordio import IRHeader, MXIndexedRecordIO, MXRecordIO, frame_record, pack, pack_framed, unpack
 from rec_fixtures import MAGIC_BYTES, face_jpegs, tricky_payloads
 
 # --- columnar .lst ------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_pack_framed_offsets_and_magic_fallback():
     starts = []
     for key, label, payload in zip([1, 2, 3, 4], [0.0, 1.0, 2.0, 3.0], payloads):
         starts.append(len(expected))
-        expected += _frame(pack(IRHeader(0, label, key, 0), payload))
+        expected += frame_record(pack(IRHeader(0, label, key, 0), payload))
     assert data == expected and offsets.tolist() == starts
     # 4 records, one cut in two segments (its aligned magic word dropped, a header more), and the
     # unaligned magic word of the last one kept in its data
@@ -126,12 +126,6 @@ def test_pack_framed_offsets_and_magic_fallback():
         pack_framed([1, 2], [0.0], [b"a", b"b"])
     with pytest.raises(ValueError, match="negative"):
         pack_framed([-1], [0.0], [b"a"])
-
-
-def _frame(record: bytes) -> bytes:
-    from datasets.recordio import frame_record
-
-    return frame_record(record)
 
 
 # --- background writes --------------------------------------------------------------------------
