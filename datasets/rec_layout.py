@@ -121,7 +121,9 @@ class InsightFaceRecWriter:
     targets are left untouched. ``label_format="scalar"`` writes ``flag 0`` image headers,
     ``"array"`` writes ``[label, aligned]`` (``flag 2``, face2rec2). ``meta_last=True`` puts
     record 0 after the identity records (dataset_merge's order) instead of right after the images
-    (face2rec2's). ``num_classes`` defaults to max label + 1.
+    (face2rec2's). ``num_classes`` defaults to max label + 1. :meth:`add_many` appends a batch in
+    one go; ``background_writes=True`` writes the ``.rec`` from a background thread (see
+    :class:`~datasets.recordio.MXRecordIO`).
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class InsightFaceRecWriter:
         num_classes: int | None = None,
         meta_last: bool = False,
         name: str = "train",
+        background_writes: bool = False,
     ):
         if label_format not in ("scalar", "array"):
             raise ValueError(f"label_format must be 'scalar' or 'array', got {label_format!r}")
@@ -144,6 +147,7 @@ class InsightFaceRecWriter:
         self.label_format = label_format
         self.num_classes = num_classes
         self.meta_last = meta_last
+        self.background_writes = background_writes
         self._stack: contextlib.ExitStack | None = None
         self._rec: MXIndexedRecordIO | None = None
         self._tmp_property: Path | None = None
@@ -159,7 +163,7 @@ class InsightFaceRecWriter:
         tmp_rec, tmp_idx, self._tmp_property = stack.enter_context(
             atomic_paths(self.rec_path, self.idx_path, self.property_path)
         )
-        self._rec = stack.enter_context(MXIndexedRecordIO(tmp_idx, tmp_rec, "w"))
+        self._rec = stack.enter_context(MXIndexedRecordIO(tmp_idx, tmp_rec, "w", background_writes=self.background_writes))
         self._stack = stack
         return self
 
@@ -206,6 +210,49 @@ class InsightFaceRecWriter:
         self._next_key += 1
         self._max_label = max(self._max_label, label)
         return RecordLocation(key, offset)
+
+    def add_many(self, labels: np.ndarray | list[int], payloads: list[bytes],
+                 aligned: np.ndarray | list[bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Append one image record per payload, byte for byte as that many :meth:`add` calls.
+
+        ``labels`` int ``(N,)``, ``payloads`` N encoded images (verbatim), ``aligned`` bool
+        ``(N,)`` (default all True). Returns ``(keys, offsets)``, int64 ``(N,)`` each. Checks the
+        whole batch before writing any of it.
+        """
+        rec = self._writer()
+        labels = np.asarray(labels).reshape(-1)
+        if labels.size and labels.dtype.kind not in "iub":
+            raise ValueError(f"image labels must be integers, got dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+        n = len(labels)
+        aligned = np.ones(n, bool) if aligned is None else np.asarray(aligned, dtype=bool).reshape(-1)
+        if len(payloads) != n or len(aligned) != n:
+            raise ValueError(f"add_many: {n} labels, {len(payloads)} payloads and {len(aligned)} aligned flags")
+        first = self._next_key
+        keys = np.arange(first, first + n, dtype=np.int64)
+        if n == 0:
+            return keys, np.zeros(0, np.int64)
+        if labels.min() < 0:
+            i = int(np.argmax(labels < 0))
+            raise ValueError(f"image {first + i}: label {int(labels[i])} is negative (expected a class id >= 0)")
+        _check_exact(first + n, "image record key")  # the meta record stores N+1 >= last key + 1
+        _check_exact(int(labels.max()), "class label")
+        starts = (np.flatnonzero(labels[1:] != labels[:-1]) + 1 + first).tolist()
+        if int(labels[0]) != self._run_label:
+            starts.insert(0, first)
+        for start in starts:
+            if self._run_label is not None:
+                self._runs.append((self._run_start, start))
+            self._run_label, self._run_start = -1, start  # any label: the next start closes this run
+        self._run_label = int(labels[-1])
+        if self.label_format == "scalar":
+            header_labels = labels.astype(np.float32)
+        else:
+            header_labels = np.stack([labels.astype(np.float32), aligned.astype(np.float32)], axis=1)
+        offsets = rec.write_idx_batch(keys, header_labels, payloads)
+        self._next_key += n
+        self._max_label = max(self._max_label, int(labels.max()))
+        return keys, offsets
 
     def add_record(self, record: bytes, label: int | None = None) -> RecordLocation:
         """Copy a packed image record from another ``.rec`` without re-encoding its image.

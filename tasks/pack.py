@@ -24,22 +24,31 @@ Output (``out_dir``), as face2rec2 writes it:
 ``shuffle`` (seeded, ``numpy`` PCG64) permutes the identity order and the order within every
 identity; an identity stays one contiguous run (one identity record). Same list, image bytes
 and parameters give a byte-identical ``train.rec``. The three files are replaced atomically, so
-a killed run leaves the previous set or none, and the next run rebuilds it.
+a killed run leaves the previous set or none, and the next run rebuilds it. The stage record is
+removed before anything is replaced and written last.
+
+Up to date: same list, labels file, parameters and code, and every image with the size and mtime
+it had when it was read (``stat`` only, no reads). Speed (``bench/pack.py``): a plain list is
+parsed with one split; entries go in batches of :data:`_BATCH`: read with one ``read`` each (size
+and mtime from ``fstat`` of the open file), size-checked from the JPEG frame header, hashed, then
+framed with one header array and one copy (:meth:`InsightFaceRecWriter.add_many`); a background
+thread writes the ``.rec`` and syncs it every 8 MiB, and the manifest is written while the last
+bytes are synced.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import itertools
 import json
 import logging
 import os
 import sys
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -53,9 +62,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from datasets.atomic import atomic_write_bytes, remove_partials
 from datasets.errors import FormatError
 from datasets.face_align import warp_face
-from datasets.hashing import params_hash, sha256_bytes, sha256_file
+from datasets.hashing import params_hash, sha256_file
 from datasets.images import UnreadableImage, decode_image
-from datasets.lst import InsightFaceLine, read_insightface_lst
+from datasets.lst import InsightFaceColumns, InsightFaceLine, read_insightface_columns
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
 from datasets.rec_layout import PROPERTY_FILE, InsightFaceRecWriter
 from tasks.runtime import Progress, finished, logger
@@ -137,32 +146,48 @@ def _parse_size(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
-def _resolve(path: str, root: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(root, path)
+def _resolve_all(paths: list[str], root: str) -> list[str]:
+    """``paths`` with the relative ones taken relative to ``root``."""
+    if os.sep == "/" and all(map(str.startswith, paths, itertools.repeat("/"))):
+        return list(paths)  # all absolute (what the lst stage writes): one C-level pass
+    isabs, join = os.path.isabs, os.path.join
+    return [p if isabs(p) else join(root, p) for p in paths]
 
 
-def _stamp(paths: list[str], lst: Path) -> str:
-    """Digest of every listed image's size and mtime (the images are not read for it)."""
-    items = []
-    for i, p in enumerate(paths):
-        try:
-            st = os.stat(p)
-        except OSError as exc:
-            raise FormatError(lst, f"entry {i + 1}: image {p} cannot be read ({exc.strerror or exc})",
-                              "an existing image file for every line") from None
-        items.append((p, st.st_size, st.st_mtime_ns))
-    return params_hash(items, 64)
+def _images_stamp(paths: list[str], sizes: list[int], mtimes: list[int]) -> str:
+    """Digest of every listed image's path, size (bytes) and mtime (ns), in list order."""
+    digest = hashlib.sha256("\0".join(paths).encode("utf-8", "surrogateescape"))
+    digest.update(np.array(sizes, np.int64).tobytes())
+    digest.update(np.array(mtimes, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _cannot_read(lst: Path, entry: int, path: str, exc: OSError) -> FormatError:
+    return FormatError(lst, f"entry {entry + 1}: image {path} cannot be read ({exc.strerror or exc})",
+                       "an existing image file for every line")
+
+
+def _stat_images(paths: list[str], lst: Path) -> str:
+    """:func:`_images_stamp` of the images as they are now (``stat`` only; they are not read)."""
+    try:
+        stats = list(map(os.stat, paths))
+    except OSError:
+        for i, p in enumerate(paths):
+            try:
+                os.stat(p)
+            except OSError as exc:
+                raise _cannot_read(lst, i, p, exc) from None
+        raise
+    return _images_stamp(paths, [st.st_size for st in stats], [st.st_mtime_ns for st in stats])
 
 
 #: JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size.
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def encoded_size(data: bytes) -> tuple[int, int] | None:
-    """``(height, width)`` of a JPEG (from its frame header) or PNG (IHDR) without decoding;
-    None for other or malformed data. Microseconds instead of Pillow's ~70 us per file."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
-        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+def _jpeg_frame_header(data: bytes) -> int | None:
+    """Offset of a JPEG's start-of-frame marker (found by walking the segments before it)."""
     if data[:2] != b"\xff\xd8":
         return None
     i, n = 2, len(data)
@@ -177,32 +202,76 @@ def encoded_size(data: bytes) -> tuple[int, int] | None:
             i += 2
             continue
         if marker in _SOF_MARKERS:
-            return (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
+            return i
         if marker == 0xDA:  # image data before any frame header
             return None
         i += 2 + ((data[i + 2] << 8) | data[i + 3])
     return None
 
 
-def _payload(line: InsightFaceLine, path: str, size: tuple[int, int], quality: int, lst: Path, entry: int) -> bytes | None:
-    """Record payload of one list entry (None: an unaligned line without landmarks, skipped)."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    where = f"entry {entry + 1} ({path})"
-    if line.aligned:
-        found = encoded_size(data)
-        if found is None:
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    found = img.size[1], img.size[0]
-            except Exception as exc:  # noqa: BLE001 - Pillow raises many types for non-images
-                raise FormatError(lst, f"{where}: not an image ({type(exc).__name__}: {exc})", "an encoded face image") from None
-        height, width = found
-        if (height, width) != size:
-            raise FormatError(lst, f"{where}: image is {height}x{width}", f"{size[0]}x{size[1]} like the dataset (aligned=1)")
-        return data
+def encoded_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of a JPEG (from its frame header) or PNG (IHDR) without decoding;
+    None for other or malformed data. Microseconds instead of Pillow's ~70 us per file."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    i = _jpeg_frame_header(data)
+    if i is None:
+        return None
+    return (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
+
+
+class _SizeCheck:
+    """``check(data)``: is ``data`` a JPEG of ``size`` (height, width)? Exactly
+    ``encoded_size(data) == size`` for JPEGs, in a fraction of the time.
+
+    Files from one encoder share the bytes before the frame header (JFIF header, quantisation
+    tables). The check remembers them from the last JPEG it walked: a file that starts with the
+    same bytes has its frame header at the same offset (the walk reads only those bytes), so a
+    prefix comparison and the four size bytes decide. Other files are walked.
+    """
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = size
+        self.prefix: bytes | None = None  # bytes up to and including the frame marker
+        self.size_bytes = bytes([size[0] >> 8, size[0] & 0xFF, size[1] >> 8, size[1] & 0xFF])
+
+    def __call__(self, data: bytes) -> bool:
+        prefix = self.prefix
+        if prefix is not None and data.startswith(prefix):
+            k = len(prefix)  # frame header: marker, length (2), precision, height (2), width (2)
+            return data[k + 3:k + 7] == self.size_bytes
+        i = _jpeg_frame_header(data)
+        if i is None:
+            return False
+        self.prefix = data[:i + 2]
+        return encoded_size(data) == self.size
+
+
+_O_READ = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _aligned_payload(data: bytes, size: tuple[int, int], lst: Path, where: str) -> bytes:
+    """``data`` if it is an image of ``size``; FormatError naming the entry otherwise."""
+    found = encoded_size(data)
+    if found is None:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                found = img.size[1], img.size[0]
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many types for non-images
+            raise FormatError(lst, f"{where}: not an image ({type(exc).__name__}: {exc})", "an encoded face image") from None
+    height, width = found
+    if (height, width) != size:
+        raise FormatError(lst, f"{where}: image is {height}x{width}", f"{size[0]}x{size[1]} like the dataset (aligned=1)")
+    return data
+
+
+def _unaligned_payload(line: InsightFaceLine, path: str, size: tuple[int, int], quality: int, lst: Path,
+                       where: str) -> bytes | None:
+    """JPEG of the face of an ``aligned=0`` line, aligned as face2rec2 does (None: no landmarks)."""
     if line.landmarks is None:
         return None
+    with open(path, "rb") as fh:
+        data = fh.read()
     try:
         pixels = decode_image(path, data).pixels
     except UnreadableImage as exc:
@@ -214,28 +283,83 @@ def _payload(line: InsightFaceLine, path: str, size: tuple[int, int], quality: i
     return buf.tobytes()
 
 
-def _payloads_in_order(jobs: list[tuple[InsightFaceLine, str, int]], size: tuple[int, int], quality: int, lst: Path,
-                       workers: int = 4, chunk: int = 64) -> Iterator[tuple[bytes, str] | None]:
-    """``(payload, sha256)`` (:func:`_payload`) of every job, in order, read and hashed a few
-    chunks ahead on ``workers`` threads (file reads and hashing release the GIL, so they overlap
-    writing the ``.rec``)."""
+#: List entries read, checked, hashed and written per batch (about 3 MB of 112x112 faces).
+_BATCH = 512
 
-    def one(line: InsightFaceLine, path: str, entry: int) -> tuple[bytes, str] | None:
-        payload = _payload(line, path, size, quality, lst, entry)
-        return None if payload is None else (payload, sha256_bytes(payload))
 
-    def run(part: list[tuple[InsightFaceLine, str, int]]) -> list[tuple[bytes, str] | None]:
-        return [one(*job) for job in part]
+class _FaceReader:
+    """The record payloads of a list's entries, batch by batch (:meth:`batch`), with the size and
+    mtime of every image taken from the open file as it is read (:meth:`stamp`)."""
 
-    parts = (jobs[i:i + chunk] for i in range(0, len(jobs), chunk))
-    with ThreadPoolExecutor(workers, thread_name_prefix="pack-read") as pool:
-        pending = deque(pool.submit(run, part) for part in itertools.islice(parts, 2 * workers))
-        while pending:
-            done = pending.popleft().result()
-            nxt = next(parts, None)
-            if nxt is not None:
-                pending.append(pool.submit(run, nxt))
-            yield from done
+    def __init__(self, rows: InsightFaceColumns, paths: list[str], size: tuple[int, int], quality: int, lst: Path):
+        self.rows, self.paths, self.size, self.quality, self.lst = rows, paths, size, quality, lst
+        self.check = _SizeCheck(size)
+        self.sizes = [0] * len(paths)
+        self.mtimes = [0] * len(paths)
+
+    def stamp(self) -> str:
+        """:func:`_images_stamp` of the images as they were read (once every entry went through :meth:`batch`)."""
+        return _images_stamp(self.paths, self.sizes, self.mtimes)
+
+    def read_faces(self, rows: list[int]) -> list[bytes]:
+        """The image bytes of (aligned) list rows ``rows``, each read in one ``read`` of the size
+        ``fstat`` gives and checked to be an image of the dataset's size."""
+        paths, sizes, mtimes, check = self.paths, self.sizes, self.mtimes, self.check
+        open_, fstat, read, close = os.open, os.fstat, os.read, os.close
+        out: list[bytes] = []
+        append = out.append
+        prefix, size_bytes = check.prefix, check.size_bytes
+        k = len(prefix or b"")
+        i = -1
+        try:
+            for i in rows:
+                fd = open_(paths[i], _O_READ)
+                try:
+                    st = fstat(fd)
+                    size = st.st_size
+                    data = read(fd, size + 1)  # one byte more to see the end
+                    if len(data) > size:  # grew since fstat: read the rest
+                        parts = [data]
+                        while chunk := read(fd, 1 << 20):
+                            parts.append(chunk)
+                        data = b"".join(parts)
+                finally:
+                    close(fd)
+                sizes[i], mtimes[i] = size, st.st_mtime_ns
+                # _SizeCheck.__call__ inlined for the common case (same encoder as the last JPEG)
+                if prefix is None or not (data.startswith(prefix) and data[k + 3:k + 7] == size_bytes):
+                    if not check(data):
+                        _aligned_payload(data, self.size, self.lst, f"entry {i + 1} ({paths[i]})")
+                    prefix = check.prefix
+                    k = len(prefix or b"")
+                append(data)
+        except OSError as exc:
+            raise _cannot_read(self.lst, i, paths[i], exc) from None
+        return out
+
+    def batch(self, rows: list[int]) -> tuple[list[int], list[bytes]]:
+        """``(kept rows, payloads)`` of list rows ``rows``, in order; skipped lines left out."""
+        aligned = self.rows.aligned
+        if aligned[rows].all():  # the common case: faces copied verbatim
+            return rows, self.read_faces(rows)
+        kept, payloads = [], []
+        for i in rows:
+            if aligned[i]:
+                data = self.read_faces([i])[0]
+            else:
+                path = self.paths[i]
+                try:
+                    st = os.stat(path)
+                except OSError as exc:
+                    raise _cannot_read(self.lst, i, path, exc) from None
+                self.sizes[i], self.mtimes[i] = st.st_size, st.st_mtime_ns
+                data = _unaligned_payload(self.rows.line(i), path, self.size, self.quality, self.lst,
+                                          f"entry {i + 1} ({path})")
+                if data is None:
+                    continue
+            kept.append(i)
+            payloads.append(data)
+        return kept, payloads
 
 
 def _image_size_of(path: str, lst: Path) -> tuple[int, int]:
@@ -280,79 +404,94 @@ def run_pack(
         num_classes = num_classes if num_classes is not None else stage_info.get("num_classes")
         if labels is None and (source.parent / LABELS_FILE).is_file():
             labels = source.parent / LABELS_FILE
-    lines = read_insightface_lst(source)
-    if not lines:
+    lst_rows = read_insightface_columns(source)
+    if not len(lst_rows):
         raise FormatError(source, "the list has no entries", "one line per image")
-    folder = str(source.parent)
-    paths = [_resolve(line.path, folder) for line in lines]
+    n = len(lst_rows)
+    paths = _resolve_all(lst_rows.paths, str(source.parent))
     size = _parse_size(image_size) if image_size is not None else _image_size_of(paths[0], source)
-    label_array = np.array([line.label for line in lines], dtype=np.int64)
+    label_array = lst_rows.labels
     if num_classes is not None and int(num_classes) <= int(label_array.max()):
         raise ValueError(f"{source}: num_classes {num_classes} but labels go up to {int(label_array.max())}")
 
     params = {"config": cfg.model_dump(mode="json"), "image_size": list(size), "num_classes": num_classes}
-    inputs = {"lst": sha256_file(source), "images": _stamp(paths, source)}
+    inputs = {"lst": sha256_file(source)}
     if labels is not None:
         inputs["labels"] = sha256_file(labels)
     code = code_version(*_CODE_MODULES)
-    if force:
-        invalidate(out)
-    else:
-        record = current_record(out, STAGE, params, inputs, code)
-        if record is not None:
+    record = None if force else load_record(out)
+    if record is not None and "images" in record.inputs:
+        # everything else matches: stat the images (without reading them) to see if they changed
+        if current_record(out, STAGE, params, {**inputs, "images": record.inputs["images"]}, code) is not None \
+                and _stat_images(paths, source) == record.inputs["images"]:
             logger().info("pack: %s is up to date (%s)", out, record.summary.get("counts"))
             return _result(out, record.summary, skipped=True)
+    invalidate(out)  # from here on the old record no longer describes the folder's files
     out.mkdir(parents=True, exist_ok=True)
     remove_partials(out)
 
-    order = pack_order(label_array, cfg.shuffle, cfg.seed)
-    keys = np.full(len(lines), -1, np.int64)
-    offsets = np.full(len(lines), -1, np.int64)
-    status = np.full(len(lines), "ok", dtype=object)
-    reason = np.full(len(lines), "", dtype=object)
-    shas = np.full(len(lines), "", dtype=object)
-    progress = Progress("pack", total=len(order), description="pack: copy faces into train.rec", log_every_s=30)
-    jobs = [(lines[i], paths[i], int(i)) for i in order]
-    with InsightFaceRecWriter(out, image_size=size, label_format=cfg.label_format, num_classes=num_classes) as writer:
-        for done, (i, read) in enumerate(zip(order, _payloads_in_order(jobs, size, cfg.jpeg_quality, source)), 1):
-            if read is None:
-                status[i], reason[i] = "skipped", "aligned=0 and no landmarks (face2rec2 skips such lines)"
-            else:
-                loc = writer.add(lines[i].label, read[0], aligned=lines[i].aligned)
-                keys[i], offsets[i], shas[i] = loc.key, loc.offset, read[1]
-            if done % 10000 == 0:
-                progress.update(done)
-    progress.update(len(order))
+    order = pack_order(label_array, cfg.shuffle, cfg.seed).tolist()
+    keys = np.full(n, -1, np.int64)
+    offsets = np.full(n, -1, np.int64)
+    shas = np.full(n, "", dtype=object)
+    ok = np.zeros(n, bool)
+    reader = _FaceReader(lst_rows, paths, size, cfg.jpeg_quality, source)
+    sha256 = hashlib.sha256
+    progress = Progress("pack", total=n, description="pack: copy faces into train.rec", log_every_s=30)
+    with ThreadPoolExecutor(1, thread_name_prefix="pack-manifest") as manifest_thread:
+        with InsightFaceRecWriter(out, image_size=size, label_format=cfg.label_format, num_classes=num_classes,
+                                  background_writes=True) as writer:
+            for start in range(0, n, _BATCH):
+                kept_rows, payloads = reader.batch(order[start:start + _BATCH])
+                if kept_rows:
+                    kept = np.array(kept_rows, np.int64)
+                    shas[kept] = [sha256(data).hexdigest() for data in payloads]
+                    keys[kept], offsets[kept] = writer.add_many(label_array[kept], payloads, lst_rows.aligned[kept])
+                    ok[kept] = True
+                if (start + _BATCH) // 10000 > start // 10000:
+                    progress.update(min(start + _BATCH, n))
+            manifest = _manifest(paths, shas, params_hash(params), ok, label_array, keys, offsets, lst_rows.aligned)
+            # written while the .rec is synced to disk and renamed into place (the stage record,
+            # written last, commits both)
+            manifest_written = manifest_thread.submit(write_manifest, out / MANIFEST_FILE, manifest, stage=STAGE,
+                                                      extra=EXTRA_COLUMNS)
+        manifest_written.result()
+    progress.update(n)
+    inputs["images"] = reader.stamp()
     summary_rec = writer.summary
     assert summary_rec is not None
     outputs = [REC_FILE, IDX_FILE, PROPERTY_FILE, MANIFEST_FILE]
     if labels is not None:
         atomic_write_bytes(out / LABELS_FILE, Path(labels).read_bytes())
         outputs.append(LABELS_FILE)
-    ph = params_hash(params)
-    manifest = pd.DataFrame({
-        "item_id": [str(i) for i in range(len(lines))],
-        "source_path": paths,
-        "source_sha256": shas,
-        "params_hash": ph,
-        "status": status,
-        "reason": reason,
-        "output_path": np.where(status == "ok", REC_FILE, ""),
-        "label": label_array,
-        "key": keys,
-        "offset": offsets,
-        "line": np.arange(len(lines), dtype=np.int64),
-        "aligned": [bool(line.aligned) for line in lines],
-    })
-    write_manifest(out / MANIFEST_FILE, manifest, stage=STAGE, extra=EXTRA_COLUMNS)
     summary = {
         "counts": status_counts(manifest), "images": summary_rec.num_images,
-        "identities": int(len(np.unique(label_array[status == "ok"]))), "identity_runs": len(summary_rec.identities),
+        "identities": len(np.unique(label_array[ok])), "identity_runs": len(summary_rec.identities),
         "num_classes": summary_rec.property.num_classes, "image_size": list(size), "lst": str(source),
     }
     commit_record(out, STAGE, params, inputs, code, outputs, summary=summary)
     logger().info("pack: %d images of %d identities -> %s", summary["images"], summary["identities"], out / REC_FILE)
     return _result(out, summary, skipped=False)
+
+
+def _manifest(paths: list[str], shas: np.ndarray, params_digest: str, ok: np.ndarray, labels: np.ndarray,
+              keys: np.ndarray, offsets: np.ndarray, aligned: np.ndarray) -> pd.DataFrame:
+    """One manifest row per list entry (``item_id`` = its 0-based entry number)."""
+    n = len(paths)
+    return pd.DataFrame({
+        "item_id": [str(i) for i in range(n)],
+        "source_path": paths,
+        "source_sha256": shas,
+        "params_hash": params_digest,
+        "status": np.where(ok, "ok", "skipped").astype(object),
+        "reason": np.where(ok, "", "aligned=0 and no landmarks (face2rec2 skips such lines)").astype(object),
+        "output_path": np.where(ok, REC_FILE, "").astype(object),
+        "label": labels,
+        "key": keys,
+        "offset": offsets,
+        "line": np.arange(n, dtype=np.int64),
+        "aligned": aligned,
+    })
 
 
 def _result(out: Path, summary: dict, skipped: bool) -> PackResult:

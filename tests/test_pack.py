@@ -1,6 +1,7 @@
 """The pack stage: real rec bytes from real aligned faces, verbatim payloads, shuffling, resume after SIGKILL."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -20,11 +21,11 @@ from datasets.errors import FormatError
 from datasets.images import load_image
 from datasets.lst import InsightFaceLine, read_insightface_lst, write_insightface_lst
 from datasets.manifest import read_manifest
-from datasets.rec_layout import read_property, read_rec_index
+from datasets.rec_layout import InsightFaceRecWriter, read_property, read_rec_index
 from datasets.recordio import MXIndexedRecordIO, MXRecordIO, unpack
 from tasks.align import AlignConfig, run_align
 from tasks.lst import run_lst
-from tasks.pack import EXTRA_COLUMNS, STAGE, PackConfig, encoded_size, pack_order, run_pack
+from tasks.pack import _BATCH, EXTRA_COLUMNS, STAGE, PackConfig, _SizeCheck, encoded_size, pack_order, run_pack
 
 mxnet_python = mxnet_env.pytest_fixture()
 
@@ -198,3 +199,72 @@ def test_pack_is_byte_identical_to_face2rec2_on_mxnet(mxnet_python, tmp_path, ls
     assert json.loads(out.strip().splitlines()[-1])["images"] == ours.images
     for name in ("train.rec", "train.idx"):
         assert (tmp_path / "mx" / name).read_bytes() == (ours.out_dir / name).read_bytes(), name
+
+
+def test_batches_give_the_bytes_of_one_record_at_a_time_and_the_manifest_hashes_every_payload(tmp_path):
+    raw = tmp_path / "synth"
+    names = synthetic_identities(raw, range(9), images=3)
+    files = [p for name in sorted(names) for p in names[name]]
+    # 2.5 batches; identity runs cross the batch borders; the same files listed many times
+    lines = [InsightFaceLine(True, str(files[i % len(files)]), (i // 7) % 9) for i in range(_BATCH * 5 // 2)]
+    lst = tmp_path / "long.lst"
+    write_insightface_lst(lst, lines)
+    result = run_pack(lst, tmp_path / "pack")
+    with InsightFaceRecWriter(tmp_path / "one", label_format="array") as writer:
+        for line in lines:
+            writer.add(line.label, open(line.path, "rb").read())
+    for name in ("train.rec", "train.idx", "property"):
+        assert (result.out_dir / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    man = read_manifest(result.manifest_path, stage=STAGE, extra=EXTRA_COLUMNS)
+    digests = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    assert man["source_sha256"].tolist() == [digests[line.path] for line in lines]
+    assert man["item_id"].tolist() == [str(i) for i in range(len(lines))] and (man["line"] == man.index).all()
+
+    assert run_pack(lst, tmp_path / "pack").skipped
+    os.utime(files[3], ns=(time.time_ns(), time.time_ns() + 10**9))  # same bytes, newer mtime: not up to date
+    assert not run_pack(lst, tmp_path / "pack").skipped
+    assert run_pack(lst, tmp_path / "pack").skipped
+
+
+def test_size_check_agrees_with_the_frame_header_walk(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    def jpeg(h, w, quality=95):
+        return cv2.imencode(".jpg", rng.integers(0, 256, (h, w, 3), dtype=np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+    png = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(png)
+    progressive = tmp_path / "p.jpg"
+    Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(progressive, progressive=True)
+    same_encoder = [jpeg(112, 112), jpeg(112, 112), jpeg(112, 96), jpeg(96, 112), jpeg(112, 112, 80), jpeg(112, 112)]
+    samples = same_encoder + [png.read_bytes(), progressive.read_bytes(), jpeg(112, 112)[:200], b"", b"\xff\xd8",
+                              b"GIF89a" + bytes(100), jpeg(112, 112)]
+    check = _SizeCheck((112, 112))
+    assert [check(data) for data in samples] == [encoded_size(data) == (112, 112) and data[:2] == b"\xff\xd8"
+                                                 for data in samples]
+    assert check.prefix is not None  # remembered from the JPEGs walked
+
+
+def test_wrong_or_missing_image_deep_in_the_list_names_its_entry(tmp_path):
+    raw = tmp_path / "synth"
+    names = synthetic_identities(raw, range(2), images=2)
+    files = [p for name in sorted(names) for p in names[name]]
+    small = tmp_path / "small.jpg"
+    cv2.imwrite(str(small), np.zeros((112, 96, 3), np.uint8))  # same encoder as the faces, another size
+    lines = [InsightFaceLine(True, str(files[i % 4]), i % 2) for i in range(700)]
+    png = tmp_path / "face.png"  # not a JPEG: the full check accepts it, the faces after it still pass
+    cv2.imwrite(str(png), cv2.imread(str(files[0])))
+    lines[300] = InsightFaceLine(True, str(png), 0)
+    write_insightface_lst(tmp_path / "png.lst", lines)
+    packed = run_pack(tmp_path / "png.lst", tmp_path / "png")
+    assert packed.images == 700 and _records(packed.out_dir)[301][1] == png.read_bytes()
+    lines[600] = InsightFaceLine(True, str(small), 0)
+    write_insightface_lst(tmp_path / "wrong.lst", lines)
+    with pytest.raises(FormatError, match=r"wrong.lst: entry 601 \(.*small.jpg\): image is 112x96 \(expected 112x112"):
+        run_pack(tmp_path / "wrong.lst", tmp_path / "out")
+    lines[600] = InsightFaceLine(True, str(tmp_path / "gone.jpg"), 0)
+    write_insightface_lst(tmp_path / "gone.lst", lines)
+    with pytest.raises(FormatError, match=r"gone.lst: entry 601: image .*gone.jpg cannot be read"):
+        run_pack(tmp_path / "gone.lst", tmp_path / "out")
+    assert not (tmp_path / "out" / "train.rec").exists() and not list((tmp_path / "out").glob(".*partial"))
