@@ -61,7 +61,7 @@ def test_timeout_stops_the_child(tmp_path: Path):
     seen: set[int] = set()
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="ran longer than 12 s and was stopped"):
-        run_training(tiny_config(tmp_path, max_steps=100000, val_targets=[]), timeout_s=12, grace_s=3)
+        run_training(tiny_config(tmp_path, max_steps=100000, epochs=100000, val_targets=[]), timeout_s=12, grace_s=3)
     assert time.monotonic() - started < 60
     leader = None
     status = read_status(tmp_path)
@@ -76,7 +76,7 @@ def test_cancelling_the_parent_kills_every_rank(tmp_path: Path):
     """The flow-run process gets SIGTERM (what a Prefect worker sends on cancel); Prefect's bridge turns it into an
     exception, and run_training's finally must take down torchrun *and* its ranks (each in its own session)."""
     out = tmp_path / "run"
-    cfg = tiny_config(out, max_steps=100000, verbose=100000, val_targets=[], per_batch_size=4)
+    cfg = tiny_config(out, max_steps=100000, epochs=100000, verbose=100000, val_targets=[], per_batch_size=4)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     script = textwrap.dedent(f"""
         from prefect.utilities.engine import capture_sigterm
@@ -112,7 +112,7 @@ def test_cancelling_the_parent_kills_every_rank(tmp_path: Path):
 def test_a_parent_killed_outright_takes_its_child_along(tmp_path: Path):
     """SIGKILL leaves no ``finally``: the child was started with a parent-death signal, so it stops by itself."""
     out = tmp_path / "run"
-    cfg = tiny_config(out, max_steps=100000, verbose=100000, val_targets=[])
+    cfg = tiny_config(out, max_steps=100000, epochs=100000, verbose=100000, val_targets=[])
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     script = ("from tasks.train_config import load_config\nfrom tasks.train_task import run_training\n"
               f"run_training(load_config({str(tmp_path / 'cfg.yaml')!r}))\n")
