@@ -40,7 +40,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from datasets.atomic import atomic_write_text
-from tasks.runtime import in_run, logger, publish_markdown, publish_table
+from tasks.runtime import Progress, in_run, logger, publish_markdown, publish_table
 from tasks.train_config import TrainConfig
 from tasks.train_record import read_metrics, read_status
 
@@ -52,6 +52,7 @@ CONFIG_FILE = "train_config.yaml"
 PID_FILE = "train.pid"
 _ROOT = Path(__file__).resolve().parents[1]
 _PROGRESS = re.compile(r"rank\d+: step \d+/\d+ ")
+_STEP = re.compile(r"step (\d+)/(\d+)")
 _RESULT = "result: "
 
 
@@ -222,8 +223,10 @@ def _reader(stream, lines: queue.Queue) -> None:
 class _LogForwarder:
     """Child output -> run logger; progress lines throttled, everything else forwarded at its level."""
 
-    def __init__(self, log_every_s: float):
+    def __init__(self, log_every_s: float, progress_key: str = "train-progress"):
         self.log = logger()
+        self.progress_key = progress_key
+        self.progress: Progress | None = None
         self.every = log_every_s
         self.last_progress = 0.0
         self.pending: str | None = None
@@ -242,6 +245,7 @@ class _LogForwarder:
                 self.pending = line
                 return
             self.last_progress, self.pending = now, None
+            self._show_progress(line)
         if " ERROR " in line or line.startswith(("error:", "Traceback")) or "Error:" in line:
             self.log.error("%s", line)
         elif " WARNING " in line or "Warning" in line:
@@ -249,9 +253,19 @@ class _LogForwarder:
         else:
             self.log.info("%s", line)
 
+    def _show_progress(self, line: str) -> None:
+        """Training steps as a progress artifact in the UI (inside a Prefect run)."""
+        step, total = (int(v) for v in _STEP.search(line).groups())  # type: ignore[union-attr]
+        if self.progress is None:
+            if not in_run():
+                return
+            self.progress = Progress(self.progress_key, total, description="training steps", log_every_s=float("inf"))
+        self.progress.update(step)
+
     def flush(self) -> None:
         if self.pending:
             self.log.info("%s", self.pending)
+            self._show_progress(self.pending)
             self.pending = None
 
 
@@ -278,7 +292,7 @@ def run_training(cfg: TrainConfig, nproc: int = 1, *, timeout_s: float | None = 
     if nproc > 1 and device == "cpu":
         child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     log = logger()
-    forward = _LogForwarder(log_every_s)
+    forward = _LogForwarder(log_every_s, f"train-progress-{output.name}")
     started = time.monotonic()
     with _gpu_slot(device, gpu_slot):
         log.info("training: %s", " ".join(command))

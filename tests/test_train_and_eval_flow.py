@@ -68,7 +68,8 @@ def test_train_evaluate_export_then_rerun_skips(prefect_server, tmp_path: Path):
         flow_run = client.read_flow_run(state.state_details.flow_run_id)
         artifacts = api.artifacts(client, [flow_run.id])
         assert {"train-and-eval-summary", "verification-metrics", "verification-roc", "megaface-metrics",
-                "train-metrics-train", "train-summary-triplet"} <= set(artifacts)
+                "train-metrics-train", "train-summary-triplet", "train-progress-train"} <= set(artifacts)
+        assert artifacts["train-progress-train"].type == "progress"
         assert "data:image/png;base64," in artifacts["verification-roc"].data
         assert "| triplet | ran |" in artifacts["train-and-eval-summary"].data
 
