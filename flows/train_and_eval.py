@@ -112,7 +112,16 @@ def run(p: TrainAndEvalParams) -> dict[str, Any]:
     return out
 
 
-@flow(name="train-and-eval", log_prints=True)
+def _flow_run_name() -> str:
+    """``train-<name>``, or ``train-<dataset>`` when no run name is given (shown in the UI's run list)."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    label = params.get("name") or Path(str(params.get("dataset", "run"))).name or "run"
+    return f"train-{label}"
+
+
+@flow(name="train-and-eval", flow_run_name=_flow_run_name, log_prints=True)
 def train_and_eval(
     dataset: str,
     name: str | None = None,

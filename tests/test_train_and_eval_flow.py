@@ -66,6 +66,7 @@ def test_train_evaluate_export_then_rerun_skips(prefect_server, tmp_path: Path):
 
     with api.client() as client:
         flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        assert flow_run.name == "train-tiny"
         artifacts = api.artifacts(client, [flow_run.id])
         assert {"train-and-eval-summary", "verification-metrics", "verification-roc", "megaface-metrics",
                 "train-metrics-train", "train-summary-triplet", "train-progress-train"} <= set(artifacts)
