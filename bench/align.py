@@ -1,6 +1,7 @@
 """Detection + alignment throughput: our align stage against the plain per-photo loop.
 
     python bench/align.py [--device cpu|cuda|auto] [--rounds 2] [--sweep 320,480,640,800,1024,0]
+                          [--refine-sweep 0,1,2,3]
 
 * ours: ``tasks.align.run_align(force=True)``: hash, reduced-scale JPEG decode, downscale to
   ``max_side``, size-bucketed MTCNN batches, face choice, warp from a decode with enough
@@ -94,14 +95,20 @@ def ours(raw: Path, out: Path, cfg: AlignConfig, detector: FaceDetector) -> dict
     return {sp: np.asarray(lm, dtype=np.float64).reshape(5, 2) for sp, lm in zip(ok["source_path"], ok["landmarks"])}
 
 
-def redetect_error(out: Path, device: torch.device) -> dict:
-    """Mean distance (112x112 px) of MTCNN landmarks on the aligned faces to the template."""
+def redetect_error(out: Path, device: torch.device, per_face: bool = False) -> dict:
+    """Mean distance (112x112 px) of MTCNN landmarks on the aligned faces to the template; with
+    ``per_face`` also each face's (``per_face_px``, largest first)."""
     faces = sorted((out / "images").rglob("*.jpg"))
     pad = 56
     dets = FaceDetector(device=device, max_side=0).detect([np.pad(load_image(f), ((pad, pad), (pad, pad), (0, 0))) for f in faces])
-    errors = [float(np.linalg.norm(d.landmarks[0] - pad - TEMPLATE_112x112, axis=1).mean()) for d in dets if len(d)]
-    return {"faces": len(faces), "refound": len(errors),
-            "mean_px": round(float(np.mean(errors)), 3), "median_px": round(float(np.median(errors)), 3)}
+    by_face = {f.relative_to(out / "images").as_posix(): float(np.linalg.norm(d.landmarks[0] - pad - TEMPLATE_112x112, axis=1).mean())
+               for f, d in zip(faces, dets) if len(d)}
+    errors = list(by_face.values())
+    result = {"faces": len(faces), "refound": len(errors),
+              "mean_px": round(float(np.mean(errors)), 3), "median_px": round(float(np.median(errors)), 3)}
+    if per_face:
+        result["per_face_px"] = {k: round(v, 2) for k, v in sorted(by_face.items(), key=lambda kv: -kv[1])}
+    return result
 
 
 def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict:
@@ -120,6 +127,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for both sides (0: torch's default)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N photos")
     parser.add_argument("--sweep", default="", help="comma-separated max_side values to time and check (0: none)")
+    parser.add_argument("--refine-sweep", default="", help="comma-separated refine_passes values to time and check")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "align.json")
     args = parser.parse_args()
 
@@ -163,28 +171,32 @@ def main() -> int:
         "speedup": round(our_ips / plain_ips, 2),
         "plain_seconds": [round(t, 3) for t in plain_times],
         "ours_seconds": [round(t, 3) for t in our_times],
-        "landmark_error_plain": redetect_error(work / "plain", device),
-        "landmark_error_ours": redetect_error(work / "ours", device),
+        "landmark_error_plain": redetect_error(work / "plain", device, per_face=True),
+        "landmark_error_ours": redetect_error(work / "ours", device, per_face=True),
         "ours_vs_plain_landmarks": agreement(our_marks, plain_marks),
     }
     print(f"plain loop: {plain_ips:.2f} images/s   ours: {our_ips:.2f} images/s   speedup x{result['speedup']}")
-    print(f"re-detected landmarks vs template (px): plain {result['landmark_error_plain']}  ours {result['landmark_error_ours']}")
+    for side in ("plain", "ours"):
+        err = result[f"landmark_error_{side}"]
+        print(f"re-detected landmarks vs template (px), {side}: mean {err['mean_px']}, median {err['median_px']}, "
+              f"{err['refound']}/{err['faces']} found again; largest: {dict(list(err['per_face_px'].items())[:5])}")
     print(f"our landmarks vs plain, fraction of inter-ocular distance: {result['ours_vs_plain_landmarks']}")
 
-    sweep = []
-    for value in [int(v) for v in args.sweep.split(",") if v.strip()]:
-        c = cfg.model_copy(update={"max_side": value})
-        out = work / f"sweep-{value}"
-        t0 = time.perf_counter()
-        marks = ours(raw, out, c, c.make_detector())
-        seconds = time.perf_counter() - t0
-        entry = {"max_side": value, "images_per_s": round(n / seconds, 3), "faces": len(marks),
-                 "landmark_error": redetect_error(out, device), "vs_plain": agreement(marks, plain_marks)}
-        sweep.append(entry)
-        print(f"max_side {value:>5}: {entry['images_per_s']:.2f} images/s, re-detected {entry['landmark_error']}, "
-              f"vs plain {entry['vs_plain']}")
-    if sweep:
-        result["max_side_sweep"] = sweep
+    for key, field, values in (("max_side_sweep", "max_side", args.sweep), ("refine_sweep", "refine_passes", args.refine_sweep)):
+        sweep = []
+        for value in [int(v) for v in values.split(",") if v.strip()]:
+            c = cfg.model_copy(update={field: value})
+            out = work / f"sweep-{field}-{value}"
+            t0 = time.perf_counter()
+            marks = ours(raw, out, c, c.make_detector())
+            seconds = time.perf_counter() - t0
+            entry = {field: value, "images_per_s": round(n / seconds, 3), "faces": len(marks),
+                     "landmark_error": redetect_error(out, device), "vs_plain": agreement(marks, plain_marks)}
+            sweep.append(entry)
+            print(f"{field} {value:>5}: {entry['images_per_s']:.2f} images/s, re-detected {entry['landmark_error']}, "
+                  f"vs plain {entry['vs_plain']}")
+        if sweep:
+            result[key] = sweep
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

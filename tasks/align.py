@@ -44,6 +44,16 @@ Speed: every photo is decoded at reduced scale when it is a large JPEG, detected
 warped from a decode whose resolution is at least the output's across the face (re-decoded
 finer when needed), never from the detection image.
 
+Landmark refinement (``AlignConfig.refine_passes``, default 2): the first landmarks come from a
+photo downscaled to ``max_side``, where a face may be a few dozen pixels wide. Each pass aligns
+every chosen face onto the template at 2x scale with 28 template pixels of margin (a 336x336 crop)
+from the warp decode, runs MTCNN on all crops of a batch of photos at once, and takes the
+landmarks of the detection nearest the template, mapped back to source pixels. On the bundled
+photos (``bench/align.py``) MTCNN landmarks found again on the output lie 2.8 px from the template
+on average (median 2.6) against 4.2 (3.1) without refinement. It helps most where the first
+landmarks are poorest: faces cut by the photo border (16 and 13 px before, < 4 after), where MTCNN
+on the whole photo guesses the hidden half differently from MTCNN on the centred face.
+
 Work is split so that shards can run anywhere (Prefect tasks, processes, Dask workers):
 :func:`plan_align` -> :func:`align_shard` for every shard -> :func:`finalize_align`;
 :func:`run_align` does all three in-process. Re-runs only process new or changed files; a run
@@ -139,7 +149,7 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
 _INT_COLUMNS = {"face_index": "int32", "num_faces": "int32", "width": "int32", "height": "int32",
                 "source_size": "int64", "source_mtime_ns": "int64"}
 _OUTPUT_FIELDS = ("image_size", "min_face_size", "thresholds", "factor", "face_policy", "no_face",
-                  "jpeg_quality", "max_side", "min_score")
+                  "jpeg_quality", "max_side", "min_score", "refine_passes")
 
 
 class AlignConfig(BaseModel):
@@ -163,6 +173,10 @@ class AlignConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="images per MTCNN call")
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="faces scoring lower are ignored")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
+    refine_passes: int = Field(
+        2, ge=0, le=3,
+        description="landmark refinement passes: MTCNN again on each chosen face, aligned at 2x scale with a "
+                    "margin from the warp decode; 0: align with the first detection's landmarks")
     already_aligned: bool = Field(
         False, description="inputs are aligned face crops: no detection; scaled to image_size only if needed")
 
@@ -543,10 +557,25 @@ class _Loaded:
     image: DecodedImage
 
 
-def _align_one(loaded: _Loaded, det: Detections, raw: Path, out: Path, cfg: AlignConfig, ph: str) -> list[dict]:
-    """Rows (and written faces) for one decoded photo and its detections."""
+@dataclass
+class _Faces:
+    """One photo between detection and writing: its chosen faces, in source pixels, and the
+    decode to warp from (fine enough for the output)."""
+
+    loaded: _Loaded
+    image: DecodedImage
+    to_src: np.ndarray  # (3, 3) decoded pixels -> source pixels
+    chosen: list[int]
+    boxes: np.ndarray  # (n, 4) source pixels, faces scoring >= min_score
+    scores: np.ndarray  # (n,)
+    landmarks: np.ndarray  # (n, 5, 2) source pixels
+    common: dict[str, Any]
+
+
+def _prepare(loaded: _Loaded, det: Detections, raw: Path, out: Path, cfg: AlignConfig, ph: str) -> _Faces | list[dict]:
+    """Choose the faces of one photo and make sure its decode is fine enough to warp them from;
+    the rows of a photo without faces (and its fallback crop) are final already."""
     item, image = loaded.item, loaded.image
-    rel = item.source_path
     common = dict(sha=loaded.sha, width=image.width, height=image.height,
                   source_size=int(item.source_size), source_mtime_ns=int(item.source_mtime_ns))
     to_src = image.to_source()
@@ -566,29 +595,44 @@ def _align_one(loaded: _Loaded, det: Detections, raw: Path, out: Path, cfg: Alig
     else:
         low = len(det) - len(keep)
         reason = "no face found" + (f" ({low} below min_score {cfg.min_score})" if low else "")
-        return [_row(rel, "no_face", ph, cfg.face_policy, reason=reason, num_faces=0, **common)]
+        return [_row(item.source_path, "no_face", ph, cfg.face_policy, reason=reason, num_faces=0, **common)]
 
     # Warp from enough resolution: at least one decoded pixel per output pixel across the face.
     needed = max(transform_scale(m) for m in matrices) * max(image.width, image.height)
     if image.reduced and needed > max(image.pixels.shape[:2]):
-        image = decode_image(raw / rel, loaded.data, min_long_side=math.ceil(needed))
+        image = decode_image(raw / item.source_path, loaded.data, min_long_side=math.ceil(needed))
         to_src = image.to_source()
+    faces = _Faces(loaded, image, to_src, chosen, boxes, scores, landmarks, common)
+    if chosen:
+        return faces
+    output_path = f"{item.output_base}.jpg"
+    _write_face(faces, matrices[0], out / output_path, size, cfg.jpeg_quality)
+    return [_row(item.source_path, "fallback", ph, cfg.face_policy, output_path=output_path, num_faces=0,
+                 bbox=fallback_box, reason="no face found; centre crop written (spec 5.3)", **common)]
 
-    def write(matrix: np.ndarray, output_path: str) -> None:
-        face = warp_affine(image.pixels, (np.vstack([matrix, [0, 0, 1]]) @ to_src)[:2], size)
-        atomic_write_bytes(out / output_path, _encode_jpeg(face, cfg.jpeg_quality))
 
-    if not chosen:
-        output_path = f"{item.output_base}.jpg"
-        write(matrices[0], output_path)
-        return [_row(rel, "fallback", ph, cfg.face_policy, output_path=output_path, num_faces=0, bbox=fallback_box,
-                     reason="no face found; centre crop written (spec 5.3)", **common)]
+def _warp(faces: _Faces, matrix: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``faces``' decode warped by ``matrix`` (source pixels -> output, ``(2, 3)``) to ``size`` (h, w)."""
+    return cv2.warpAffine(faces.image.pixels, (np.vstack([matrix, [0, 0, 1]]) @ faces.to_src)[:2], size[::-1],
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _write_face(faces: _Faces, matrix: np.ndarray, target: Path, size: tuple[int, int], quality: int) -> None:
+    atomic_write_bytes(target, _encode_jpeg(_warp(faces, matrix, size), quality))
+
+
+def _write_faces(faces: _Faces, out: Path, cfg: AlignConfig, ph: str) -> list[dict]:
+    """Align and write every chosen face of one photo; its rows."""
+    item = faces.loaded.item
+    size = parse_image_size(cfg.image_size)
+    template = template_for(size)
     rows = []
-    for i, matrix in zip(chosen, matrices):
+    for i in faces.chosen:
         output_path = f"{item.output_base}_{i}.jpg" if cfg.face_policy == "all" else f"{item.output_base}.jpg"
-        write(matrix, output_path)
-        rows.append(_row(rel, "ok", ph, cfg.face_policy, output_path=output_path, face_index=i, num_faces=len(keep),
-                         det_score=scores[i], bbox=boxes[i], landmarks=landmarks[i], **common))
+        _write_face(faces, estimate_similarity(faces.landmarks[i], template), out / output_path, size, cfg.jpeg_quality)
+        rows.append(_row(item.source_path, "ok", ph, cfg.face_policy, output_path=output_path, face_index=i,
+                         num_faces=len(faces.scores), det_score=faces.scores[i], bbox=faces.boxes[i],
+                         landmarks=faces.landmarks[i], **faces.common))
     return rows
 
 
@@ -614,7 +658,7 @@ def _load(item, raw: Path, cfg: AlignConfig, ph: str) -> _Loaded | dict[str, Any
 
 
 def _detect_and_align(loaded: list[_Loaded], raw: Path, out: Path, cfg: AlignConfig, ph: str,
-                      detector: FaceDetector) -> list[dict]:
+                      detector: FaceDetector, refiner: FaceDetector | None) -> list[dict]:
     """Detect faces in a batch of decoded photos, write their aligned faces, return their rows."""
     try:
         detections: list[Detections | Exception] = list(detector.detect([x.image.pixels for x in loaded]))
@@ -626,18 +670,87 @@ def _detect_and_align(loaded: list[_Loaded], raw: Path, out: Path, cfg: AlignCon
                 detections.append(detector.detect([x.image.pixels])[0])
             except Exception as exc:  # noqa: BLE001
                 detections.append(exc)
+    prepared: list[_Faces] = []
     rows: list[dict] = []
+
+    def failed(x: _Loaded, exc: Exception) -> None:
+        logger().exception("align: %s failed", x.item.source_path)
+        rows.append(_row(x.item.source_path, "error", ph, cfg.face_policy, sha=x.sha, reason=f"{type(exc).__name__}: {exc}",
+                         width=x.image.width, height=x.image.height,
+                         source_size=int(x.item.source_size), source_mtime_ns=int(x.item.source_mtime_ns)))
+
     for x, det in zip(loaded, detections):
         try:
             if isinstance(det, Exception):
                 raise RuntimeError(f"detection failed: {type(det).__name__}: {det}") from det
-            rows.extend(_align_one(x, det, raw, out, cfg, ph))
+            result = _prepare(x, det, raw, out, cfg, ph)
         except Exception as exc:  # noqa: BLE001
-            logger().exception("align: %s failed", x.item.source_path)
-            rows.append(_row(x.item.source_path, "error", ph, cfg.face_policy, sha=x.sha, reason=f"{type(exc).__name__}: {exc}",
-                             width=x.image.width, height=x.image.height,
-                             source_size=int(x.item.source_size), source_mtime_ns=int(x.item.source_mtime_ns)))
+            failed(x, exc)
+            continue
+        if isinstance(result, list):
+            rows.extend(result)
+        else:
+            prepared.append(result)
+    if prepared and cfg.refine_passes and refiner is not None:
+        try:
+            for _ in range(cfg.refine_passes):
+                _refine(prepared, refiner)
+        except Exception:  # noqa: BLE001 - refinement is an improvement, not a requirement
+            logger().exception("align: landmark refinement failed for %d photos; using the first detection",
+                               len(prepared))
+    for faces in prepared:
+        try:
+            rows.extend(_write_faces(faces, out, cfg, ph))
+        except Exception as exc:  # noqa: BLE001
+            failed(faces.loaded, exc)
     return rows
+
+
+#: Refinement crops: the face aligned onto the 112x112 template at this many crop pixels per
+#: template pixel, with this many template pixels of margin on every side.
+REFINE_SCALE = 2.0
+REFINE_MARGIN = 28.0
+#: A refined estimate is taken only when its landmarks lie, on average, within this fraction of the
+#: template's eye distance of the template in the crop (farther: probably another face; kept as is).
+REFINE_TOLERANCE = 0.5
+
+
+def refine_crop_size() -> int:
+    """Side of the square refinement crop, pixels."""
+    return round((112 + 2 * REFINE_MARGIN) * REFINE_SCALE)
+
+
+def make_refiner(cfg: AlignConfig) -> FaceDetector:
+    """The detector that finds landmarks again in refinement crops (all the same size, so one
+    MTCNN batch per ``batch_size`` crops; no pyramid levels for faces much smaller than expected)."""
+    return FaceDetector(min_face_size=round(40 * REFINE_SCALE), thresholds=cfg.thresholds, factor=cfg.factor,
+                        max_side=0, batch_size=cfg.batch_size, device=cfg.device)
+
+
+def _refine(prepared: list[_Faces], refiner: FaceDetector) -> None:
+    """One refinement pass over the chosen faces of many photos, in place: each face is aligned
+    onto the template (at ``REFINE_SCALE`` with ``REFINE_MARGIN``) from the warp decode, MTCNN
+    runs on all these crops in batches, and the landmarks of the detection nearest the template
+    are mapped back to source pixels. A face whose crop has no detection near the template
+    (mean landmark distance above ``REFINE_TOLERANCE`` of the template's eye distance) keeps its landmarks."""
+    side = refine_crop_size()
+    target = TEMPLATE_112x112 * REFINE_SCALE + REFINE_MARGIN * REFINE_SCALE
+    tolerance = REFINE_TOLERANCE * float(np.linalg.norm(target[1] - target[0]))
+    jobs, crops = [], []
+    for faces in prepared:
+        for i in faces.chosen:
+            matrix = estimate_similarity(faces.landmarks[i], target)
+            jobs.append((faces, i, matrix))
+            crops.append(_warp(faces, matrix, (side, side)))
+    for (faces, i, matrix), det in zip(jobs, refiner.detect(crops)):
+        if not len(det):
+            continue
+        distance = np.linalg.norm(det.landmarks - target, axis=2).mean(axis=1)
+        best = int(np.argmin(distance))
+        if distance[best] > tolerance:
+            continue
+        inverse = cv2.invertAffineTransform(matrix)
+        faces.landmarks[i] = det.landmarks[best].astype(np.float64) @ inverse[:, :2].T + inverse[:, 2]
 
 
 def _fit(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -697,8 +810,10 @@ def align_shard(
     if done is not None:
         logger().info("align: shard %s already done (%d rows)", shard.name, len(done))
         return done
+    refiner = None
     if not cfg.already_aligned:
         detector = detector or cfg.make_detector()
+        refiner = make_refiner(cfg) if cfg.refine_passes else None
     # Decode a few batches' worth of photos at a time (bucketing needs a choice of sizes), but
     # never hold more than _DECODED_BUDGET bytes of decoded pixels (full-size PNGs are large).
     per_round = max(4 * cfg.batch_size, 16)
@@ -716,10 +831,10 @@ def align_shard(
         loaded.append(result)
         held += result.image.pixels.nbytes
         if len(loaded) >= per_round or held >= _DECODED_BUDGET:
-            rows.extend(_detect_and_align(loaded, plan.raw_dir, out, cfg, plan.params_hash, detector))
+            rows.extend(_detect_and_align(loaded, plan.raw_dir, out, cfg, plan.params_hash, detector, refiner))
             loaded, held = [], 0
     if loaded:
-        rows.extend(_detect_and_align(loaded, plan.raw_dir, out, cfg, plan.params_hash, detector))
+        rows.extend(_detect_and_align(loaded, plan.raw_dir, out, cfg, plan.params_hash, detector, refiner))
     frame = _frame(rows)
     write_part(out, shard.name, frame, stage=STAGE, extra=EXTRA_COLUMNS)
     return frame
