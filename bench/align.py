@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,30 +33,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from facenet_pytorch import MTCNN  # noqa: E402
 
+from bench.machine import machine  # noqa: E402
 from datasets.face_align import TEMPLATE_112x112, choose_faces, warp_face  # noqa: E402
 from datasets.images import load_image  # noqa: E402
 from datasets.manifest import read_manifest  # noqa: E402
 from models.face_detector import FaceDetector, resolve_device  # noqa: E402
 from tasks.align import EXTRA_COLUMNS, STAGE, AlignConfig, run_align  # noqa: E402
-
-
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "load_average_1min_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "torch": torch.__version__,
-    }
 
 
 def photos(raw: Path, limit: int | None) -> list[Path]:
@@ -141,7 +121,7 @@ def main() -> int:
         (raw / f.relative_to(args.raw)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, raw / f.relative_to(args.raw))
     cfg = AlignConfig(device=device.type, max_side=args.max_side, batch_size=args.batch_size)
-    info = machine(device)
+    info = {**machine(), "device": str(device)}
     print(f"machine: {info}")
     print(f"{len(files)} photos from {args.raw}, device {device}, max_side {cfg.max_side}, batch {cfg.batch_size}")
 

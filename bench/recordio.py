@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import mxnet_env  # noqa: E402
+from bench.machine import machine  # noqa: E402
 from datasets.rec_dataset import RecFaceDataset, normalize_batch  # noqa: E402
 from datasets.rec_layout import InsightFaceRecWriter, read_rec_index  # noqa: E402
 from datasets.recordio import MXIndexedRecordIO, unpack  # noqa: E402
@@ -199,20 +199,6 @@ def mxnet_rates(root: Path, order: list[int], repeats: int, clock: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "opencv": cv2.__version__}
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=20000)
@@ -242,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         arcface = 1.0 / (1.0 / mx["unpack+imdecode"] + 1.0 / tv_rate)
         rows.append(("images/s/core, float32 (flip+normalise)", ours_img["float32"], arcface, "arcface_torch MXFaceDataset", 2.0))
         rows.append((f"images/s/core, uint8 + normalize_batch on {args.device}", ours_img["uint8+normalize_batch"], arcface, "arcface_torch MXFaceDataset", 2.0))
-    info = machine()
+    info = {**machine(), "opencv": cv2.__version__}
     print(f"\nmachine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu'] or 'none'}; "
           f"{len(order)} records, mean {mean_kb:.1f} KB (5/50/95%: {p5}/{p50}/{p95} KB); one process, random key order, best of {args.repeats}, "
           f"{args.clock} clock; load average {os.getloadavg()[0]:.1f}")

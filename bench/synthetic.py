@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import machine  # noqa: E402
 from datasets.synthetic import SyntheticFaces, make_pairs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,28 +63,6 @@ RECIPE = {
     "shift_jitter": 0,
     "threads": 1,  # 2 threads were no faster for this small net here, and 10x slower with the other core busy
 }
-
-
-def machine(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "opencv": cv2.__version__,
-            "numpy": np.__version__, "device": device}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:  # pragma: no cover
-        pass
-    return info
 
 
 # --- speed -----------------------------------------------------------------------------------------------
@@ -299,7 +276,7 @@ def main() -> None:
     ap.add_argument("--sheet", type=Path, help="also write a contact sheet PNG here")
     args = ap.parse_args()
     RECIPE["threads"] = args.threads
-    result = {"machine": machine(args.device), "recipe": RECIPE, "speed": bench_speed(args.workers)}
+    result = {"machine": {**machine(), "opencv": cv2.__version__, "numpy": np.__version__, "device": args.device}, "recipe": RECIPE, "speed": bench_speed(args.workers)}
     print(json.dumps(result["machine"]))
     print(json.dumps(result["speed"], indent=1))
     seeds = args.seeds[:1] if args.quick else args.seeds

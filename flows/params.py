@@ -28,7 +28,14 @@ __all__ = ["AlignConfig", "LstConfig", "PackConfig", "MergeConfig", "PairsSet", 
 
 TaskRunnerKind = Literal["threads", "processes", "dask"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_REC_FILES = ("train.rec", "train.idx", "property")
+REC_FILES = ("train.rec", "train.idx", "property")
+
+
+def check_name(value: str) -> str:
+    """A dataset or run name: a folder name that starts with a letter or digit."""
+    if not _NAME.match(value):
+        raise ValueError(f"name {value!r} must start with a letter or digit and hold only letters, digits, '.', '_', '-'")
+    return value
 
 
 class DatasetLayout:
@@ -103,9 +110,7 @@ class BuildDatasetParams(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(f"name {value!r} must start with a letter or digit and hold only letters, digits, '.', '_', '-'")
-        return value
+        return check_name(value)
 
     @model_validator(mode="after")
     def _check_combination(self) -> "BuildDatasetParams":
@@ -150,7 +155,7 @@ class BuildDatasetParams(BaseModel):
         for folder in self.aligned_dirs:
             _check_image_folder(folder, "aligned_dirs entry")
         for folder in self.merge_with:
-            for name in _REC_FILES:
+            for name in REC_FILES:
                 if not (Path(folder) / name).is_file():
                     raise ValueError(f"merge_with entry {folder}: {name} not found (expected a packed dataset folder)")
         if self.merge.needs_embeddings() and self.merge.model and not Path(self.merge.model).exists():

@@ -10,13 +10,13 @@ the path or option for input that cannot work, before anything runs.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flows.local import default_data_root
+from flows.params import REC_FILES, check_name
 from tasks.evaluate import VerificationConfig
 from tasks.megaface_stage import ImageSet, MegaFaceConfig
 from tasks.train_config import TrainConfig, load_config
@@ -25,8 +25,6 @@ from tasks.train_eval import resolve_val_targets
 __all__ = ["TrainAndEvalParams", "MegaFaceSpec", "RunLayout", "PRESETS_DIR", "preset_path"]
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_REC_FILES = ("train.rec", "train.idx", "property")
 #: Options with their own flow parameter (None = the preset's value).
 COMMON_OPTIONS = ("network", "loss", "margin_s", "margin_m", "lr", "lr_steps", "mom", "wd", "per_batch_size",
                   "emb_size", "image_size", "max_steps", "epochs", "ckpt", "verbose", "pretrained", "device")
@@ -61,26 +59,8 @@ class RunLayout:
 
     def __init__(self, data_root: str | Path, name: str):
         self.root = Path(data_root).resolve() / "runs" / name
-
-    @property
-    def train(self) -> Path:
-        return self.root / "train"
-
-    @property
-    def triplet(self) -> Path:
-        return self.root / "triplet"
-
-    @property
-    def verification(self) -> Path:
-        return self.root / "verification"
-
-    @property
-    def megaface(self) -> Path:
-        return self.root / "megaface"
-
-    @property
-    def export(self) -> Path:
-        return self.root / "export"
+        self.train, self.triplet, self.export = self.root / "train", self.root / "triplet", self.root / "export"
+        self.verification, self.megaface = self.root / "verification", self.root / "megaface"
 
 
 class TrainAndEvalParams(BaseModel):
@@ -126,9 +106,7 @@ class TrainAndEvalParams(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str | None) -> str | None:
-        if value is not None and not _NAME.match(value):
-            raise ValueError(f"name {value!r} must start with a letter or digit and hold only letters, digits, '.', '_', '-'")
-        return value
+        return None if value is None else check_name(value)
 
     @model_validator(mode="after")
     def _check_combination(self) -> "TrainAndEvalParams":
@@ -191,8 +169,8 @@ class TrainAndEvalParams(BaseModel):
             folder = self.dataset_dir()
             if not folder.is_dir():
                 raise FileNotFoundError(f"dataset {self.dataset!r}: {folder} is not a folder (build it with build-dataset, "
-                                        f"or give a folder with {', '.join(_REC_FILES)})")
-            missing = [f for f in _REC_FILES if not (folder / f).is_file()]
+                                        f"or give a folder with {', '.join(REC_FILES)})")
+            missing = [f for f in REC_FILES if not (folder / f).is_file()]
             if missing:
                 raise FileNotFoundError(f"dataset {folder}: {', '.join(missing)} missing (expected a packed training set)")
             cfg = self.train_config()
