@@ -3,7 +3,7 @@
     python bench/align.py [--device cpu|cuda|auto] [--rounds 2] [--sweep 320,480,640,800,1024,0]
                           [--refine-sweep 0,1,2,3]
 
-* ours: ``tasks.align.run_align(force=True)``: hash, reduced-scale JPEG decode, downscale to
+* ours: ``tasks.alignment.run_align(force=True)``: hash, reduced-scale JPEG decode, downscale to
   ``max_side``, size-bucketed MTCNN batches, face choice, warp from a decode with enough
   resolution, JPEG write, manifest.
 * plain: what the 2018 align scripts do for each photo: full decode, one ``MTCNN.detect`` call on
@@ -38,7 +38,7 @@ from datasets.face_align import TEMPLATE_112x112, choose_faces, warp_face  # noq
 from datasets.images import load_image  # noqa: E402
 from datasets.manifest import read_manifest  # noqa: E402
 from models.face_detector import FaceDetector, resolve_device  # noqa: E402
-from tasks.align import EXTRA_COLUMNS, STAGE, AlignConfig, run_align  # noqa: E402
+from tasks.alignment import EXTRA_COLUMNS, STAGE, AlignConfig, run_align  # noqa: E402
 
 
 def photos(raw: Path, limit: int | None) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Feature extraction with the flip test: ``tasks.embed.extract_embeddings`` against InsightFace's loop.
+"""Feature extraction with the flip test: ``tasks.evaluation.embed.extract_embeddings`` against InsightFace's loop.
 
 Reference: the pattern of InsightFace's ``verification.py`` ``test()`` as arcface_torch calls it
 during training (``CallBackVerification``: ``verification.test(data_set, backbone, 10, 10)``, i.e.
@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 
 from bench.machine import machine, write_result  # noqa: E402
 from models import get_backbone  # noqa: E402
-from tasks.embed import extract_embeddings  # noqa: E402
+from tasks.evaluation.embed import extract_embeddings  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""MegaFace identification: ours (``tasks.megaface``) against a FaceX-Zoo-style reference.
+"""MegaFace identification: ours (``tasks.evaluation.megaface``) against a FaceX-Zoo-style reference.
 
 ``reference_identification`` restates the evaluator that FaceX-Zoo ships as a Python copy of the
 devkit protocol (``test_protocol/megaface/megaface_evaluator.py``, formats-spec 6.4): the full
@@ -22,7 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine, write_result  # noqa: E402
-from tasks.megaface import identification, verification_tar_at_far  # noqa: E402
+from tasks.evaluation.megaface import identification, verification_tar_at_far  # noqa: E402
 
 
 def reference_identification(probe_feats: np.ndarray, probe_ids, distractor_feats: np.ndarray, ranks=(1,)) -> dict[int, float]:

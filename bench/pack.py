@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import mxnet_env  # noqa: E402
 from bench.machine import machine, write_result  # noqa: E402
 from datasets.synthetic import SyntheticFaces, write_identity_folders  # noqa: E402
-from tasks.align import AlignConfig, run_align  # noqa: E402
+from tasks.alignment import AlignConfig, run_align  # noqa: E402
 from tasks.lst import run_lst  # noqa: E402
 from tasks.pack import run_pack  # noqa: E402
 

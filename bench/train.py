@@ -3,10 +3,10 @@
     python bench/train.py --device cuda                      # r50 and r100, batch 128 and 512, bf16
     python bench/train.py --smoke                            # CPU smoke run: tiny steps, r50 only
 
-Every configuration runs ``tasks.train.train`` itself (real ``.rec`` data through RecFaceDataset and the
+Every configuration runs ``tasks.training.trainer.train`` itself (real ``.rec`` data through RecFaceDataset and the
 DataLoader, normalisation and mirroring on the device, channels_last, bf16 autocast, Partial FC ArcFace
 over the set's identities, SGD), on a synthetic training set of generated identities packed with the
-real writer (``tasks.synthetic_set``, cached under ``--data``). Reported per configuration:
+real writer (``datasets.synthetic_set``, cached under ``--data``). Reported per configuration:
 
 * ``samples_per_s``: images per second per device (median of the logged windows after the first);
 * ``data_wait``: share of step time spent waiting for the loader (near 0 = the loader keeps up);
@@ -66,8 +66,8 @@ def model_flops_per_sample(network: str, emb_size: int, classes: int) -> float:
 
 
 def run_one(network: str, batch: int, args, dataset: Path, classes: int, peak: float) -> dict:
-    from tasks.train import train
-    from tasks.train_config import TrainConfig
+    from tasks.training.trainer import train
+    from tasks.training.config import TrainConfig
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
         cfg = TrainConfig(dataset=str(dataset), output=out, network=network, loss="arcface", per_batch_size=batch,
@@ -113,7 +113,7 @@ def main() -> None:
         parser.error("--steps must be a multiple of --warmup-steps (both are log windows)")
     info = machine()
     print(json.dumps(info))
-    from tasks.synthetic_set import write_synthetic_set
+    from datasets.synthetic_set import write_synthetic_set
 
     started = time.perf_counter()
     data = write_synthetic_set(args.data / f"ids{args.identities}x{args.images}", identities=args.identities,

@@ -1,4 +1,4 @@
-"""Verification metrics: ours (``tasks.verification``) against the original InsightFace loops.
+"""Verification metrics: ours (``tasks.evaluation.pairs``) against the original InsightFace loops.
 
 ``reference_verification`` restates InsightFace ``evaluate`` / ``calculate_roc`` /
 ``calculate_accuracy`` / ``calculate_val`` / ``calculate_val_far`` (formats-spec 4.6-4.7) as the
@@ -22,7 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import best_time, machine, write_result  # noqa: E402
-from tasks.verification import accuracy_folds, evaluate_verification, pair_distances  # noqa: E402
+from tasks.evaluation.pairs import accuracy_folds, evaluate_verification, pair_distances  # noqa: E402
 
 
 def _kfold(n: int, nfolds: int):

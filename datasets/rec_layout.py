@@ -9,6 +9,8 @@ Records (keys are ``.idx`` keys and header ids; N images, K identity runs):
   run of consecutive images with the same class, empty payload.
 * ``property``: text ``K,H,W`` (classes, image height, width), no trailing newline; readers take
   the last line.
+* ``labels.csv`` (facepipe's, beside them): ``label,identity`` header, then one row per class label
+  with the identity's name (folder name of the photos), sorted by label; UTF-8, ``\n`` line ends.
 
 All indices live in float32 labels, exact only up to 2**24 = 16,777,216; the writer refuses to go
 beyond instead of writing a corrupt file (the Glint360K trap, spec s2.1).
@@ -19,12 +21,14 @@ too: every ``.idx`` key is an image, its label is the header's (first) label.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import mmap
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Mapping
 
 import numpy as np
 
@@ -34,8 +38,55 @@ from .recordio import MAGIC, IRHeader, MXIndexedRecordIO, MXRecordIO, pack, read
 
 #: float32 represents every integer up to and including this value exactly.
 FLOAT32_EXACT_LIMIT = 2**24
-PROPERTY_FILE = "property"
+REC_FILE, IDX_FILE, PROPERTY_FILE, LABELS_FILE = "train.rec", "train.idx", "property", "labels.csv"
+#: The files of a packed training set, as :class:`InsightFaceRecWriter` writes them.
+REC_FILES = (REC_FILE, IDX_FILE, PROPERTY_FILE)
 LabelFormat = Literal["scalar", "array"]
+
+
+# --- labels.csv ---------------------------------------------------------------------------------
+
+def read_labels(path: str | os.PathLike) -> dict[str, int]:
+    """``{identity: label}`` from a ``label,identity`` CSV; empty when the file does not exist.
+    Raises :class:`FormatError` naming the line for a malformed row, a repeated label or name."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    table: dict[str, int] = {}
+    seen: dict[int, int] = {}
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header != ["label", "identity"]:
+            raise FormatError(path, f"line 1: header {header!r}", "'label,identity'")
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) != 2:
+                raise FormatError(path, f"line {line}: {len(row)} fields {row!r}", "two fields 'label,identity'")
+            try:
+                label = int(row[0])
+            except ValueError:
+                raise FormatError(path, f"line {line}: label {row[0]!r}", "a non-negative integer") from None
+            if label < 0:
+                raise FormatError(path, f"line {line}: label {label}", "a non-negative integer")
+            if row[1] in table or label in seen:
+                raise FormatError(path, f"line {line}: {row!r} repeats a label or identity", "each label and identity once")
+            table[row[1]] = label
+            seen[label] = line
+    return table
+
+
+def write_labels(path: str | os.PathLike, table: Mapping[str, int]) -> Path:
+    """Write ``{identity: label}`` as a ``label,identity`` CSV sorted by label, atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["label", "identity"])
+    for name, label in sorted(table.items(), key=lambda kv: kv[1]):
+        writer.writerow([int(label), name])
+    atomic_write_text(path, buf.getvalue())
+    return Path(path)
 
 
 # --- property -----------------------------------------------------------------------------------

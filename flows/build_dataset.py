@@ -3,7 +3,7 @@
 Stages (each a plain function in ``tasks/``, each skipped when its inputs, parameters and code are
 unchanged, shown as Skipped in the UI):
 
-1. **align** (:mod:`tasks.align`): ``raw_dir`` photos are detected (MTCNN) and aligned; every
+1. **align** (:mod:`tasks.align`, engine :mod:`tasks.alignment`): ``raw_dir`` photos are detected (MTCNN) and aligned; every
    ``aligned_dirs`` folder is taken as aligned faces (no detection). Shards of photos are Prefect
    tasks, run by ``task_runner`` in a subflow ``align-<source>``; only new or changed photos are
    processed.
@@ -12,7 +12,7 @@ unchanged, shown as Skipped in the UI):
 4. **merge** (:mod:`tasks.merge`, when ``merge_with`` or ``merge.exclude`` is given): this set
    and the others merged, relabelled, optionally de-duplicated with an embedding model.
 5. **bins** (:mod:`tasks.bins`): one verification ``<name>.bin`` per ``pairs`` entry.
-6. **dataset** (:mod:`tasks.dataset`): ``train.rec``, ``train.idx``, ``property``, ``labels.csv``
+6. **dataset** (:mod:`tasks.gather`): ``train.rec``, ``train.idx``, ``property``, ``labels.csv``
    and the ``.bin`` files hard-linked into ``<data_root>/datasets/<name>/``, plus ``dataset.json``:
    the folder a trainer reads.
 
@@ -48,7 +48,7 @@ from flows.params import (
 from flows.runs import make_task_runner, result_of, validated
 from tasks.align import AlignPlan, AlignResult, align_shard_task, finalize_align_task, plan_align_task
 from tasks.bins import BinsResult, bins_finalize_task, bins_prepare_task
-from tasks.dataset import DatasetResult, gather_dataset_task, sample_grid_markdown
+from tasks.gather import DatasetResult, gather_dataset_task, sample_grid_markdown
 from tasks.lst import lst_task
 from tasks.merge import merge_task
 from tasks.pack import pack_task
@@ -174,7 +174,7 @@ def build(p: BuildDatasetParams) -> dict[str, Any]:
             "merge_with": [str(Path(d).resolve()) for d in p.merge_with]}
     dataset: DatasetResult = result_of(gather_dataset_task, str(layout.root), str(train_dir),
                                        {name: str(r.bin_path) for name, r in bins.items()}, info, p.force)
-    stages["dataset"] = "skipped" if dataset.skipped else "ran"
+    stages["gather"] = "skipped" if dataset.skipped else "ran"
 
     publish_table("build-dataset-counts", counts, description=f"{p.name}: rows per stage and status")
     bins_text = ", ".join(f"{name} ({r.pairs} pairs)" for name, r in bins.items())

@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from datasets.errors import FormatError
 from datasets.hashing import params_hash
+from datasets.rec_layout import REC_FILES
 from flows.local import default_data_root
-from tasks.align import AlignConfig
+from tasks.alignment import AlignConfig
 from tasks.bins import PairsSet, missing_images, read_pairs
 from tasks.lst import LstConfig
 from tasks.merge import MergeConfig
@@ -28,7 +29,6 @@ __all__ = ["AlignConfig", "LstConfig", "PackConfig", "MergeConfig", "PairsSet", 
 
 TaskRunnerKind = Literal["threads", "processes", "dask"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-REC_FILES = ("train.rec", "train.idx", "property")
 
 
 def check_name(value: str) -> str:

@@ -3,12 +3,12 @@
 Stages (each a plain function in ``tasks/``, each Skipped in the UI when its inputs and options are
 unchanged, each switched off by its parameter):
 
-1. **train** (:mod:`tasks.train_stage`): ``tasks.train`` in a child process (torchrun when
+1. **train** (:mod:`tasks.train`): ``tasks.training.trainer`` in a child process (torchrun when
    ``nproc`` > 1) whose log streams into the run; a finished run with the same options and data is
    Skipped, a stopped or killed one resumes exactly from ``last.pt``.
 2. **triplet** (``triplet=true``): fine-tuning of the trained checkpoint with semi-hard triplets.
-3. **verification** (:mod:`tasks.evaluate`): accuracy, VAL@FAR, TAR@FAR and ROC on the ``.bin`` sets.
-4. **megaface** (:mod:`tasks.megaface_stage`, when ``megaface`` is given): rank-1 identification
+3. **verification** (:mod:`tasks.verification`): accuracy, VAL@FAR, TAR@FAR and ROC on the ``.bin`` sets.
+4. **megaface** (:mod:`tasks.megaface`, when ``megaface`` is given): rank-1 identification
    and TAR@FAR=1e-6 with noise removal.
 5. **export** (:mod:`tasks.export`): ``model.onnx``, checked against torch with onnxruntime.
 
@@ -26,12 +26,12 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.runs import result_of, validated
 from flows.train_params import MegaFaceSpec, TrainAndEvalParams
-from tasks.evaluate import VerificationConfig, verification_task
+from tasks.verification import VerificationConfig, verification_task
 from tasks.export import export_task
-from tasks.megaface_stage import megaface_task
+from tasks.megaface import megaface_task
 from tasks.runtime import logger, publish_markdown
-from tasks.train_config import TrainConfig
-from tasks.train_stage import train_stage_task
+from tasks.training.config import TrainConfig
+from tasks.train import train_stage_task
 
 __all__ = ["train_and_eval", "run"]
 

@@ -4,7 +4,7 @@ Training options come in three layers, later ones winning: a YAML ``preset`` (``
 or a path), the common InsightFace options as their own parameters (``-p network=r50 -p loss=arcface
 -p margin_m=0.5 -p lr_steps=100000,140000``), and ``options`` for everything else
 (``-p options='{"version_se": 1, "per-batch-size": 64}'``; dashed and 2018 names work).
-:meth:`TrainAndEvalParams.train_config` turns them into a validated :class:`tasks.train_config.TrainConfig`;
+:meth:`TrainAndEvalParams.train_config` turns them into a validated :class:`tasks.training.config.TrainConfig`;
 :meth:`TrainAndEvalParams.check_inputs` raises one-line ``ValueError`` / ``FileNotFoundError`` naming
 the path or option for input that cannot work, before anything runs.
 """
@@ -16,11 +16,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flows.local import default_data_root
-from flows.params import REC_FILES, check_name
-from tasks.evaluate import VerificationConfig
-from tasks.megaface_stage import ImageSet, MegaFaceConfig
-from tasks.train_config import TrainConfig, load_config
-from tasks.train_eval import resolve_val_targets
+from datasets.rec_layout import REC_FILES
+from flows.params import check_name
+from tasks.verification import VerificationConfig
+from tasks.megaface import ImageSet, MegaFaceConfig
+from tasks.training.config import TrainConfig, load_config
+from tasks.training.validation import resolve_val_targets
 
 __all__ = ["TrainAndEvalParams", "MegaFaceSpec", "RunLayout", "PRESETS_DIR", "preset_path"]
 

@@ -12,7 +12,7 @@ Pair lists (``PairsSet.format``, ``"auto"`` tells them apart):
 ``image_root`` defaults to the pair list's folder. Pair order is kept: the verification protocol
 splits the list into contiguous folds (LFW: 10 folds of 300 same + 300 different pairs).
 
-Alignment: the pair images go through the align stage (:mod:`tasks.align`, the same detector,
+Alignment: the pair images go through the align stage (:mod:`tasks.align`, engine :mod:`tasks.alignment`, the same detector,
 face choice and warp) with the align configuration of the dataset, face policy ``"all"`` replaced
 by ``"insightface"`` (align_lfw.py's choice). Its input is ``inputs/``, a folder of symbolic links
 to the images (mirroring their paths below ``image_root``), so the stage is incremental like
@@ -59,7 +59,7 @@ from datasets.errors import FormatError
 from datasets.hashing import params_hash, sha256_bytes, sha256_file
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
 from datasets.verification_bin import write_bin
-from tasks import align
+from tasks import alignment
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
@@ -221,7 +221,7 @@ class BinsPlan:
     out_dir: Path
     pairs: list[Pair]
     links: dict[str, str]  # absolute image path -> path relative to inputs/
-    align_cfg: align.AlignConfig
+    align_cfg: alignment.AlignConfig
     pairs_sha256: str
 
     @property
@@ -265,7 +265,7 @@ def _sync_links(folder: Path, links: dict[str, str]) -> None:
             os.symlink(target, p)
 
 
-def bins_align_config(spec: PairsSet, cfg: align.AlignConfig) -> align.AlignConfig:
+def bins_align_config(spec: PairsSet, cfg: alignment.AlignConfig) -> alignment.AlignConfig:
     """The align configuration for a set's images: the dataset's, with the set's choices."""
     return cfg.model_copy(update={
         "no_face": "center_crop" if spec.no_face == "center_crop" else "skip",
@@ -274,7 +274,7 @@ def bins_align_config(spec: PairsSet, cfg: align.AlignConfig) -> align.AlignConf
     })
 
 
-def prepare_bins(spec: PairsSet, out_dir: str | os.PathLike, cfg: align.AlignConfig | None = None) -> BinsPlan:
+def prepare_bins(spec: PairsSet, out_dir: str | os.PathLike, cfg: alignment.AlignConfig | None = None) -> BinsPlan:
     """Read the pair list, check its images exist (``missing="fail"``: raise naming the first
     missing ones) and lay out ``inputs/`` for the align stage."""
     out = Path(out_dir).resolve()
@@ -291,7 +291,7 @@ def prepare_bins(spec: PairsSet, out_dir: str | os.PathLike, cfg: align.AlignCon
         raise ValueError(f"{spec.file}: none of the pair images exist (image_root {root})")
     out.mkdir(parents=True, exist_ok=True)
     _sync_links(out / INPUTS_DIR, links)
-    return BinsPlan(spec, out, pairs, links, bins_align_config(spec, cfg or align.AlignConfig()), sha256_file(spec.file))
+    return BinsPlan(spec, out, pairs, links, bins_align_config(spec, cfg or alignment.AlignConfig()), sha256_file(spec.file))
 
 
 # --- finalize: the pack -----------------------------------------------------------------------------
@@ -313,7 +313,7 @@ class BinsResult:
 
 def _faces_by_path(plan: BinsPlan) -> dict[str, tuple[str, str, str]]:
     """``{absolute image path: (status, aligned face path or "", reason)}`` from the align manifest."""
-    df = read_manifest(plan.faces_dir / MANIFEST_FILE, stage=align.STAGE, extra=align.EXTRA_COLUMNS)
+    df = read_manifest(plan.faces_dir / MANIFEST_FILE, stage=alignment.STAGE, extra=alignment.EXTRA_COLUMNS)
     by_rel = {sp: (st, op, rs, sha) for sp, st, op, rs, sha in
               zip(df["source_path"], df["status"], df["output_path"], df["reason"], df["source_sha256"])}
     by_sha = {sha: (st, op, rs) for st, op, rs, sha in by_rel.values() if op}
@@ -400,16 +400,16 @@ def _result(plan: BinsPlan, summary: dict, skipped: bool) -> BinsResult:
                       listed=int(summary["listed"]), counts=dict(summary["counts"]), skipped=skipped)
 
 
-def run_bins(spec: PairsSet, out_dir: str | os.PathLike, cfg: align.AlignConfig | None = None, *,
+def run_bins(spec: PairsSet, out_dir: str | os.PathLike, cfg: alignment.AlignConfig | None = None, *,
              force: bool = False) -> BinsResult:
     """Prepare, align (in this process) and pack one set; skipped when nothing changed."""
     plan = prepare_bins(spec, out_dir, cfg)
-    align.run_align(plan.inputs_dir, plan.faces_dir, plan.align_cfg, force=force)
+    alignment.run_align(plan.inputs_dir, plan.faces_dir, plan.align_cfg, force=force)
     return finalize_bins(plan, force=force)
 
 
 @task(name="bins-prepare", cache_policy=NO_CACHE, task_run_name="bins-prepare-{spec.name}")
-def bins_prepare_task(spec: PairsSet, out_dir: str | os.PathLike, cfg: align.AlignConfig | None = None) -> BinsPlan:
+def bins_prepare_task(spec: PairsSet, out_dir: str | os.PathLike, cfg: alignment.AlignConfig | None = None) -> BinsPlan:
     return prepare_bins(spec, out_dir, cfg)
 
 
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     spec = PairsSet(name=args.name, file=args.pairs, image_root=args.image_root, aligned=args.aligned,
                     no_face=args.no_face, missing=args.missing)
-    result = run_bins(spec, args.out_dir, align.AlignConfig(device=args.device), force=args.force)
+    result = run_bins(spec, args.out_dir, alignment.AlignConfig(device=args.device), force=args.force)
     print(json.dumps({"bin": str(result.bin_path), "pairs": result.pairs, "listed": result.listed,
                       "counts": result.counts, "skipped": result.skipped}))
     return 0

@@ -16,7 +16,7 @@ Contents (a dict; every tensor on the CPU):
 * ``progress``: ``step``, ``epoch``, ``sampler`` (``epoch``, ``consumed`` = items or batches handed out
   to all ranks in the epoch), ``best`` (value, step, target), ``saves`` (``model-NNNN.pt`` counter).
 * ``rng``: one entry per rank: python ``random``, numpy legacy ``MT19937``, torch CPU and CUDA states.
-* ``config``: the full :class:`tasks.train_config.TrainConfig` as a dict.
+* ``config``: the full :class:`tasks.training.config.TrainConfig` as a dict.
 
 :func:`load_embedder` is what other stages use (merge de-duplication, evaluation, export).
 """
@@ -99,7 +99,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as exc:  # zip/pickle errors of a file that is not a torch checkpoint
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = next((line for line in lines if "error" in line.lower()), lines[0] if lines else type(exc).__name__)[:300]
-        raise FormatError(path, f"cannot be read as a torch checkpoint ({detail})", "a file written by tasks.train") from None
+        raise FormatError(path, f"cannot be read as a torch checkpoint ({detail})", "a file written by tasks.training.trainer") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise FormatError(path, f"format {found!r}", f"a facepipe training checkpoint (format {FORMAT!r})")

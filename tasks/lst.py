@@ -1,6 +1,6 @@
 """``.lst`` stage: the aligned faces of one or more align-stage folders as an InsightFace image list.
 
-Input: finished align-stage folders (:mod:`tasks.align`: ``manifest.parquet``, ``images/``,
+Input: finished align-stage folders (:mod:`tasks.align`, engine :mod:`tasks.alignment`: ``manifest.parquet``, ``images/``,
 ``stage.json``), each under a source name (``raw``, ``aligned-...``). A face's identity is the
 manifest's ``identity`` (the first folder below the source's input folder); the same name in
 several sources is one identity. All sources must have the same output image size.
@@ -32,8 +32,6 @@ millions of faces; an unchanged stage (same source records, parameters, code) is
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import os
@@ -55,16 +53,15 @@ from datasets.face_align import crop_transform, estimate_similarities, parse_ima
 from datasets.hashing import params_hash
 from datasets.lst import InsightFaceLine, write_insightface_lst
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
-from tasks import align
+from datasets.rec_layout import LABELS_FILE, read_labels, write_labels
+from tasks import alignment
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
-__all__ = ["LABELS_FILE", "LIST_FILE", "STAGE", "EXTRA_COLUMNS", "LstConfig", "LstResult", "read_labels",
-           "write_labels", "run_lst", "lst_task", "main"]
+__all__ = ["LIST_FILE", "STAGE", "EXTRA_COLUMNS", "LstConfig", "LstResult", "run_lst", "lst_task", "main"]
 
 STAGE = "lst"
 LIST_FILE = "train.lst"
-LABELS_FILE = "labels.csv"
 _CODE_MODULES = ("tasks.lst", "datasets.lst")
 _UNSTORABLE = ("\t", "\n", "\r")
 
@@ -107,49 +104,6 @@ class LstResult:
 # --- labels table ---------------------------------------------------------------------------------
 
 
-def read_labels(path: str | os.PathLike) -> dict[str, int]:
-    """``{identity: label}`` from a ``label,identity`` CSV; empty when the file does not exist.
-    Raises :class:`FormatError` naming the line for a malformed row, a repeated label or name."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    table: dict[str, int] = {}
-    seen: dict[int, int] = {}
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header != ["label", "identity"]:
-            raise FormatError(path, f"line 1: header {header!r}", "'label,identity'")
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != 2:
-                raise FormatError(path, f"line {line}: {len(row)} fields {row!r}", "two fields 'label,identity'")
-            try:
-                label = int(row[0])
-            except ValueError:
-                raise FormatError(path, f"line {line}: label {row[0]!r}", "a non-negative integer") from None
-            if label < 0:
-                raise FormatError(path, f"line {line}: label {label}", "a non-negative integer")
-            if row[1] in table or label in seen:
-                raise FormatError(path, f"line {line}: {row!r} repeats a label or identity", "each label and identity once")
-            table[row[1]] = label
-            seen[label] = line
-    return table
-
-
-def write_labels(path: str | os.PathLike, table: Mapping[str, int]) -> Path:
-    """Write ``{identity: label}`` as a ``label,identity`` CSV sorted by label, atomically."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["label", "identity"])
-    for name, label in sorted(table.items(), key=lambda kv: kv[1]):
-        writer.writerow([int(label), name])
-    atomic_write_text(path, buf.getvalue())
-    return Path(path)
-
-
 def _assign_labels(table: dict[str, int], names: Sequence[str]) -> dict[str, int]:
     """``table`` plus the next free labels for the names it lacks, in sorted name order."""
     out = dict(table)
@@ -185,7 +139,7 @@ def _sources(sources: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLi
     for name, folder in named:
         folder = folder.resolve()
         record = load_record(folder)
-        if record is None or record.stage != align.STAGE:
+        if record is None or record.stage != alignment.STAGE:
             raise FormatError(folder, "no committed align stage record (stage.json)", "a finished align-stage folder")
         out.append(_Source(name, folder, record.fingerprint, parse_image_size(record.params["image_size"])))
     sizes = {s.image_size for s in out}
@@ -233,7 +187,7 @@ def _geometry(faces: pd.DataFrame, size: tuple[int, int]) -> tuple[list, list]:
 
 
 def _faces(src: _Source) -> pd.DataFrame:
-    df = read_manifest(src.dir / MANIFEST_FILE, stage=align.STAGE, extra=align.EXTRA_COLUMNS)
+    df = read_manifest(src.dir / MANIFEST_FILE, stage=alignment.STAGE, extra=alignment.EXTRA_COLUMNS)
     df = df[(df["output_path"] != "") & df["status"].isin(["ok", "fallback"])].copy()
     df["source"] = src.name
     df["image_path"] = [str(src.dir / p) for p in df["output_path"]]

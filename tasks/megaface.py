@@ -1,394 +1,514 @@
-"""MegaFace Challenge 1 evaluation (formats-spec 6.3-6.4): noise removal, rank-N identification, TAR@FAR.
+"""MegaFace stage: an embedding model on FaceScrub-style probes against distractors (spec 6).
 
-* :func:`remove_noises` is InsightFace's ``remove_noises.py``: every feature gets one extra dimension;
-  noisy FaceScrub probes are replaced by their identity's centre, noisy distractors get 100.0 in the
-  extra dimension so that by Euclidean distance they can never outrank a match.
-* :func:`identification` is the devkit protocol as FaceX-Zoo re-implements it: for every probe
-  identity and every image ``g`` of it, ``g`` joins the distractors as the gallery and every other
-  image ``p`` of that identity is a query; its rank is ``1 + #{distractors closer to p than g}``
-  (ties count for the match). CMC(r) = fraction of ordered ``(g, p)`` pairs with rank <= r.
-* :func:`verification_tar_at_far`: genuine = probe pairs of one identity, impostor = every
-  probe-distractor pair; TAR at the largest FAR <= the target (the devkit's FuseResults is closed
-  source; this definition is inferred, spec 6.4 and section 10).
+Image sets (:class:`ImageSet`), probes and distractors alike:
 
-Scores are computed in chunks of distractors with torch (CUDA when present), so memory stays bounded
-for 1,000,000 distractors; for rank <= R only the R best distractor scores per probe are kept.
-Euclidean ranking uses ``2 p.x - |x|^2`` (= ``|p|^2 - |p - x|^2``: the same order as the distance).
+* an image list (``facescrub_lst``, ``megaface_lst``): one path per line relative to ``root``
+  (default: the list's folder), images already aligned to the model's input size (112x112), read
+  with OpenCV as ``gen_megaface.py`` does (Pillow for formats OpenCV cannot read); never resized. A
+  probe's identity is its folder name (``<name>/<file>``).
+* an InsightFace ``.rec`` set (dataset folder or ``.rec`` path): image ``i`` is named
+  ``<label>/<key>.jpg``; a probe's identity is its label's name in ``labels.csv`` beside the
+  ``.rec`` when there is one, else the label.
+
+Steps: extract flip-fused features (:mod:`tasks.evaluation.embed`) in chunks, decoding on threads, into
+``features/probes.npy`` and ``features/distractors.npy`` (float32 ``(N, D)`` ``.npy``, written through
+a memory map, so 1,000,000 distractors never sit in memory as images; an interrupted extraction
+resumes at its last finished chunk); optional noise removal with InsightFace's lists
+(:func:`tasks.evaluation.megaface.remove_noises`, 513-d features); rank-N identification over the distractor
+sizes (the first N distractors of the list; sizes beyond the list are replaced by the list's length)
+and TAR at ``far`` (and at ``roc_fars``) from one pass (:mod:`tasks.evaluation.megaface`).
+
+Output (``out_dir``): ``megaface.parquet`` (one row per distractor size: ``distractors``,
+``rank_1`` ... ``rank_10``, ``tar@far=1e-06`` with ``far_achieved``, counts, model digest,
+``extract_seconds`` (feature extraction, probes and distractors) and ``seconds`` (evaluation)),
+``cmc_<probe_set>_megaface_<algo>_<size>_1.json`` per size in the devkit's output shape
+``{"cmc": [[ranks], [rates]], "roc": [[fars], [tars]]}`` (achieved FARs, ascending), ``features/``
+with its own ``stage.json`` (reused when only evaluation settings or noise lists change), and
+``stage.json`` last. ``devkit_dir``: the evaluated features (513-d after noise removal, else raw) as
+devkit feature files ``<devkit_dir>/<probe_set>/<path>_<algo>.bin`` and
+``<devkit_dir>/megaface/<path>_<algo>.bin`` (:mod:`datasets.megaface`), so the closed-source devkit
+can run on them; that folder gets its own ``stage.json``.
+
+Inputs of the records: the model file's sha256; per image list its sha256, root and every image's
+size and mtime (a ``.rec``: its ``.idx`` sha256 and the ``.rec``'s size and mtime); the noise lists'
+sha256.
 """
 from __future__ import annotations
 
-import dataclasses
+import argparse
+import collections
+import itertools
+import json
+import logging
 import math
-from pathlib import PurePosixPath
-from typing import Iterator, Literal, Sequence
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator, Literal, Sequence
 
+import cv2
 import numpy as np
-import torch
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.runtime import logger
-from tasks.verification import TarAtFar, tar_at_far
+from datasets.atomic import atomic_paths, atomic_write_text, remove_partials
+from datasets.errors import FormatError
+from datasets.hashing import params_hash, sha256_file
+from datasets.images import decode_image
+from datasets.megaface import feature_path, read_image_list, read_noise_list, write_feature
+from datasets.rec_dataset import RecFaceDataset
+from datasets.rec_layout import LABELS_FILE, PROPERTY_FILE, read_labels, rec_paths
+from tasks.evaluation.model import EvalModel, ExtractionConfig, ModelSource, load_eval_model, model_digest, rows_table
+from tasks.evaluation.megaface import DEFAULT_RANKS, DEFAULT_SIZES, identification, noisy_distractors, noisy_probes, remove_noises, verification_roc
+from tasks.runtime import Progress, finished, logger, publish_table
+from tasks.stage import code_version, commit_record, current_record, invalidate
+from tasks.evaluation.pairs import far_key
 
-Metric = Literal["euclidean", "cosine"]
-NOISY_DISTRACTOR_VALUE = 100.0
-"""Extra-dimension value of a neutralised distractor (InsightFace remove_noises)."""
-DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)
-DEFAULT_RANKS = tuple(range(1, 11))
-_MAX_TOP_IMPOSTORS = 50_000_000
+__all__ = ["STAGE", "FEATURES_STAGE", "DEVKIT_STAGE", "METRICS_FILE", "ImageSet", "MegaFaceConfig", "ImageSource",
+           "MegaFaceResult", "open_image_set", "run_megaface", "cmc_file_name", "megaface_task", "main"]
 
-
-def _probe_key(name: str) -> str:
-    return PurePosixPath(name).name
-
-
-def _distractor_key(name: str) -> str:
-    return "/".join(PurePosixPath(name).parts[-3:])
-
-
-def _match_noise(names: Sequence[str], noise: set[str], key, what: str, strict: bool) -> np.ndarray:
-    """Boolean mask of ``names`` listed in ``noise`` (by full name or by ``key(name)``)."""
-    keys = [key(n) for n in names]
-    noisy = np.fromiter((n in noise or k in noise for n, k in zip(names, keys)), dtype=bool, count=len(names))
-    unknown = sorted(set(noise) - set(names) - set(keys))
-    if unknown:
-        message = (
-            f"{len(unknown)} of {len(noise)} {what} noise-list entries name no {what} image, e.g. "
-            f"{', '.join(repr(u) for u in unknown[:5])}"
-        )
-        if strict:
-            raise ValueError(message + " (pass strict=False when the features cover only part of the list)")
-        logger().warning("%s; they are ignored", message)
-    return noisy
+STAGE = "megaface"
+FEATURES_STAGE = "megaface-features"
+DEVKIT_STAGE = "megaface-devkit"
+METRICS_FILE = "megaface.parquet"
+FEATURES_DIR = "features"
+PROBES_FILE, DISTRACTORS_FILE = "probes.npy", "distractors.npy"
+_CODE_MODULES = ("tasks.megaface", "tasks.evaluation.megaface", "tasks.evaluation.model", "tasks.evaluation.embed", "datasets.megaface")
+_FEATURE_CODE_MODULES = ("tasks.evaluation.model", "tasks.evaluation.embed")
 
 
-def noisy_probes(probe_names: Sequence[str], noise: set[str], *, strict: bool = True) -> np.ndarray:
-    """Boolean ``(P,)`` mask of the probes that ``noise`` lists, by file name or full name.
-    ``strict``: an entry that names no probe raises ``ValueError`` naming a few (else a warning)."""
-    return _match_noise(probe_names, set(noise), _probe_key, "probe", strict)
+class ImageSet(BaseModel):
+    """Probes or distractors: an image list under ``root``, or a ``.rec`` set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="image list (one relative path per line), or a .rec file / dataset folder")
+    root: str | None = Field(None, description="folder the list's paths are relative to (default: the list's folder)")
 
 
-def noisy_distractors(distractor_names: Sequence[str], noise: set[str], *, strict: bool = True) -> np.ndarray:
-    """Boolean ``(M,)`` mask of the distractors that ``noise`` lists, by their last three path parts
-    or full name. ``strict`` as in :func:`noisy_probes`."""
-    return _match_noise(distractor_names, set(noise), _distractor_key, "distractor", strict)
+class MegaFaceConfig(ExtractionConfig):
+    """Parameters of the MegaFace stage (extraction settings plus the protocol's)."""
+
+    algo: str = Field("facepipe", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="algorithm name in file names")
+    probe_set: str = Field("facescrub", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="probe set name in file names")
+    sizes: list[int] = Field(list(DEFAULT_SIZES), description="distractor counts to evaluate (the first N of the list)")
+    ranks: list[int] = Field(list(DEFAULT_RANKS), description="CMC ranks")
+    far: float = Field(1e-6, gt=0, lt=1, description="FAR of the headline TAR")
+    roc_fars: list[float] = Field([1e-6, 1e-5, 1e-4, 1e-3], description="FARs of the ROC points in the CMC/ROC json")
+    metric: Literal["euclidean", "cosine"] = Field("euclidean", description="devkit: euclidean (honours noise removal)")
+    probe_noise: str | None = Field(None, description="FaceScrub noise list (facescrub_noises.txt)")
+    distractor_noise: str | None = Field(None, description="MegaFace noise list (megaface_noises.txt)")
+    strict_noise: bool = Field(True, description="a noise-list entry naming no image of the sets is an error")
+    noise_seed: int = Field(0, description="seed of the noise added to replaced probes")
+    devkit_dir: str | None = Field(None, description="also write devkit feature files here")
+    devkit_size_suffix: bool = Field(False, description="devkit file names <img>_<algo>_<H>x<W>.bin (2018 form)")
+    decode_threads: int = Field(4, ge=1, description="threads decoding images")
+    chunk_images: int = Field(8192, ge=1, description="images per extraction chunk (the unit an interrupted run resumes at)")
 
 
-def remove_noises(
-    probe_feats: np.ndarray,
-    probe_names: Sequence[str],
-    probe_identities: Sequence[str],
-    distractor_feats: np.ndarray,
-    distractor_names: Sequence[str],
-    probe_noise: set[str],
-    distractor_noise: set[str],
-    seed: int = 0,
+@dataclass
+class ImageSource:
+    """An opened image set: ``names`` (relative paths), ``identities`` (one per image), ``stamp`` (a
+    digest of the set's files) and ``read(i, (H, W))`` -> image ``i`` as ``(H, W, 3)`` uint8 RGB."""
+
+    what: str
+    source: Path
+    names: list[str]
+    identities: list[str]
+    stamp: str
+    read: Callable[[int, tuple[int, int]], np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass
+class MegaFaceResult:
+    """Outcome of :func:`run_megaface`: metric rows (one per distractor size) and the written files."""
+
+    out_dir: Path
+    metrics_path: Path
+    json_paths: list[Path]
+    rows: list[dict[str, Any]]
+    skipped: bool
+    features_skipped: bool
+    devkit_dir: Path | None
+
+
+# --- image sets -------------------------------------------------------------------------------------
+
+
+def _read_list_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    data = path.read_bytes()
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    rgb = bgr[:, :, ::-1] if bgr is not None else decode_image(path, data).pixels  # Pillow names the reason
+    if rgb.shape[:2] != tuple(size):
+        raise FormatError(path, f"image is {rgb.shape[0]}x{rgb.shape[1]}",
+                          f"{size[0]}x{size[1]} aligned faces (the model's input size; MegaFace images are not resized)")
+    return rgb
+
+
+def _list_source(spec: ImageSet, what: str, need_identity: bool) -> ImageSource:
+    path = Path(spec.path).resolve()
+    root = Path(spec.root).resolve() if spec.root else path.parent
+    names = read_image_list(path)
+    if not names:
+        raise FormatError(path, f"{what} image list is empty", "one relative image path per line")
+    stats, missing = [], []
+    for name in names:
+        try:
+            st = (root / name).stat()
+            stats.append((st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            missing.append(name)
+    if missing:
+        raise FileNotFoundError(f"{path}: {len(missing)} of {len(names)} listed {what} images do not exist under {root}, "
+                                f"e.g. {', '.join(repr(m) for m in missing[:5])}")
+    identities = [PurePosixPath(n).parent.name for n in names]
+    if need_identity:
+        flat = [n for n, i in zip(names, identities) if not i]
+        if flat:
+            raise FormatError(path, f"{what} {flat[0]!r} is not in an identity folder ({len(flat)} such lines)",
+                              "<identity>/<file> per line")
+    stamp = params_hash({"list": sha256_file(path), "root": str(root), "files": params_hash(stats, 32)}, 32)
+    return ImageSource(what, path, names, identities, stamp, lambda i, size: _read_list_image(root / names[i], size))
+
+
+def _rec_source(path: Path, what: str) -> ImageSource:
+    rec_path, idx_path, prop_path = rec_paths(path)
+    dataset = RecFaceDataset(path, normalize=None)
+    keys, labels = dataset.index.keys, dataset.index.labels
+    label_names = {label: name for name, label in read_labels(rec_path.parent / LABELS_FILE).items()} \
+        if (rec_path.parent / LABELS_FILE).is_file() else {}
+    names = [f"{int(label)}/{int(key)}.jpg" for key, label in zip(keys.tolist(), labels.tolist())]
+    identities = [label_names.get(int(label), str(int(label))) for label in labels.tolist()]
+    if not names:
+        raise FormatError(rec_path, f"{what} set holds no images", "an InsightFace .rec with image records")
+    st = rec_path.stat()
+    stamp = params_hash({"idx": sha256_file(idx_path), "rec": [str(rec_path), st.st_size, st.st_mtime_ns],
+                         "property": sha256_file(prop_path) if prop_path.is_file() else ""}, 32)
+    prop = dataset.index.property
+
+    def read(i: int, size: tuple[int, int]) -> np.ndarray:
+        if prop is not None and (prop.height, prop.width) != tuple(size):
+            raise FormatError(rec_path.parent / PROPERTY_FILE, f"images are {prop.height}x{prop.width}",
+                              f"{size[0]}x{size[1]}, the model's input size")
+        dataset.image_size = tuple(size)
+        return dataset.decode(i)
+
+    return ImageSource(what, rec_path, names, identities, stamp, read)
+
+
+def open_image_set(spec: ImageSet | str | os.PathLike, what: str = "probe", *, need_identity: bool = False) -> ImageSource:
+    """Open an image list or a ``.rec`` set (see the module docstring). Raises naming the file for
+    an empty list, missing images (a few named) and, with ``need_identity``, a path without folder."""
+    spec = spec if isinstance(spec, ImageSet) else ImageSet(path=os.fspath(spec))
+    path = Path(spec.path).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {what} set not found (expected an image list or a .rec set)")
+    if path.is_dir() or path.suffix == ".rec":
+        return _rec_source(path, what)
+    return _list_source(spec, what, need_identity)
+
+
+# --- features ---------------------------------------------------------------------------------------
+
+
+def _decoded_batches(images: ImageSource, start: int, batch_size: int, size: tuple[int, int], threads: int
+                     ) -> Iterator[np.ndarray]:
+    """``(b, H, W, 3)`` uint8 batches of images ``start ...``, each decoded on a pool thread, up to
+    ``2 * threads`` batches ahead."""
+    n = len(images)
+
+    def load(lo: int) -> np.ndarray:
+        return np.stack([images.read(i, size) for i in range(lo, min(lo + batch_size, n))])
+
+    starts = iter(range(start, n, batch_size))
+    with ThreadPoolExecutor(threads, thread_name_prefix=f"megaface-decode-{images.what}") as pool:
+        pending = collections.deque(pool.submit(load, lo) for lo in itertools.islice(starts, 2 * threads))
+        try:
+            while pending:
+                batch = pending.popleft().result()
+                nxt = next(starts, None)
+                if nxt is not None:
+                    pending.append(pool.submit(load, nxt))
+                yield batch
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _embed_set(model: EvalModel, images: ImageSource, target: Path, key: str, cfg: MegaFaceConfig) -> None:
+    """Write the features of ``images`` to ``target`` (``.npy``, float32 ``(N, D)``), resuming a run with
+    the same ``key`` at its last finished chunk."""
+    work = target.with_name(target.name + ".inprogress")
+    state_file = target.with_name(target.name + ".progress.json")
+    n = len(images)
+    feats, done = None, 0
+    try:
+        state = json.loads(state_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        state = {}
+    if state.get("key") == key and work.is_file():
+        feats = np.load(work, mmap_mode="r+")
+        if feats.shape[0] == n:
+            done = min(int(state.get("done", 0)), n)
+            logger().info("megaface: resuming %s features at %d of %d", images.what, done, n)
+        else:
+            feats = None
+    per_chunk = max(1, cfg.chunk_images // cfg.batch_size)
+    progress = Progress(f"megaface-embed-{images.what}", total=n, description=f"megaface: embed {images.what}s")
+    batches = _decoded_batches(images, done, cfg.batch_size, model.image_size, cfg.decode_threads)
+    try:
+        pos = done
+        while pos < n:
+            stop = min(pos + per_chunk * cfg.batch_size, n)
+            emb = model.embed(itertools.islice(batches, math.ceil((stop - pos) / cfg.batch_size)), cfg).fused
+            if emb.shape[0] != stop - pos:
+                raise RuntimeError(f"megaface: {emb.shape[0]} features for {images.what}s {pos}..{stop - 1}")
+            if feats is None:
+                feats = np.lib.format.open_memmap(work, mode="w+", dtype=np.float32, shape=(n, emb.shape[1]))
+            feats[pos:stop] = emb
+            feats.flush()
+            atomic_write_text(state_file, json.dumps({"key": key, "done": stop}))
+            pos = stop
+            progress.update(pos)
+    finally:
+        try:
+            batches.close()
+        except ValueError:  # still running in a reader thread after an error; it ends with that thread
+            pass
+    assert feats is not None
+    feats.flush()
+    del feats
+    with open(work, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(work, target)
+    state_file.unlink(missing_ok=True)
+
+
+def _features(model: ModelSource, digest: str, probes: ImageSource, distractors: ImageSource, folder: Path,
+              cfg: MegaFaceConfig, force: bool) -> tuple[dict[str, Any], float, bool]:
+    """Make ``folder/probes.npy`` and ``folder/distractors.npy`` current; ``(model description, seconds the
+    extraction took, skipped)``."""
+    params = {"extraction": cfg.model_dump(mode="json", include=set(ExtractionConfig.model_fields))}
+    inputs = {"model": digest, "probes": probes.stamp, "distractors": distractors.stamp}
+    code = code_version(*_FEATURE_CODE_MODULES)
+    if force:
+        invalidate(folder)
+        for name in (PROBES_FILE, DISTRACTORS_FILE):
+            (folder / f"{name}.progress.json").unlink(missing_ok=True)  # no resume either
+    else:
+        record = current_record(folder, FEATURES_STAGE, params, inputs, code)
+        if record is not None:
+            logger().info("megaface: features in %s are up to date", folder)
+            return record.summary["model"], float(record.summary["seconds"]), True
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_partials(folder)
+    loaded = load_eval_model(model, cfg, digest=digest)
+    logger().info("megaface: %s (%s, %s input %dx%d): %d probes, %d distractors", loaded.name, loaded.kind,
+                  loaded.normalize, *loaded.image_size, len(probes), len(distractors))
+    key = params_hash({"params": params, "inputs": inputs, "code": code}, 32)
+    start = time.perf_counter()
+    _embed_set(loaded, probes, folder / PROBES_FILE, key, cfg)
+    _embed_set(loaded, distractors, folder / DISTRACTORS_FILE, key, cfg)
+    summary = {"model": loaded.describe(), "seconds": time.perf_counter() - start}
+    commit_record(folder, FEATURES_STAGE, params, inputs, code, [PROBES_FILE, DISTRACTORS_FILE], summary=summary)
+    return summary["model"], summary["seconds"], False
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+
+def _eval_sizes(requested: Sequence[int], available: int) -> list[int]:
+    """Requested sizes that fit; the list's length stands in for the ones that do not."""
+    sizes = sorted({int(s) for s in requested if 0 < int(s) <= available})
+    if not sizes or any(int(s) > available for s in requested):
+        sizes = sorted({*sizes, available})
+    return sizes
+
+
+def cmc_file_name(probe_set: str, algo: str, size: int) -> str:
+    """The devkit's result name: ``cmc_facescrub_megaface_<algo>_<size>_1.json``."""
+    return f"cmc_{probe_set}_megaface_{algo}_{size}_1.json"
+
+
+def _write_devkit(folder: Path, probes: ImageSource, probe_feats: np.ndarray, distractors: ImageSource,
+                  distractor_feats: np.ndarray, cfg: MegaFaceConfig, size: tuple[int, int]) -> int:
+    """Write one devkit feature file per image; returns the number of files."""
+    suffix_size = size if cfg.devkit_size_suffix else None
+    sets = [(folder / cfg.probe_set, probes.names, probe_feats), (folder / "megaface", distractors.names, distractor_feats)]
+    blocks = [(root, names, feats, lo, min(lo + 512, len(names))) for root, names, feats in sets for lo in range(0, len(names), 512)]
+
+    def write(block: tuple) -> int:
+        root, names, feats, lo, hi = block
+        for i in range(lo, hi):
+            write_feature(feature_path(root, names[i], cfg.algo, suffix_size), feats[i])
+        return hi - lo
+
+    total = len(probes) + len(distractors)
+    progress = Progress("megaface-devkit", total=total, description="megaface: devkit feature files")
+    done = 0
+    with ThreadPoolExecutor(max(4, cfg.decode_threads)) as pool:  # one fsync per file: threads overlap them
+        for number, count in enumerate(pool.map(write, blocks), 1):
+            done += count
+            if number % 20 == 0 or done == total:
+                progress.update(done)
+    return total
+
+
+def run_megaface(
+    model: ModelSource,
+    probes: ImageSet | str | os.PathLike,
+    distractors: ImageSet | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: MegaFaceConfig | None = None,
     *,
-    strict: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """InsightFace noise removal: ``(P, D)`` probes and ``(M, D)`` distractors -> ``(P, D+1)``, ``(M, D+1)`` float32.
-
-    Probes match ``probe_noise`` by file name (``Aaron_Eckhart_136.png``) or full name; distractors match
-    ``distractor_noise`` by their last three path parts (``375/37531198@N00/4174611825_0.jpg``) or full
-    name. Clean features get 0.0 in the extra dimension. A noisy probe becomes the sum of its identity's
-    clean (D+1)-dim features plus uniform(-0.001, 0.001) noise on the first D values (``seed``), then
-    L2-normalised. A noisy distractor keeps its values and gets 100.0 in the extra dimension.
-    ``strict``: noise-list entries that match no image raise ``ValueError`` (listing a few); with
-    ``strict=False`` they are logged and ignored, which is what the official lists need when only the
-    3,530 devkit probes (not all of FaceScrub) were embedded.
+    force: bool = False,
+) -> MegaFaceResult:
+    """Evaluate ``model`` (checkpoint or ``.onnx`` path, or an ``nn.Module``) on MegaFace-style sets into
+    ``out_dir`` (see the module docstring). Noise lists are checked against the sets before any
+    feature is extracted. Skipped when the record matches; ``force`` redoes extraction and evaluation.
     """
-    probes = np.asarray(probe_feats)
-    distractors = np.asarray(distractor_feats)
-    if probes.ndim != 2 or distractors.ndim != 2 or probes.shape[1] != distractors.shape[1]:
-        raise ValueError(f"probe features {probes.shape} and distractor features {distractors.shape} must be (N, D) with one D")
-    if len(probe_names) != probes.shape[0] or len(probe_identities) != probes.shape[0]:
-        raise ValueError(f"{probes.shape[0]} probe features, {len(probe_names)} names, {len(probe_identities)} identities")
-    if len(distractor_names) != distractors.shape[0]:
-        raise ValueError(f"{distractors.shape[0]} distractor features but {len(distractor_names)} names")
-    dim = probes.shape[1]
-    noisy_probe = noisy_probes(probe_names, probe_noise, strict=strict)
-    noisy_distractor = noisy_distractors(distractor_names, distractor_noise, strict=strict)
+    cfg = cfg or MegaFaceConfig()
+    out = Path(out_dir).resolve()
+    probe_set = open_image_set(probes, "probe", need_identity=True)
+    distractor_set = open_image_set(distractors, "distractor")
+    probe_noise = read_noise_list(cfg.probe_noise) if cfg.probe_noise else set()
+    distractor_noise = read_noise_list(cfg.distractor_noise) if cfg.distractor_noise else set()
+    try:
+        noisy_p = noisy_probes(probe_set.names, probe_noise, strict=cfg.strict_noise)
+        noisy_d = noisy_distractors(distractor_set.names, distractor_noise, strict=cfg.strict_noise)
+    except ValueError as exc:
+        lists = " / ".join(p for p in (cfg.probe_noise, cfg.distractor_noise) if p)
+        raise ValueError(f"{lists}: {exc}") from None
 
-    probe_out = np.zeros((probes.shape[0], dim + 1), np.float32)
-    probe_out[:, :dim] = probes
-    identities = np.asarray([str(i) for i in probe_identities])
-    rng = np.random.default_rng(seed)
-    for index in np.flatnonzero(noisy_probe):
-        same = (identities == identities[index]) & ~noisy_probe
-        if not same.any():
-            raise ValueError(
-                f"probe {probe_names[index]!r} is listed as noise but identity {str(identities[index])!r} "
-                f"has no clean image to replace it with"
-            )
-        centre = probe_out[same].astype(np.float64).sum(axis=0)
-        centre[:dim] += rng.uniform(-0.001, 0.001, dim)
-        probe_out[index] = centre / np.linalg.norm(centre)
+    digest = model_digest(model)
+    inputs = {"model": digest, "probes": probe_set.stamp, "distractors": distractor_set.stamp,
+              "probe_noise": sha256_file(cfg.probe_noise) if cfg.probe_noise else "",
+              "distractor_noise": sha256_file(cfg.distractor_noise) if cfg.distractor_noise else ""}
+    params = {"config": cfg.model_dump(mode="json", exclude={"devkit_dir", "decode_threads", "chunk_images"})}
+    code = code_version(*_CODE_MODULES)
+    devkit = Path(cfg.devkit_dir).resolve() if cfg.devkit_dir else None
+    if force:
+        invalidate(out)
+        if devkit is not None:
+            invalidate(devkit)
+    else:
+        record = current_record(out, STAGE, params, inputs, code)
+        devkit_ok = devkit is None or current_record(devkit, DEVKIT_STAGE, params, inputs, code) is not None
+        if record is not None and devkit_ok:
+            rows = pq.read_table(out / METRICS_FILE).to_pylist()
+            logger().info("megaface: %s is up to date (rank-1 %s)", out, {r["distractors"]: round(r["rank_1"], 5) for r in rows if "rank_1" in r})
+            return MegaFaceResult(out, out / METRICS_FILE, [out / n for n in record.outputs if n.endswith(".json")], rows,
+                                  skipped=True, features_skipped=True, devkit_dir=devkit)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partials(out)
+    description, extract_seconds, features_skipped = _features(model, digest, probe_set, distractor_set, out / FEATURES_DIR, cfg, force)
 
-    distractor_out = np.empty((distractors.shape[0], dim + 1), np.float32)
-    distractor_out[:, :dim] = distractors
-    distractor_out[:, dim] = 0.0
-    distractor_out[noisy_distractor, dim] = NOISY_DISTRACTOR_VALUE
-    logger().info(
-        "remove_noises: %d of %d probes replaced by their identity centre, %d of %d distractors neutralised",
-        int(noisy_probe.sum()), probes.shape[0], int(noisy_distractor.sum()), distractors.shape[0],
-    )
-    return probe_out, distractor_out
+    start = time.perf_counter()
+    probe_feats = np.load(out / FEATURES_DIR / PROBES_FILE)
+    distractor_feats = np.load(out / FEATURES_DIR / DISTRACTORS_FILE, mmap_mode="c")  # copy-on-write: torch wants writable arrays
+    if probe_noise or distractor_noise:
+        probe_feats, distractor_feats = remove_noises(
+            probe_feats, probe_set.names, probe_set.identities, distractor_feats, distractor_set.names,
+            probe_noise, distractor_noise, cfg.noise_seed, strict=cfg.strict_noise)
+    if devkit is not None:
+        count = _write_devkit(devkit, probe_set, probe_feats, distractor_set, distractor_feats, cfg,
+                              tuple(int(v) for v in description["image_size"].split("x")))
+        commit_record(devkit, DEVKIT_STAGE, params, inputs, code, [], summary={"files": count})
+    sizes = _eval_sizes(cfg.sizes, len(distractor_set))
+    ident = identification(probe_feats, probe_set.identities, distractor_feats, sizes, cfg.ranks,
+                           metric=cfg.metric, device=cfg.device)
+    roc = verification_roc(probe_feats, probe_set.identities, distractor_feats, sorted({cfg.far, *cfg.roc_fars}),
+                           sizes, metric=cfg.metric, device=cfg.device)
+    seconds = time.perf_counter() - start
 
-
-def _device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _finite_features(feats: np.ndarray, what: str, offset: int = 0) -> None:
-    finite = np.isfinite(feats).all(axis=1)
-    if not finite.all():
-        raise ValueError(f"{what} feature {offset + int(np.flatnonzero(~finite)[0])} is not finite")
-
-
-class _Scorer:
-    """Similarity of probes to other features, higher = closer, on one device.
-
-    ``euclidean``: ``2 p.x - |x|^2`` (ranking, per probe) or ``-|p - x|^2`` (``symmetric``, for
-    thresholds shared by all pairs); ``cosine``: ``p.x``.
-    """
-
-    def __init__(self, probes: np.ndarray, metric: Metric, device: torch.device):
-        if metric not in ("euclidean", "cosine"):
-            raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-        self.metric, self.device = metric, device
-        self.probes = self.to_device(probes)
-        self.probe_sq = (self.probes * self.probes).sum(1)
-
-    def to_device(self, feats: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x
-
-    def scores(self, rows: slice, others: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
-        q = self.probes[rows]
-        if self.metric == "cosine":
-            return q @ others.T
-        other_sq = (others * others).sum(1)
-        s = torch.addmm(other_sq.neg().unsqueeze(0), q, others.T, alpha=2)
-        return s - self.probe_sq[rows, None] if symmetric else s
-
-
-def _chunk_size(chunk: int | None, n_rows: int, device: torch.device) -> int:
-    if chunk is not None:
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        return int(chunk)
-    budget = (1 << 28) if device.type == "cuda" else (1 << 25)  # score elements per chunk
-    return max(256, budget // max(n_rows, 1))
+    rows, json_names = [], []
+    for size in ident.sizes:
+        main_hit = roc[size][float(cfg.far)]
+        rows.append({**description, "probe_set": cfg.probe_set, "algo": cfg.algo, "distractors": size,
+                     "probes": len(probe_set), "probe_identities": ident.n_identities, "pairs": ident.n_pairs,
+                     **{f"rank_{r}": float(v) for r, v in zip(ident.ranks, ident.cmc[size])},
+                     far_key(cfg.far): None if main_hit is None else main_hit.tar,
+                     "far_achieved": None if main_hit is None else main_hit.far,
+                     "noisy_probes": int(noisy_p.sum()), "noisy_distractors": int(noisy_d[:size].sum()),
+                     "metric": cfg.metric, "flip": cfg.flip, "precision": cfg.precision, "extract_seconds": extract_seconds,
+                     "seconds": seconds})
+        points = sorted((hit.far, hit.tar) for hit in roc[size].values() if hit is not None)
+        doc = {"cmc": [list(ident.ranks), [float(v) for v in ident.cmc[size]]],
+               "roc": [[p[0] for p in points], [p[1] for p in points]]}
+        name = cmc_file_name(cfg.probe_set, cfg.algo, size)
+        atomic_write_text(out / name, json.dumps(doc))
+        json_names.append(name)
+        logger().info("megaface: %d distractors: rank-1 %.5f, TAR@FAR=%g %s", size, rows[-1]["rank_1"] if 1 in ident.ranks else float("nan"),
+                      cfg.far, "n/a" if main_hit is None else f"{main_hit.tar:.5f}")
+    with atomic_paths(out / METRICS_FILE) as (tmp,):
+        pq.write_table(rows_table(rows), tmp)
+    summary = {"rank_1": {r["distractors"]: r.get("rank_1") for r in rows}, "notes": list(ident.notes)}
+    commit_record(out, STAGE, params, inputs, code, [METRICS_FILE, *json_names], summary=summary)
+    return MegaFaceResult(out, out / METRICS_FILE, [out / n for n in json_names], rows, skipped=False,
+                          features_skipped=features_skipped, devkit_dir=devkit)
 
 
-def _distractor_scores(
-    scorer: _Scorer, distractors: np.ndarray, stops: Sequence[int], chunk: int, symmetric: bool = False,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(stop, scores (P, c))`` for consecutive distractor chunks, split at every value in ``stops``."""
-    bounds = sorted({0, *stops})
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        for start in range(lo, hi, chunk):
-            stop = min(start + chunk, hi)
-            block = distractors[start:stop]
-            _finite_features(block, "distractor", start)
-            yield stop, scorer.scores(slice(None), scorer.to_device(block), symmetric)
+def _table_rows(rows: Sequence[dict[str, Any]], far: str) -> list[dict[str, Any]]:
+    return [{"model": r["model"], "distractors": r["distractors"], "rank_1": round(r["rank_1"], 5) if "rank_1" in r else None,
+             far: None if r.get(far) is None else round(r[far], 5), "probes": r["probes"], "pairs": r["pairs"]}
+            for r in rows]
 
 
-@dataclasses.dataclass(frozen=True)
-class IdentificationResult:
-    """CMC per gallery size: ``cmc[size][i]`` = fraction of (gallery, query) pairs with rank <= ``ranks[i]``."""
-
-    sizes: tuple[int, ...]
-    ranks: tuple[int, ...]
-    cmc: dict[int, np.ndarray]
-    n_probes: int
-    n_identities: int
-    n_pairs: int
-    metric: str
-    notes: tuple[str, ...] = ()
-
-    def rank1(self) -> dict[int, float]:
-        """Rank-1 identification rate per distractor count (requires rank 1 in ``ranks``)."""
-        if 1 not in self.ranks:
-            raise ValueError(f"rank 1 was not computed (ranks {self.ranks})")
-        return {size: float(rates[self.ranks.index(1)]) for size, rates in self.cmc.items()}
-
-    def to_rows(self) -> list[dict]:
-        """One row per size: ``{"distractors": N, "rank_1": ..., "rank_5": ..., "pairs": ...}``."""
-        return [
-            {"distractors": size, **{f"rank_{r}": float(v) for r, v in zip(self.ranks, rates)}, "pairs": self.n_pairs}
-            for size, rates in self.cmc.items()
-        ]
+@task(name="megaface", cache_policy=NO_CACHE)
+def megaface_task(model: str, probes: ImageSet | str, distractors: ImageSet | str, out_dir: str,
+                  cfg: MegaFaceConfig | None = None, force: bool = False) -> MegaFaceResult:
+    """:func:`run_megaface`; publishes the ``megaface-metrics`` table; Skipped when up to date."""
+    cfg = cfg or MegaFaceConfig()
+    result = run_megaface(model, probes, distractors, out_dir, cfg, force=force)
+    name = result.rows[0]["model"] if result.rows else str(model)
+    publish_table("megaface-metrics", _table_rows(result.rows, far_key(cfg.far)),
+                  description=f"{name}: MegaFace rank-1 identification and TAR@FAR per distractor count")
+    return finished(result)
 
 
-def _probe_codes(probe_feats: np.ndarray, probe_ids: Sequence, distractor_feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    probes = np.asarray(probe_feats)
-    distractors = np.asarray(distractor_feats)
-    if probes.ndim != 2 or distractors.ndim != 2 or probes.shape[1] != distractors.shape[1]:
-        raise ValueError(f"probe features {probes.shape} and distractor features {distractors.shape} must be (N, D) with one D")
-    if len(probe_ids) != probes.shape[0]:
-        raise ValueError(f"{probes.shape[0]} probe features but {len(probe_ids)} probe identities")
-    _finite_features(probes, "probe")
-    _, codes = np.unique(np.asarray([str(i) for i in probe_ids]), return_inverse=True)
-    return probes, codes
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
 
 
-def _probe_row_blocks(n: int, device: torch.device) -> Iterator[slice]:
-    rows = max(1, ((1 << 26) if device.type == "cuda" else (1 << 24)) // max(n, 1))
-    for start in range(0, n, rows):
-        yield slice(start, min(start + rows, n))
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.megaface",
+                                     description="MegaFace identification and verification of an embedding model.")
+    parser.add_argument("model", help="a training checkpoint or a .onnx file")
+    parser.add_argument("--probes", required=True, help="probe image list (facescrub_lst) or .rec set")
+    parser.add_argument("--probe-root", help="folder the probe list's paths are relative to")
+    parser.add_argument("--distractors", required=True, help="distractor image list (megaface_lst) or .rec set")
+    parser.add_argument("--distractor-root")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--devkit-dir", help="also write devkit feature files here")
+    parser.add_argument("--algo", default="facepipe")
+    parser.add_argument("--probe-noise", help="facescrub_noises.txt")
+    parser.add_argument("--distractor-noise", help="megaface_noises.txt")
+    parser.add_argument("--sizes", type=_ints, default=list(DEFAULT_SIZES), help="comma-separated distractor counts")
+    parser.add_argument("--far", type=float, default=1e-6)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
+    parser.add_argument("--decode-threads", type=int, default=4)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = MegaFaceConfig(algo=args.algo, sizes=args.sizes, far=args.far, probe_noise=args.probe_noise,
+                         distractor_noise=args.distractor_noise, devkit_dir=args.devkit_dir, batch_size=args.batch_size,
+                         device=args.device, precision="bf16" if args.bf16 else "fp32", decode_threads=args.decode_threads)
+    result = run_megaface(args.model, ImageSet(path=args.probes, root=args.probe_root),
+                          ImageSet(path=args.distractors, root=args.distractor_root), args.out_dir, cfg, force=args.force)
+    print(json.dumps({"metrics": str(result.metrics_path), "skipped": result.skipped,
+                      "rank_1": {r["distractors"]: r.get("rank_1") for r in result.rows}}))
+    return 0
 
 
-def identification(
-    probe_feats: np.ndarray,
-    probe_ids: Sequence,
-    distractor_feats: np.ndarray,
-    sizes: Sequence[int] = DEFAULT_SIZES,
-    ranks: Sequence[int] = DEFAULT_RANKS,
-    *,
-    metric: Metric = "euclidean",
-    device: str | torch.device = "auto",
-    chunk: int | None = None,
-) -> IdentificationResult:
-    """MegaFace identification CMC of ``probe_feats`` ``(P, D)`` (identities ``probe_ids``) against the
-    first N rows of ``distractor_feats`` ``(M, D)`` for each N in ``sizes`` (sizes > M are skipped with
-    a note). ``metric="euclidean"`` is the devkit's and honours :func:`remove_noises`; ``"cosine"``
-    (dot product of normalised features) does not neutralise noisy distractors: drop them first.
-    ``chunk``: distractors scored at a time (default: about 128 MB of scores on CPU, 1 GB on CUDA).
-    """
-    probes, codes = _probe_codes(probe_feats, probe_ids, distractor_feats)
-    distractors = np.asarray(distractor_feats)
-    ranks = tuple(sorted({int(r) for r in ranks}))
-    if not ranks or ranks[0] < 1:
-        raise ValueError(f"ranks must be positive integers, got {ranks}")
-    notes = [f"{s:,} distractors skipped: only {distractors.shape[0]:,} given" for s in sizes if s > distractors.shape[0]]
-    sizes = tuple(sorted({int(s) for s in sizes if 0 < s <= distractors.shape[0]}))
-    dev = _device(device)
-    scorer = _Scorer(probes, metric, dev)
-    k = ranks[-1]
-
-    top = torch.full((probes.shape[0], k), -math.inf, device=dev)
-    top_at: dict[int, torch.Tensor] = {}
-    for stop, scores in _distractor_scores(scorer, distractors, sizes, _chunk_size(chunk, probes.shape[0], dev)):
-        best = torch.topk(scores, min(k, scores.shape[1]), dim=1).values
-        top = torch.topk(torch.cat([top, best], dim=1), k, dim=1).values
-        if stop in sizes:
-            top_at[stop] = top
-
-    codes_t = torch.from_numpy(codes).to(dev)
-    successes = {size: torch.zeros(len(ranks), dtype=torch.int64, device=dev) for size in sizes}
-    n_pairs = 0
-    for rows in _probe_row_blocks(probes.shape[0], dev):
-        genuine = scorer.scores(rows, scorer.probes)  # (rows, P): query = row probe, gallery = column
-        mask = codes_t[rows, None] == codes_t[None, :]
-        mask[torch.arange(mask.shape[0], device=dev), torch.arange(rows.start, rows.stop, device=dev)] = False
-        n_pairs += int(mask.sum())
-        for size in sizes:
-            for i, r in enumerate(ranks):
-                threshold = top_at[size][rows, r - 1]
-                successes[size][i] += ((genuine >= threshold[:, None]) & mask).sum()
-    if n_pairs == 0:
-        raise ValueError("no probe identity has two or more images: identification needs gallery/query pairs")
-    cmc = {size: successes[size].double().cpu().numpy() / n_pairs for size in sizes}
-    return IdentificationResult(
-        sizes=sizes, ranks=ranks, cmc=cmc, n_probes=int(probes.shape[0]), n_identities=int(codes.max() + 1),
-        n_pairs=n_pairs, metric=metric, notes=tuple(notes),
-    )
-
-
-def verification_tar_at_far(
-    probe_feats: np.ndarray,
-    probe_ids: Sequence,
-    distractor_feats: np.ndarray,
-    far: float = 1e-6,
-    *,
-    metric: Metric = "euclidean",
-    device: str | torch.device = "auto",
-    chunk: int | None = None,
-) -> TarAtFar | None:
-    """MegaFace verification: TAR at the largest FAR <= ``far``.
-
-    Genuine pairs: every unordered pair of probe images of one identity. Impostor pairs: every
-    (probe, distractor) pair, P x M of them (3,530 x 1,000,000 = 3.5e9 in the challenge). Scores:
-    ``-|p - x|^2`` (euclidean) or ``p.x`` (cosine). Only the ``floor(far * P * M) + 1`` highest
-    impostor scores are kept while streaming over distractor chunks. Returns None when
-    ``far < 1 / (P * M)`` (too few impostor pairs to measure it). See :func:`verification_roc`.
-    """
-    m = np.asarray(distractor_feats).shape[0] if np.ndim(distractor_feats) == 2 else 0
-    return verification_roc(probe_feats, probe_ids, distractor_feats, (far,), (m,) if m else None,
-                            metric=metric, device=device, chunk=chunk)[m][float(far)]
-
-
-def verification_roc(
-    probe_feats: np.ndarray,
-    probe_ids: Sequence,
-    distractor_feats: np.ndarray,
-    fars: Sequence[float] = (1e-6,),
-    sizes: Sequence[int] | None = None,
-    *,
-    metric: Metric = "euclidean",
-    device: str | torch.device = "auto",
-    chunk: int | None = None,
-) -> dict[int, dict[float, TarAtFar | None]]:
-    """TAR at several FARs against the first N distractors for each N in ``sizes`` (default: all
-    M), from one pass over the distractors: ``{N: {far: TarAtFar or None}}``.
-
-    Pairs and scores as :func:`verification_tar_at_far`. The pass keeps the
-    ``floor(max(fars) * P * max(sizes)) + 1`` highest impostor scores seen so far and takes a copy at
-    each size, which holds every score a smaller size or FAR needs. A FAR below ``1 / (P * N)``
-    gives None (logged); sizes above M are left out. Raises ``ValueError`` when the scores to keep
-    exceed 50 million (use smaller FARs).
-    """
-    probes, codes = _probe_codes(probe_feats, probe_ids, distractor_feats)
-    distractors = np.asarray(distractor_feats)
-    n_probes, m = probes.shape[0], distractors.shape[0]
-    sizes = tuple(sorted({int(s) for s in (sizes if sizes is not None else (m,)) if 0 < int(s) <= m}))
-    fars = tuple(sorted({float(f) for f in fars}))
-    if not fars or fars[0] <= 0:
-        raise ValueError(f"FAR targets must be positive, got {fars}")
-    out: dict[int, dict[float, TarAtFar | None]] = {size: dict.fromkeys(fars) for size in sizes}
-    if not sizes or n_probes == 0:
-        logger().warning("TAR@FAR needs probes and distractors, got %d and %d", n_probes, m)
-        return out or {m: dict.fromkeys(fars)}
-    n_most = n_probes * sizes[-1]
-    measurable = [f for f in fars if f * n_most >= 1 - 1e-9]
-    for f in fars:
-        if f not in measurable:
-            logger().warning("TAR@FAR=%g needs >= %d impostor pairs, got %d", f, math.ceil(1 / f), n_most)
-    if not measurable:
-        return out
-    keep = int(math.floor(measurable[-1] * n_most * (1 + 1e-12))) + 1
-    if keep > _MAX_TOP_IMPOSTORS:
-        raise ValueError(f"FAR {measurable[-1]:g} of {n_most:,} impostor pairs keeps {keep:,} scores; use a smaller FAR")
-    dev = _device(device)
-    scorer = _Scorer(probes, metric, dev)
-
-    top = torch.empty(0, device=dev)
-    top_at: dict[int, torch.Tensor] = {}
-    size = _chunk_size(chunk, n_probes, dev)
-    for stop, scores in _distractor_scores(scorer, distractors, sizes, size, symmetric=True):
-        flat = scores.reshape(-1)
-        if top.numel() == keep:  # only scores above the current keep-th best can change the kept values
-            flat = flat[flat > top[-1]]
-        merged = torch.cat([top, flat])
-        top = torch.topk(merged, keep).values if merged.numel() > keep else torch.sort(merged, descending=True).values
-        if stop in out:
-            top_at[stop] = top
-
-    codes_t = torch.from_numpy(codes).to(dev)
-    genuine = []
-    for rows in _probe_row_blocks(n_probes, dev):
-        scores = scorer.scores(rows, scorer.probes, symmetric=True)
-        cols = torch.arange(n_probes, device=dev)
-        mask = (codes_t[rows, None] == codes_t[None, :]) & (cols[None, :] > torch.arange(rows.start, rows.stop, device=dev)[:, None])
-        genuine.append(scores[mask].cpu())
-    genuine_scores = torch.cat(genuine).double().numpy()
-    if genuine_scores.size == 0:
-        raise ValueError("no probe identity has two or more images: no genuine pairs")
-    for n, kept in top_at.items():
-        impostors = kept.double().cpu().numpy()
-        for f in fars:
-            out[n][f] = tar_at_far(genuine_scores, impostors, f, n_impostors=n_probes * n)
-    return out
+if __name__ == "__main__":
+    sys.exit(main())

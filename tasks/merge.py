@@ -23,7 +23,7 @@ dataset folder, or each image of a verification ``.bin`` (the non-flipped images
 one). As in dataset_merge.py the overlap check comes first, the exclusion is applied to the
 identities it kept.
 
-Models: a ``.onnx`` file (:class:`tasks.embed.OnnxEmbedder`), a training checkpoint
+Models: a ``.onnx`` file (:class:`tasks.evaluation.embed.OnnxEmbedder`), a training checkpoint
 (``tasks.checkpoint.load_embedder``), or, from Python, any torch module / callable mapping a
 normalised ``(B, 3, H, W)`` float32 batch to ``(B, D)`` embeddings (``embedder=``).
 
@@ -61,12 +61,21 @@ from datasets.atomic import remove_partials
 from datasets.errors import FormatError
 from datasets.hashing import params_hash
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
-from datasets.rec_layout import PROPERTY_FILE, InsightFaceRecWriter, RecIndex, read_rec_index
+from datasets.rec_layout import (
+    IDX_FILE,
+    LABELS_FILE,
+    PROPERTY_FILE,
+    REC_FILE,
+    InsightFaceRecWriter,
+    RecIndex,
+    read_labels,
+    read_rec_index,
+    write_labels,
+)
 from datasets.recordio import MXRecordIO, unpack
 from datasets.verification_bin import decode_bin
-from tasks.embed import OnnxEmbedder, extract_embeddings
-from tasks.eval_model import load_eval_model, model_digest
-from tasks.lst import LABELS_FILE, read_labels, write_labels
+from tasks.evaluation.embed import OnnxEmbedder, extract_embeddings
+from tasks.evaluation.model import load_eval_model, model_digest
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate
 
@@ -74,8 +83,7 @@ __all__ = ["STAGE", "EXTRA_COLUMNS", "MergeConfig", "MergeResult", "load_embeddi
            "run_merge", "merge_task", "main"]
 
 STAGE = "merge"
-REC_FILE, IDX_FILE = "train.rec", "train.idx"
-_CODE_MODULES = ("tasks.merge", "tasks.embed", "datasets.rec_layout", "datasets.recordio")
+_CODE_MODULES = ("tasks.merge", "tasks.evaluation.embed", "datasets.rec_layout", "datasets.recordio")
 _CHUNK_IMAGES = 4096  # images decoded and embedded per extract_embeddings call
 _SIM_ROWS = 4096  # centre rows per similarity block
 
@@ -134,7 +142,7 @@ class MergeResult:
 
 
 def load_embedding_model(model: str | os.PathLike) -> Embedder:
-    """A callable embedding model from a ``.onnx`` file or a training checkpoint (``tasks.eval_model``)."""
+    """A callable embedding model from a ``.onnx`` file or a training checkpoint (``tasks.evaluation.model``)."""
     return load_eval_model(model).embedder
 
 

@@ -66,7 +66,7 @@ from datasets.hashing import params_hash, sha256_file
 from datasets.images import UnreadableImage, decode_image
 from datasets.lst import InsightFaceColumns, InsightFaceLine, read_insightface_columns
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
-from datasets.rec_layout import PROPERTY_FILE, InsightFaceRecWriter
+from datasets.rec_layout import IDX_FILE, LABELS_FILE, PROPERTY_FILE, REC_FILE, InsightFaceRecWriter
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
@@ -74,8 +74,6 @@ __all__ = ["STAGE", "EXTRA_COLUMNS", "PackConfig", "PackResult", "encoded_size",
            "main"]
 
 STAGE = "pack"
-REC_FILE, IDX_FILE = "train.rec", "train.idx"
-LABELS_FILE = "labels.csv"
 LIST_FILE = "train.lst"
 _CODE_MODULES = ("tasks.pack", "datasets.lst", "datasets.rec_layout", "datasets.recordio")
 

@@ -3,17 +3,20 @@
 Stage logic is a plain function, callable from a notebook or ``python -m tasks.<stage>``. Inside a
 Prefect flow or task run, the same calls log to the run and publish artifacts to the UI; outside
 one they log through the standard ``logging`` module and artifacts are skipped.
+
+Prefect is imported only by the stage modules and the flows: this module never imports it itself
+(a process that has not imported prefect cannot be inside a Prefect run), so the engines
+(:mod:`tasks.training`, :mod:`tasks.evaluation`, :mod:`tasks.alignment`) run where prefect is not
+installed, e.g. on a bare CUDA image.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any, Sequence
-
-from prefect.context import FlowRunContext, TaskRunContext
-from prefect.states import Completed, State
 
 _LOG = logging.getLogger("facepipe")
 
@@ -36,7 +39,10 @@ os.register_at_fork(after_in_child=_drop_prefect_exit_hooks)
 
 def in_run() -> bool:
     """True inside a Prefect flow or task run."""
-    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+    context = sys.modules.get("prefect.context")
+    if context is None:
+        return False
+    return context.TaskRunContext.get() is not None or context.FlowRunContext.get() is not None
 
 
 def logger() -> logging.Logger | logging.LoggerAdapter:
@@ -48,8 +54,10 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
     return _LOG
 
 
-def skipped(data: Any, message: str) -> State:
+def skipped(data: Any, message: str) -> Any:
     """A Completed state named "Skipped" carrying ``data`` as its result (shown as Skipped in the UI)."""
+    from prefect.states import Completed
+
     return Completed(name="Skipped", message=message, data=data)
 
 
@@ -114,4 +122,16 @@ class Progress:
             self._last_log = now
             elapsed = now - self._start
             rate = done / elapsed if elapsed > 0 else 0.0
-            logger().info("%s: %d/%d (%.0f%%), %.1f items/s", self.description, done, self.total, pct, rate)
+            left = format_duration((self.total - done) / rate) if rate > 0 and done < self.total else "0s"
+            logger().info("%s: %d/%d (%.0f%%), %.1f items/s, %s left", self.description, done, self.total, pct,
+                          rate, left)
+
+
+def format_duration(seconds: float) -> str:
+    """``"1h02m"``, ``"4m05s"`` or ``"7s"``."""
+    seconds = int(round(max(seconds, 0.0)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

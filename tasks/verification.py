@@ -1,387 +1,261 @@
-"""Pair verification metrics with the InsightFace protocol (formats-spec 4.5-4.7), vectorised.
+"""Verification stage: an embedding model on LFW / CFP-FP / AgeDB-30 style ``.bin`` packs (spec 4).
 
-Input: one embedding per image, pair ``i`` = rows ``(2i, 2i+1)``, already flip-fused and
-L2-normalised (:func:`fuse_flip`), and one ``issame`` flag per pair.
+For each target pack: decode it (:func:`datasets.verification_bin.decode_bin`; an image whose width
+is not the model's is resized as InsightFace does, any other size is an error), extract flip-fused
+embeddings (:mod:`tasks.evaluation.embed`; CUDA when present, optional bf16), evaluate with the InsightFace
+protocol (:mod:`tasks.evaluation.pairs`).
 
-* Accuracy: squared Euclidean distance ``d = sum((e1 - e2)**2)`` (in ``[0, 4]`` = ``2 - 2 cos`` for
-  unit vectors); contiguous unshuffled folds (scikit-learn ``KFold(shuffle=False)`` sizes: the first
-  ``P % nfolds`` folds hold one pair more); threshold grid ``np.arange(0, 4, 0.01)``; a pair is
-  predicted "same" iff ``d < t``; per fold the **first** grid threshold with the best accuracy on the
-  other folds is applied to the held-out fold. Mean and population std over folds.
-* VAL@FAR=1e-3: grid ``np.arange(0, 4, 0.001)``, threshold where the training-fold FAR reaches
-  1e-3 by the closed-form linear interpolation of spec 4.7 (what SciPy's ``interp1d(kind='slinear')``
-  did before it started rejecting the duplicate FAR values), 0 when the FAR never reaches 1e-3.
-* ROC over all pairs (not per fold) and TAR at fixed FARs, from sorted distances.
+Output (``out_dir``):
 
-The numbers equal the original per-threshold loops exactly (``bench/verification.py`` holds that
-reference; ``tests/test_verification.py`` compares them): every count is an integer obtained with
-``searchsorted`` on sorted distances, and every rate is the same float division the loops perform.
+* ``verification.parquet``: one row per target, tidy so that runs of several models can be
+  concatenated: ``model``, ``model_sha256``, ``target``, ``bin_sha256``, ``images``, ``n_pairs``,
+  ``n_same``, ``n_diff``, ``nfolds``, ``accuracy``, ``accuracy_std``, ``threshold_mean`` (squared
+  distance), ``val@far=1e-03``, ``val_std``, ``val_far``, ``tar@far=1e-01`` ... ``tar@far=1e-06``
+  (null when the set has too few different pairs), ``xnorm`` (mean raw embedding norm), ``seconds``
+  (decode + extract + evaluate), ``notes``, and the model and extraction settings.
+* ``verification_roc.parquet``: the ROC over all pairs, one row per point: ``model_sha256``,
+  ``target``, ``far``, ``tar``, ``threshold`` (accept iff squared distance <= threshold).
+* ``verification_roc.png``: TAR against FAR on a log axis, one curve per target.
+* ``stage.json`` last. Its inputs are the model file's sha256 and each pack's sha256, so the same
+  model on the same packs with the same settings is Skipped.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
+import argparse
+import base64
+import io
+import json
+import logging
 import os
-from typing import Any, Iterable, Sequence
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
 
-from datasets.atomic import atomic_paths
+from datasets.atomic import atomic_paths, atomic_write_bytes, remove_partials
+from datasets.errors import FormatError
+from datasets.hashing import sha256_file
+from datasets.verification_bin import decode_bin
+from tasks.evaluation.model import EvalModel, ExtractionConfig, ModelSource, load_eval_model, model_digest, rows_table
+from tasks.runtime import finished, logger, publish_markdown, publish_table
+from tasks.stage import code_version, commit_record, current_record, invalidate
+from tasks.evaluation.pairs import DEFAULT_FAR_TARGETS, evaluate_verification, far_key
 
-ACCURACY_GRID = np.arange(0, 4, 0.01)
-"""Thresholds searched for the accuracy (400 values 0.00 ... 3.99), as InsightFace ``evaluate``."""
-VAL_GRID = np.arange(0, 4, 0.001)
-"""Thresholds for VAL@FAR (4000 values), as InsightFace ``evaluate``."""
-VAL_FAR_TARGET = 1e-3
-DEFAULT_FAR_TARGETS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+__all__ = ["STAGE", "METRICS_FILE", "ROC_FILE", "PLOT_FILE", "VerificationConfig", "VerificationStageResult",
+           "run_verification", "plot_roc", "metrics_table", "verification_task", "main"]
 
-
-def fuse_flip(emb: np.ndarray, emb_flip: np.ndarray) -> np.ndarray:
-    """Flip-test fusion ``normalize(emb + emb_flip)``: raw embeddings are summed, then L2-normalised.
-
-    ``emb``, ``emb_flip``: ``(N, D)`` raw embeddings of the images and of their mirrors. Returns
-    ``(N, D)`` in the inputs' float dtype; an all-zero sum stays zero (as scikit-learn ``normalize``).
-    """
-    emb = np.asarray(emb)
-    emb_flip = np.asarray(emb_flip)
-    if emb.ndim != 2 or emb.shape != emb_flip.shape:
-        raise ValueError(f"fuse_flip needs two (N, D) arrays of the same shape, got {emb.shape} and {emb_flip.shape}")
-    total = emb + emb_flip
-    if not np.issubdtype(total.dtype, np.floating):
-        total = total.astype(np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", total, total))
-    norms[norms == 0] = 1
-    return total / norms[:, None]
+STAGE = "verification"
+METRICS_FILE = "verification.parquet"
+ROC_FILE = "verification_roc.parquet"
+PLOT_FILE = "verification_roc.png"
+_CODE_MODULES = ("tasks.verification", "tasks.evaluation.model", "tasks.evaluation.embed", "tasks.evaluation.pairs", "datasets.verification_bin")
+_TABLE_COLUMNS = ("target", "accuracy", "accuracy_std", "threshold_mean", "val@far=1e-03", "xnorm", "n_pairs", "seconds")
 
 
-def fold_bounds(n_pairs: int, nfolds: int) -> list[tuple[int, int]]:
-    """Contiguous folds ``[(start, stop), ...]`` sized like scikit-learn ``KFold(nfolds, shuffle=False)``.
+class VerificationConfig(ExtractionConfig):
+    """Parameters of the verification stage (extraction settings plus the protocol's)."""
 
-    ``nfolds == 1`` is InsightFace's ``LFold``: a single fold that is both training and test set.
-    """
-    if nfolds < 1:
-        raise ValueError(f"nfolds must be >= 1, got {nfolds}")
-    if n_pairs < nfolds:
-        raise ValueError(f"cannot split {n_pairs} pairs into {nfolds} folds")
-    sizes = np.full(nfolds, n_pairs // nfolds)
-    sizes[: n_pairs % nfolds] += 1
-    stops = np.cumsum(sizes)
-    return [(int(stop - size), int(stop)) for size, stop in zip(sizes, stops)]
+    nfolds: int = Field(10, ge=1, description="contiguous folds of the accuracy protocol (1 = train on the test set)")
+    far_targets: list[float] = Field(list(DEFAULT_FAR_TARGETS), description="FARs at which TAR is reported")
 
 
-def pair_distances(embeddings: np.ndarray) -> np.ndarray:
-    """``(2P, D)`` embeddings -> ``(P,)`` squared Euclidean distances of rows ``2i`` and ``2i+1``."""
-    return np.sum(np.square(embeddings[0::2] - embeddings[1::2]), 1)
+@dataclass
+class VerificationStageResult:
+    """Outcome of :func:`run_verification`: the written files and the metric rows (one per target)."""
+
+    out_dir: Path
+    metrics_path: Path
+    roc_path: Path
+    plot_path: Path
+    rows: list[dict[str, Any]]
+    skipped: bool
+
+    def summary_lines(self) -> list[str]:
+        """InsightFace-style log lines: ``[lfw]XNorm: ... Accuracy-Flip: 0.99500+-0.00300``."""
+        return [f"[{r['target']}]XNorm: {r['xnorm']:f} Accuracy-Flip: {r['accuracy']:1.5f}+-{r['accuracy_std']:1.5f}"
+                for r in self.rows]
 
 
-def _check_inputs(embeddings: Any, issame: Any) -> tuple[np.ndarray, np.ndarray]:
-    emb = np.asarray(embeddings)
-    if emb.ndim != 2:
-        raise ValueError(f"embeddings must be a (2P, D) array, got shape {emb.shape}")
-    if not np.issubdtype(emb.dtype, np.floating):
-        raise ValueError(f"embeddings must be floating point, got dtype {emb.dtype}")
-    same = np.asarray(issame)
-    if same.ndim != 1:
-        raise ValueError(f"issame must be a 1-D sequence of booleans, got shape {same.shape}")
-    if same.dtype != bool:
-        bad = np.flatnonzero(~np.isin(same, (0, 1)))
-        if bad.size:
-            raise ValueError(f"issame[{bad[0]}] = {same[bad[0]].item()!r} is not a boolean (expected True/False or 1/0)")
-        same = same.astype(bool)
-    if emb.shape[0] != 2 * same.shape[0]:
-        raise ValueError(
-            f"expected 2 x {same.shape[0]} = {2 * same.shape[0]} embeddings for {same.shape[0]} pairs, "
-            f"got {emb.shape[0]}"
-        )
-    finite = np.isfinite(emb).all(axis=1)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
-        col = int(np.flatnonzero(~np.isfinite(emb[row]))[0])
-        raise ValueError(
-            f"embedding row {row} (pair {row // 2}, {'first' if row % 2 == 0 else 'second'} image) "
-            f"holds {emb[row, col]} at dimension {col} (expected finite values)"
-        )
-    return emb, same
+def _target_paths(targets: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]) -> dict[str, Path]:
+    """``{name: absolute path}``; a name is the pack's file stem unless given."""
+    items = list(targets.items()) if isinstance(targets, Mapping) else [(Path(t).stem, t) for t in targets]
+    if not items:
+        raise ValueError("verification: no target .bin files given")
+    out: dict[str, Path] = {}
+    for name, target in items:
+        path = Path(target).resolve()
+        if name in out:
+            raise ValueError(f"verification: two targets are named {name!r} ({out[name]} and {path}); pass a mapping name -> path")
+        if not path.is_file():
+            raise FormatError(path, "verification pack does not exist", "a .bin pickle (lfw.bin, cfp_fp.bin, ...)")
+        out[name] = path
+    return out
 
 
-class _FoldCounts:
-    """Per fold and grid threshold: how many same / different pairs have ``d < t`` (int64 arrays)."""
-
-    def __init__(self, dist: np.ndarray, issame: np.ndarray, bounds: list[tuple[int, int]], grid: np.ndarray):
-        self.bounds = bounds
-        self.single = len(bounds) == 1
-        pos_lt, neg_lt, n_pos, n_neg = [], [], [], []
-        for start, stop in bounds:
-            d, s = dist[start:stop], issame[start:stop]
-            pos, neg = np.sort(d[s]), np.sort(d[~s])
-            pos_lt.append(np.searchsorted(pos, grid, side="left"))
-            neg_lt.append(np.searchsorted(neg, grid, side="left"))
-            n_pos.append(pos.size)
-            n_neg.append(neg.size)
-        self.pos_lt, self.neg_lt = np.array(pos_lt), np.array(neg_lt)  # (k, T)
-        self.n_pos, self.n_neg = np.array(n_pos), np.array(n_neg)  # (k,)
-
-    def train(self, f: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """``(pos_lt, neg_lt, n_pos, n_neg)`` of the training folds of fold ``f`` (all pairs if one fold)."""
-        if self.single:
-            return self.pos_lt[0], self.neg_lt[0], int(self.n_pos[0]), int(self.n_neg[0])
-        return (
-            self.pos_lt.sum(0) - self.pos_lt[f],
-            self.neg_lt.sum(0) - self.neg_lt[f],
-            int(self.n_pos.sum() - self.n_pos[f]),
-            int(self.n_neg.sum() - self.n_neg[f]),
-        )
-
-
-def far_threshold(far: np.ndarray, thresholds: np.ndarray, target: float) -> float:
-    """Threshold at which a nondecreasing FAR curve reaches ``target`` (formats-spec 4.7 closed form).
-
-    ``a`` = largest FAR <= target, ``b`` = smallest FAR > target, ``t_a`` = the largest threshold with
-    FAR ``a``, ``t_b`` = the smallest with FAR ``b``; result ``t_a + (t_b - t_a)(target - a)/(b - a)``.
-    This is a degree-1 B-spline with repeated knots, i.e. old SciPy ``interp1d(far, thresholds,
-    kind='slinear')(target)``. Returns 0.0 when the FAR never reaches ``target`` (as InsightFace).
-    When the largest FAR equals ``target`` exactly there is no ``b``: the result is ``t_a`` (old SciPy
-    returned 0.0 there when the last two FAR values were equal, an artefact not reproduced).
-    """
-    if far.size == 0 or far[-1] < target:
-        return 0.0
-    i_a = int(np.searchsorted(far, target, side="right")) - 1
-    if i_a == far.size - 1:
-        return float(thresholds[i_a])
-    a, b = far[i_a], far[i_a + 1]
-    t_a, t_b = thresholds[i_a], thresholds[i_a + 1]
-    return float(t_a + (t_b - t_a) * (target - a) / (b - a))
-
-
-def accuracy_folds(dist: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out accuracy and chosen threshold per fold, ``(nfolds,)`` each (spec 4.6).
-
-    ``dist``: ``(P,)`` squared distances, ``issame``: ``(P,)`` bool. Per fold the counts of pairs with
-    ``d < t`` for all 400 grid thresholds come from ``searchsorted`` on the fold's sorted distances;
-    training counts are the total minus the held-out fold's.
-    """
-    bounds = fold_bounds(issame.size, nfolds)
-    counts = _FoldCounts(dist, issame, bounds, ACCURACY_GRID)
-    fold_acc = np.zeros(len(bounds))
-    fold_thr = np.zeros(len(bounds))
-    for f, (start, stop) in enumerate(bounds):
-        pos_lt, neg_lt, _, n_neg = counts.train(f)
-        n_train = issame.size if counts.single else issame.size - (stop - start)
-        best = int(np.argmax((pos_lt + (n_neg - neg_lt)) / n_train))
-        correct = counts.pos_lt[f, best] + (counts.n_neg[f] - counts.neg_lt[f, best])
-        fold_acc[f] = float(correct) / (stop - start)
-        fold_thr[f] = ACCURACY_GRID[best]
-    return fold_acc, fold_thr
-
-
-def val_folds(
-    dist: np.ndarray, issame: np.ndarray, nfolds: int = 10, notes: list[str] | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per fold VAL, FAR and threshold at the training FAR of 1e-3, ``(nfolds,)`` each (spec 4.7).
-
-    A fold whose test part or training part lacks same or different pairs gets NaN (the original
-    divides by zero there) and a line in ``notes``.
-    """
-    bounds = fold_bounds(issame.size, nfolds)
-    counts = _FoldCounts(dist, issame, bounds, VAL_GRID)
-    vals = np.full(len(bounds), np.nan)
-    fars = np.full(len(bounds), np.nan)
-    thresholds = np.full(len(bounds), np.nan)
-    for f, (start, stop) in enumerate(bounds):
-        _, neg_lt, _, n_neg = counts.train(f)
-        n_pos_test, n_neg_test = int(counts.n_pos[f]), int(counts.n_neg[f])
-        if n_neg == 0 or n_pos_test == 0 or n_neg_test == 0:
-            if notes is not None:
-                notes.append(f"VAL undefined in fold {f}: it or its training folds lack same or different pairs")
-            continue
-        threshold = far_threshold(neg_lt / n_neg, VAL_GRID, VAL_FAR_TARGET)
-        d, s = dist[start:stop], issame[start:stop]
-        vals[f] = float(np.count_nonzero(d[s] < threshold)) / n_pos_test
-        fars[f] = float(np.count_nonzero(d[~s] < threshold)) / n_neg_test
-        thresholds[f] = threshold
-    return vals, fars, thresholds
-
-
-
-@dataclasses.dataclass(frozen=True)
-class TarAtFar:
-    """TAR at the largest achievable FAR <= ``target`` (accept iff score > ``threshold``)."""
-
-    target: float
-    tar: float
-    far: float
-    threshold: float
-    n_genuine: int
-    n_impostor: int
-
-
-def tar_at_far(
-    genuine_scores: np.ndarray,
-    impostor_scores: np.ndarray,
-    target: float,
-    n_impostors: int | None = None,
-) -> TarAtFar | None:
-    """TAR at the largest FAR <= ``target``; higher score = more alike (use ``-distance``).
-
-    ``impostor_scores`` may hold only the highest ``floor(target * n_impostors) + 1`` impostor scores
-    when ``n_impostors`` (the full count) is given, which is how MegaFace's 3.5e9 impostor pairs are
-    handled. Accepting iff ``score > v`` with ``v`` the ``(k+1)``-th highest impostor score, where
-    ``k = floor(target * n)``, accepts at most ``k`` impostors and as many genuine pairs as any threshold
-    that does. Returns None when ``target < 1 / n`` (too few impostor pairs to measure that FAR).
-    """
-    genuine = np.asarray(genuine_scores, dtype=np.float64).ravel()
-    impostor = np.asarray(impostor_scores, dtype=np.float64).ravel()
-    n = impostor.size if n_impostors is None else int(n_impostors)
-    if genuine.size == 0 or n == 0:
-        raise ValueError(f"TAR@FAR needs genuine and impostor pairs, got {genuine.size} and {n}")
-    if target * n < 1 - 1e-9:
-        return None
-    k = int(math.floor(target * n * (1 + 1e-12)))
-    if k >= n:
-        return TarAtFar(target, 1.0, 1.0, -math.inf, genuine.size, n)
-    if impostor.size < min(k + 1, n):
-        raise ValueError(f"need the {k + 1} highest impostor scores for FAR {target:g} of {n} pairs, got {impostor.size}")
-    v = float(np.partition(impostor, impostor.size - (k + 1))[impostor.size - (k + 1)])
-    false_accepts = int(np.count_nonzero(impostor > v))
-    tar = float(np.count_nonzero(genuine > v)) / genuine.size
-    return TarAtFar(target, tar, false_accepts / n, v, genuine.size, n)
-
-
-def roc_curve(dist: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC over all pairs: ``(far, tar, thresholds)``, one point per distinct distance plus ``(0, 0)``.
-
-    Point ``i`` accepts the pairs with ``d <= thresholds[i]`` (``thresholds[0] = -inf``). Built from one
-    stable sort and cumulative counts; both rates are nondecreasing and end at 1.
-    """
-    order = np.argsort(dist, kind="stable")
-    d, s = dist[order], issame[order]
-    tp, fp = np.cumsum(s), np.cumsum(~s)
-    last = np.r_[np.flatnonzero(d[1:] != d[:-1]), d.size - 1]
-    n_pos, n_neg = max(int(tp[-1]), 1), max(int(fp[-1]), 1)
-    far = np.r_[0.0, fp[last] / n_neg]
-    tar = np.r_[0.0, tp[last] / n_pos]
-    return far, tar, np.r_[-np.inf, d[last]]
-
-
-def far_key(target: float) -> str:
-    """Column name for a FAR target: ``1e-4 -> 'tar@far=1e-04'``."""
-    return f"tar@far={target:.0e}"
-
-
-@dataclasses.dataclass(frozen=True)
-class VerificationResult:
-    """Outcome of :func:`evaluate_verification`. Rates are fractions in [0, 1], thresholds squared distances."""
-
-    accuracy: float
-    accuracy_std: float
-    fold_accuracies: np.ndarray
-    fold_thresholds: np.ndarray
-    val: float
-    val_std: float
-    far: float
-    fold_val_thresholds: np.ndarray
-    roc_far: np.ndarray
-    roc_tar: np.ndarray
-    roc_thresholds: np.ndarray
-    tar_at_far: dict[float, TarAtFar | None]
-    xnorm: float | None
-    n_pairs: int
-    n_same: int
-    n_diff: int
-    nfolds: int
-    notes: tuple[str, ...] = ()
-
-    def to_row(self) -> dict[str, Any]:
-        """Flat scalars for a Parquet row or a Prefect table artifact (TAR columns None when not measurable)."""
-        row: dict[str, Any] = {
-            "n_pairs": self.n_pairs,
-            "n_same": self.n_same,
-            "n_diff": self.n_diff,
-            "nfolds": self.nfolds,
-            "accuracy": self.accuracy,
-            "accuracy_std": self.accuracy_std,
-            "threshold_mean": float(np.mean(self.fold_thresholds)),
-            "val@far=1e-03": self.val,
-            "val_std": self.val_std,
-            "val_far": self.far,
-            "xnorm": self.xnorm,
-        }
-        for target, hit in self.tar_at_far.items():
-            row[far_key(target)] = None if hit is None else hit.tar
-        row["notes"] = "; ".join(self.notes)
-        return row
-
-    def summary(self, name: str = "") -> str:
-        """One line in InsightFace's log style: ``[lfw]Accuracy-Flip: 0.99500+-0.00300``."""
-        text = f"[{name}]Accuracy-Flip: {self.accuracy:1.5f}+-{self.accuracy_std:1.5f}"
-        if self.xnorm is not None:
-            text = f"[{name}]XNorm: {self.xnorm:f} " + text
-        return text
-
-
-def evaluate_verification(
-    embeddings: np.ndarray,
-    issame: Sequence[bool] | np.ndarray,
-    nfolds: int = 10,
-    far_targets: Iterable[float] = DEFAULT_FAR_TARGETS,
-    raw_norms: np.ndarray | float | None = None,
-) -> VerificationResult:
-    """InsightFace verification metrics of ``embeddings`` ``(2P, D)`` float (pair ``i`` = rows ``2i, 2i+1``,
-    fused and normalised) against ``issame`` ``(P,)`` bool.
-
-    ``raw_norms``: L2 norms of the raw (pre-normalisation) embeddings, any shape; their mean is reported
-    as XNorm. Raises ``ValueError`` naming the row for NaN/inf embeddings and the counts for a size mismatch.
-    """
-    emb, same = _check_inputs(embeddings, issame)
-    dist = pair_distances(emb)
-    fold_bounds(same.size, nfolds)  # validates nfolds against the pair count
-    notes: list[str] = []
-
-    fold_acc, fold_thr = accuracy_folds(dist, same, nfolds)
-    vals, fars, val_thr = val_folds(dist, same, nfolds, notes)
-
-    n_same, n_diff = int(same.sum()), int((~same).sum())
-    roc_far, roc_tar, roc_thr = roc_curve(dist, same)
-    tars: dict[float, TarAtFar | None] = {}
-    for target in far_targets:
-        target = float(target)
-        if n_same == 0 or n_diff == 0:
-            tars[target] = None
-            continue
-        tars[target] = tar_at_far(-dist[same], -dist[~same], target)
-        if tars[target] is None:
-            notes.append(f"TAR@FAR={target:.0e} needs >= {math.ceil(1 / target):,} different pairs, this set has {n_diff:,}")
-    if n_same == 0 or n_diff == 0:
-        notes.append(f"ROC and TAR undefined: {n_same} same and {n_diff} different pairs")
-
-    xnorm = None if raw_norms is None else float(np.mean(np.asarray(raw_norms, dtype=np.float64)))
-    return VerificationResult(
-        accuracy=float(np.mean(fold_acc)),
-        accuracy_std=float(np.std(fold_acc)),
-        fold_accuracies=fold_acc,
-        fold_thresholds=fold_thr,
-        val=float(np.mean(vals)),
-        val_std=float(np.std(vals)),
-        far=float(np.mean(fars)),
-        fold_val_thresholds=val_thr,
-        roc_far=roc_far,
-        roc_tar=roc_tar,
-        roc_thresholds=roc_thr,
-        tar_at_far=tars,
-        xnorm=xnorm,
-        n_pairs=int(same.size),
-        n_same=n_same,
-        n_diff=n_diff,
-        nfolds=nfolds,
-        notes=tuple(notes),
-    )
-
-
-def write_metrics(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
-    """Write metric rows (e.g. ``[result.to_row() | {"target": "lfw"}]``) as one Parquet table, atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pylist([dict(r) for r in rows])
+def _write_parquet(path: Path, table: pa.Table) -> None:
     with atomic_paths(path) as (tmp,):
         pq.write_table(table, tmp)
+
+
+def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = "") -> Path:
+    """PNG of TAR against FAR (log axis, 1e-6 ... 1), one step curve per ``{name: (far, tar)}``.
+    Points with FAR 0 cannot be drawn on the log axis and are left out. Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lowest = 1.0
+    for name, (far, tar) in curves.items():
+        far, tar = np.asarray(far, np.float64), np.asarray(tar, np.float64)
+        keep = far > 0
+        if keep.any():
+            lowest = min(lowest, float(far[keep].min()))
+            ax.step(far[keep], tar[keep], where="post", label=name, linewidth=1.5)
+    ax.set_xscale("log")
+    ax.set_xlim(min(1e-6, lowest), 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("FAR (false accept rate)")
+    ax.set_ylabel("TAR (true accept rate)")
+    ax.grid(True, which="major", alpha=0.35)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if curves:
+        ax.legend(loc="lower right", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def _evaluate_target(model: EvalModel, name: str, path: Path, digest: str, cfg: VerificationConfig) -> tuple[dict, pa.Table]:
+    start = time.perf_counter()
+    images, issame = decode_bin(path, model.image_size)
+    emb = model.embed(images, cfg)
+    try:
+        result = evaluate_verification(emb.fused, issame, nfolds=cfg.nfolds, far_targets=cfg.far_targets,
+                                       raw_norms=emb.raw_norms)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    seconds = time.perf_counter() - start
+    logger().info("%s (%d pairs, %.1f s)", result.summary(name), result.n_pairs, seconds)
+    row = {**model.describe(), "target": name, "bin_sha256": digest, "images": int(images.shape[0]),
+           **result.to_row(), "seconds": seconds, "flip": cfg.flip, "precision": cfg.precision}
+    for target in cfg.far_targets:  # same columns whatever the set size
+        row.setdefault(far_key(float(target)), None)
+    roc = pa.table({"model_sha256": [model.digest] * len(result.roc_far), "target": [name] * len(result.roc_far),
+                    "far": result.roc_far, "tar": result.roc_tar, "threshold": result.roc_thresholds})
+    return row, roc
+
+
+def run_verification(
+    model: ModelSource,
+    targets: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike],
+    out_dir: str | os.PathLike,
+    cfg: VerificationConfig | None = None,
+    *,
+    force: bool = False,
+) -> VerificationStageResult:
+    """Evaluate ``model`` (checkpoint or ``.onnx`` path, or an ``nn.Module``) on the ``targets`` packs
+    (paths, named by file stem, or ``{name: path}``) into ``out_dir`` (see the module docstring).
+
+    Skipped (``skipped=True``, nothing loaded) when ``stage.json`` matches the model and pack digests,
+    the settings and the code; ``force`` redoes it.
+    """
+    cfg = cfg or VerificationConfig()
+    out = Path(out_dir).resolve()
+    sets = _target_paths(targets)
+    digest = model_digest(model)
+    bin_digests = {name: sha256_file(path) for name, path in sets.items()}
+    params = {"config": cfg.model_dump(mode="json"), "targets": list(sets)}
+    inputs = {"model": digest, **{f"bin:{name}": d for name, d in bin_digests.items()}}
+    code = code_version(*_CODE_MODULES)
+    paths = (out / METRICS_FILE, out / ROC_FILE, out / PLOT_FILE)
+    if force:
+        invalidate(out)
+    elif current_record(out, STAGE, params, inputs, code) is not None:
+        rows = pq.read_table(out / METRICS_FILE).to_pylist()
+        logger().info("verification: %s is up to date (%s)", out, ", ".join(f"{r['target']} {r['accuracy']:.5f}" for r in rows))
+        return VerificationStageResult(out, *paths, rows=rows, skipped=True)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partials(out)
+
+    loaded = load_eval_model(model, cfg, digest=digest)
+    logger().info("verification: %s (%s, %s input %dx%d) on %s", loaded.name, loaded.kind, loaded.normalize,
+                  *loaded.image_size, ", ".join(sets))
+    rows, rocs = [], []
+    for name, path in sets.items():
+        row, roc = _evaluate_target(loaded, name, path, bin_digests[name], cfg)
+        rows.append(row)
+        rocs.append(roc)
+    _write_parquet(out / METRICS_FILE, rows_table(rows))
+    _write_parquet(out / ROC_FILE, pa.concat_tables(rocs))
+    curves = {name: (roc.column("far").to_numpy(), roc.column("tar").to_numpy()) for name, roc in zip(sets, rocs)}
+    plot_roc(curves, out / PLOT_FILE, title=f"{loaded.name} ({digest[:12]})")
+    summary = {r["target"]: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"]} for r in rows}
+    commit_record(out, STAGE, params, inputs, code, [METRICS_FILE, ROC_FILE, PLOT_FILE], summary=summary)
+    return VerificationStageResult(out, *paths, rows=rows, skipped=False)
+
+
+def metrics_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for the ``verification-metrics`` table artifact: the headline columns, rounded."""
+    out = []
+    for r in rows:
+        keys = [*_TABLE_COLUMNS[:5], *(k for k in r if k.startswith("tar@far=")), *_TABLE_COLUMNS[5:]]
+        out.append({"model": r["model"], **{k: (round(r[k], 5) if isinstance(r.get(k), float) else r.get(k)) for k in keys}})
+    return out
+
+
+def roc_markdown(plot_path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown with the ROC plot as a data URI and one accuracy line per target."""
+    data = base64.b64encode(Path(plot_path).read_bytes()).decode("ascii")
+    lines = [f"- **{r['target']}**: accuracy {r['accuracy']:.5f} ± {r['accuracy_std']:.5f}, {r['n_pairs']} pairs" for r in rows]
+    return "\n".join(["### Verification ROC", "", f"![ROC](data:image/png;base64,{data})", "", *lines])
+
+
+@task(name="verification", cache_policy=NO_CACHE)
+def verification_task(model: str, targets: list[str] | dict[str, str], out_dir: str,
+                      cfg: VerificationConfig | None = None, force: bool = False) -> VerificationStageResult:
+    """:func:`run_verification`; publishes ``verification-metrics`` and ``verification-roc``; Skipped when up to date."""
+    result = run_verification(model, targets, out_dir, cfg, force=force)
+    name = result.rows[0]["model"] if result.rows else str(model)
+    publish_table("verification-metrics", metrics_table(result.rows), description=f"{name}: verification accuracy and TAR@FAR")
+    publish_markdown("verification-roc", roc_markdown(result.plot_path, result.rows), description=f"{name}: ROC per target")
+    return finished(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.evaluation.pairs",
+                                     description="Verification accuracy of an embedding model on .bin packs.")
+    parser.add_argument("model", help="a training checkpoint or a .onnx file")
+    parser.add_argument("targets", nargs="+", help="verification packs (lfw.bin, cfp_fp.bin, ...)")
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
+    parser.add_argument("--no-flip", action="store_true")
+    parser.add_argument("--normalize", choices=["arcface", "mxnet"])
+    parser.add_argument("--nfolds", type=int, default=10)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = VerificationConfig(batch_size=args.batch_size, device=args.device, precision="bf16" if args.bf16 else "fp32",
+                             flip=not args.no_flip, normalize=args.normalize, nfolds=args.nfolds)
+    result = run_verification(args.model, args.targets, args.out_dir, cfg, force=args.force)
+    print("\n".join(result.summary_lines()))
+    print(json.dumps({"metrics": str(result.metrics_path), "plot": str(result.plot_path), "skipped": result.skipped}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

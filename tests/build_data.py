@@ -48,7 +48,7 @@ def copy_photos(dst: Path, photos: dict[str, list[str]] = SMALL_PHOTOS) -> Path:
 @functools.lru_cache(maxsize=None)
 def aligned_small_photos() -> Path:
     """An align-stage folder of :data:`SMALL_PHOTOS` (real MTCNN on CPU), made once per process."""
-    from tasks.align import AlignConfig, run_align
+    from tasks.alignment import AlignConfig, run_align
 
     raw = copy_photos(_CACHE / "small-raw")
     out = _CACHE / "small-aligned"

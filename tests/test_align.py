@@ -23,16 +23,8 @@ from datasets.face_align import TEMPLATE_112x112, estimate_similarity, template_
 from datasets.images import decode_image, load_image
 from datasets.manifest import read_manifest
 from models.face_detector import FaceDetector
-from tasks.align import (
-    EXTRA_COLUMNS,
-    STAGE,
-    AlignConfig,
-    align_shard,
-    finalize_align,
-    parse_args,
-    plan_align,
-    run_align,
-)
+from tasks.align import parse_args
+from tasks.alignment import EXTRA_COLUMNS, STAGE, AlignConfig, align_shard, finalize_align, plan_align, run_align
 
 RAW = FACES / "raw"
 if not RAW.is_dir():

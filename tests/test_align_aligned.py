@@ -7,7 +7,8 @@ import numpy as np
 from build_data import synthetic_identities
 from datasets.images import load_image
 from datasets.manifest import read_manifest
-from tasks.align import EXTRA_COLUMNS, STAGE, AlignConfig, parse_args, run_align
+from tasks.align import parse_args
+from tasks.alignment import EXTRA_COLUMNS, STAGE, AlignConfig, run_align
 
 
 def test_aligned_crops_are_kept_or_fitted_to_the_output_size(tmp_path):

@@ -11,7 +11,7 @@ from conftest import FACES
 from datasets.errors import FormatError
 from datasets.manifest import read_manifest
 from datasets.verification_bin import decode_bin, load_bin
-from tasks.align import AlignConfig
+from tasks.alignment import AlignConfig
 from tasks.bins import EXTRA_COLUMNS, STAGE, PairsSet, read_pairs, run_bins
 
 CPU = AlignConfig(device="cpu")

@@ -17,14 +17,15 @@ from datasets.rec_layout import read_property, read_rec_index
 from datasets.verification_bin import load_bin
 from flows.build_dataset import build_dataset
 from flows.params import BuildDatasetParams
-from tasks.align import AlignConfig, run_align
+from tasks.alignment import AlignConfig, run_align
 from tasks.bins import PairsSet
-from tasks.lst import read_labels, run_lst
+from datasets.rec_layout import read_labels
+from tasks.lst import run_lst
 from tasks.merge import MergeConfig
 from tasks.pack import run_pack
 
 pytestmark = pytest.mark.prefect_server
-STAGE_TASKS = ("align-plan", "lst", "pack", "merge", "bins", "dataset")
+STAGE_TASKS = ("align-plan", "lst", "pack", "merge", "bins", "gather")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_added_photo_is_processed_alone_on_the_process_pool(prefect_server, inpu
     assert state.is_completed(), state.message
     result = state.result()
     assert result["stages"] == {"align/raw": "ran", f"align/{_aligned_label(inputs)}": "skipped", "lst": "ran",
-                                "pack": "ran", "merge": "ran", "bins/synth": "skipped", "dataset": "ran"}
+                                "pack": "ran", "merge": "ran", "bins/synth": "skipped", "gather": "ran"}
     assert result["identities"] == 9 and result["images"] == 26
     after = {p: p.stat().st_mtime_ns for p in faces.rglob("*.jpg")}
     assert set(after) - set(before) == {faces / "kit_harington" / "3.jpg"}

@@ -13,7 +13,7 @@ from models import get_backbone
 from models.partial_fc import shard_bounds
 from tasks.checkpoint import (gather_optimizer_state, link_checkpoint, load_embedder, read_checkpoint,
                               resolve_checkpoint, rng_state, save_checkpoint, set_rng_state, shard_optimizer_state)
-from tasks.train import train
+from tasks.training.trainer import train
 from train_data import tiny_config
 
 

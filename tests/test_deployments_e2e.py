@@ -20,7 +20,7 @@ from conftest import ROOT
 from datasets.rec_layout import read_rec_index
 from flows.demo import deployment_run_argv
 from flows.local import LocalStack, start_serve, stop
-from tasks.train_task import stop_process_tree
+from tasks.training.launcher import stop_process_tree
 
 pytestmark = pytest.mark.prefect_server
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -85,7 +85,7 @@ def test_both_deployments_run_to_completion_with_their_artefacts(served, first_r
 
 def test_second_runs_are_skipped(served, first_runs):
     stack = served["stack"]
-    for deployment, params, stages in (("build-dataset/default", served["build"], ("lst", "pack", "dataset")),
+    for deployment, params, stages in (("build-dataset/default", served["build"], ("lst", "pack", "gather")),
                                        ("train-and-eval/default", served["train"], ("train", "verification", "export"))):
         again = _run(stack, deployment, params)
         assert again.returncode == 0, again.stdout[-3000:]

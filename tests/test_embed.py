@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import FACES
 from datasets.errors import FormatError
-from tasks.embed import OnnxEmbedder, extract_embeddings, read_embeddings, write_embeddings
+from tasks.evaluation.embed import OnnxEmbedder, extract_embeddings, read_embeddings, write_embeddings
 
 
 def _faces(n: int = 12, size: int = 48) -> np.ndarray:

@@ -14,8 +14,8 @@ from prefect import flow
 from build_data import export_onnx
 from eval_data import CodeEmbedder, code_image, known_pairs, png, write_pack
 from flows.runs import result_of
-from tasks.evaluate import VerificationConfig, verification_task
-from tasks.megaface_stage import MegaFaceConfig, megaface_task
+from tasks.verification import VerificationConfig, verification_task
+from tasks.megaface import MegaFaceConfig, megaface_task
 
 pytestmark = pytest.mark.prefect_server
 

@@ -14,7 +14,7 @@ from build_data import export_onnx
 from datasets.errors import FormatError
 from eval_data import KNOWN, CodeEmbedder, code_image, easy_pairs, known_pairs, png, write_pack
 from models import get_backbone
-from tasks.evaluate import METRICS_FILE, PLOT_FILE, ROC_FILE, VerificationConfig, metrics_table, roc_markdown, run_verification
+from tasks.verification import METRICS_FILE, PLOT_FILE, ROC_FILE, VerificationConfig, metrics_table, roc_markdown, run_verification
 from tasks.stage import load_record
 
 CPU = VerificationConfig(device="cpu", batch_size=64)
@@ -198,7 +198,7 @@ def test_training_checkpoint_is_loaded_with_its_settings(tmp_path):
 
 
 def test_command_line(packs, tmp_path, capsys):
-    from tasks.evaluate import main
+    from tasks.verification import main
 
     args = [str(packs["onnx"]), str(packs["known"]), "--out-dir", str(tmp_path / "cli"), "--device", "cpu"]
     assert main(args) == 0

@@ -8,7 +8,7 @@ import torch
 
 from tasks.checkpoint import read_checkpoint, save_checkpoint
 from tasks.export import MODEL_FILE, export_onnx, run_export_stage
-from tasks.train import train
+from tasks.training.trainer import train
 from train_data import tiny_config
 
 

@@ -24,8 +24,8 @@ from datasets.megaface import (
     save_features,
     write_feature,
 )
-from tasks.megaface import NOISY_DISTRACTOR_VALUE, identification, remove_noises, verification_tar_at_far
-from tasks.verification import tar_at_far
+from tasks.evaluation.megaface import NOISY_DISTRACTOR_VALUE, identification, remove_noises, verification_tar_at_far
+from tasks.evaluation.pairs import tar_at_far
 
 
 # ---------------------------------------------------------------- feature files and lists

@@ -29,8 +29,8 @@ from datasets.megaface import feature_path, read_feature
 from datasets.rec_layout import InsightFaceRecWriter
 from eval_data import CodeEmbedder, CountingCodeEmbedder, code_image, fused_code, png
 from models import get_backbone
-from tasks.lst import LABELS_FILE, write_labels
-from tasks.megaface_stage import FEATURES_DIR, ImageSet, MegaFaceConfig, cmc_file_name, run_megaface
+from datasets.rec_layout import LABELS_FILE, write_labels
+from tasks.megaface import FEATURES_DIR, ImageSet, MegaFaceConfig, cmc_file_name, run_megaface
 from tasks.stage import load_record
 
 A, A_PRIME, B, C = (0, 1), (0, 2), (3, 4), (5, 6)
@@ -191,7 +191,7 @@ def test_bad_input_is_named(sets, tmp_path):
 
 
 def test_command_line(sets, tmp_path, capsys):
-    from tasks.megaface_stage import main
+    from tasks.megaface import main
 
     probes, distractors = sets["probes"], sets["distractors"]
     onnx = export_onnx(CodeEmbedder(), tmp_path / "code.onnx")

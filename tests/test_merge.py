@@ -17,8 +17,9 @@ from datasets.manifest import read_manifest
 from datasets.rec_layout import read_property, read_rec_index
 from datasets.recordio import MXIndexedRecordIO, read_idx_arrays, unpack
 from datasets.verification_bin import write_bin
-from tasks.align import AlignConfig, run_align
-from tasks.lst import read_labels, run_lst
+from tasks.alignment import AlignConfig, run_align
+from datasets.rec_layout import read_labels
+from tasks.lst import run_lst
 from tasks.merge import EXTRA_COLUMNS, STAGE, MergeConfig, identity_centres, load_embedding_model, run_merge
 from tasks.pack import run_pack
 

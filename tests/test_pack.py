@@ -23,7 +23,7 @@ from datasets.lst import InsightFaceLine, read_insightface_lst, write_insightfac
 from datasets.manifest import read_manifest
 from datasets.rec_layout import InsightFaceRecWriter, read_property, read_rec_index
 from datasets.recordio import MXIndexedRecordIO, MXRecordIO, unpack
-from tasks.align import AlignConfig, run_align
+from tasks.alignment import AlignConfig, run_align
 from tasks.lst import run_lst
 from tasks.pack import _BATCH, EXTRA_COLUMNS, STAGE, PackConfig, _SizeCheck, encoded_size, pack_order, run_pack
 

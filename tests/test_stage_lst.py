@@ -13,8 +13,9 @@ from datasets.face_align import TEMPLATE_112x112, estimate_similarities, estimat
 from datasets.images import load_image
 from datasets.lst import read_insightface_lst
 from datasets.manifest import read_manifest
-from tasks.align import AlignConfig, run_align
-from tasks.lst import EXTRA_COLUMNS, STAGE, LstConfig, read_labels, run_lst, write_labels
+from tasks.alignment import AlignConfig, run_align
+from datasets.rec_layout import read_labels, write_labels
+from tasks.lst import EXTRA_COLUMNS, STAGE, LstConfig, run_lst
 
 
 def _manifest(out):

@@ -17,8 +17,8 @@ import yaml
 
 from conftest import ROOT
 from tasks.checkpoint import read_checkpoint
-from tasks.train import train
-from tasks.train_record import read_metrics, read_status
+from tasks.training.trainer import train
+from tasks.training.record import read_metrics, read_status
 from train_data import tiny_config, tiny_dataset
 
 
@@ -83,7 +83,7 @@ def test_a_killed_run_resumes_with_the_same_losses(tmp_path: Path):
     reference = train(tiny_config(tmp_path / "a", **common))
     assert reference.step == 14
     cfg = tiny_config(tmp_path / "b", **common)
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.train", "--config", str(_write_config(cfg, tmp_path / "b.yaml"))],
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.training", "--config", str(_write_config(cfg, tmp_path / "b.yaml"))],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 240
     try:
@@ -119,7 +119,7 @@ def test_resume_on_two_gloo_ranks_reshards_the_classifier(tmp_path: Path):
     cfg = tiny_config(out, max_steps=8, verbose=2, sample_rate=0.5, resume="auto", per_batch_size=4)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "tasks.train", "--config", str(_write_config(cfg, tmp_path / "two.yaml"))],
+                           "-m", "tasks.training", "--config", str(_write_config(cfg, tmp_path / "two.yaml"))],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "saved by 1 rank(s), now 2; classifier re-sharded" in proc.stdout
@@ -164,7 +164,7 @@ def test_bad_input_names_the_option_or_file(tmp_path: Path):
 
 
 def test_command_line_errors_are_one_line(tmp_path: Path):
-    proc = subprocess.run([sys.executable, "-m", "tasks.train", "--dataset", str(tiny_dataset()), "--output",
+    proc = subprocess.run([sys.executable, "-m", "tasks.training", "--dataset", str(tiny_dataset()), "--output",
                            str(tmp_path), "--network", "r7"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: config: option 'network': network 'r7' is not a known code")

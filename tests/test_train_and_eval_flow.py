@@ -13,7 +13,7 @@ import pytest
 import prefect_api as api
 from flows.train_and_eval import train_and_eval
 from flows.train_params import TrainAndEvalParams
-from tasks.megaface_stage import ImageSet, MegaFaceConfig
+from tasks.megaface import ImageSet, MegaFaceConfig
 from tasks.stage import load_record
 from train_data import SIZE, tiny_dataset
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 from models.margins import get_margin
-from tasks.train_config import TrainConfig, load_config, parse_args
+from tasks.training.config import TrainConfig, load_config, parse_args
 
 CONFIGS = ROOT / "configs"
 

@@ -9,13 +9,13 @@ import pytest
 
 from conftest import ROOT
 from datasets.verification_bin import decode_bin
-from tasks.embed import OnnxEmbedder, extract_embeddings
+from tasks.evaluation.embed import OnnxEmbedder, extract_embeddings
 from tasks.export import export_onnx
-from tasks.synthetic_set import write_synthetic_set
-from tasks.train import train
-from tasks.train_config import load_config
-from tasks.train_record import read_metrics
-from tasks.verification import evaluate_verification
+from datasets.synthetic_set import write_synthetic_set
+from tasks.training.trainer import train
+from tasks.training.config import load_config
+from tasks.training.record import read_metrics
+from tasks.evaluation.pairs import evaluate_verification
 
 #: Training identities x images, and held-out identities x images for 600 pairs (all 56x56, seed 0).
 DATA = {"identities": 300, "images_per_identity": 10, "held_out_identities": 100, "held_out_images": 6, "pairs": 600}

@@ -15,15 +15,15 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from tasks.train_record import read_status
-from tasks.train_task import PID_FILE, alive, process_tree, run_training, stop_process_tree, training_command
+from tasks.training.record import read_status
+from tasks.training.launcher import PID_FILE, alive, process_tree, run_training, stop_process_tree, training_command
 from train_data import tiny_config
 
 
 def test_training_command():
-    assert training_command("c.yaml", 1, "py") == ["py", "-m", "tasks.train", "--config", "c.yaml"]
+    assert training_command("c.yaml", 1, "py") == ["py", "-m", "tasks.training", "--config", "c.yaml"]
     assert training_command("c.yaml", 4, "py") == ["py", "-m", "torch.distributed.run", "--standalone",
-                                                   "--nproc-per-node", "4", "-m", "tasks.train", "--config", "c.yaml"]
+                                                   "--nproc-per-node", "4", "-m", "tasks.training", "--config", "c.yaml"]
     with pytest.raises(ValueError, match="nproc must be >= 1"):
         training_command("c.yaml", 0)
 
@@ -80,8 +80,8 @@ def test_cancelling_the_parent_kills_every_rank(tmp_path: Path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     script = textwrap.dedent(f"""
         from prefect.utilities.engine import capture_sigterm
-        from tasks.train_config import load_config
-        from tasks.train_task import run_training
+        from tasks.training.config import load_config
+        from tasks.training.launcher import run_training
         with capture_sigterm():
             run_training(load_config({str(tmp_path / 'cfg.yaml')!r}), nproc=2, grace_s=20)
     """)
@@ -94,7 +94,7 @@ def test_cancelling_the_parent_kills_every_rank(tmp_path: Path):
         assert parent.poll() is None, parent.stderr.read().decode()[-2000:]
         tree = process_tree(parent.pid)
         launcher = int((out / PID_FILE).read_text())
-        ranks = [p for p in tree if p not in (parent.pid, launcher) and b"tasks.train" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ranks = [p for p in tree if p not in (parent.pid, launcher) and b"tasks.training" in Path(f"/proc/{p}/cmdline").read_bytes()
                  and b"torch.distributed.run" not in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert launcher in tree and len(ranks) == 2, tree
         assert {os.getsid(p) for p in ranks}.isdisjoint({os.getsid(launcher)})  # torchrun's own sessions
@@ -114,7 +114,7 @@ def test_a_parent_killed_outright_takes_its_child_along(tmp_path: Path):
     out = tmp_path / "run"
     cfg = tiny_config(out, max_steps=100000, epochs=100000, verbose=100000, val_targets=[])
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    script = ("from tasks.train_config import load_config\nfrom tasks.train_task import run_training\n"
+    script = ("from tasks.training.config import load_config\nfrom tasks.training.launcher import run_training\n"
               f"run_training(load_config({str(tmp_path / 'cfg.yaml')!r}))\n")
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, start_new_session=True)

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.verification import old_scipy_slinear, reference_verification, synthetic_pairs
-from tasks.verification import (
+from tasks.evaluation.pairs import (
     ACCURACY_GRID,
     evaluate_verification,
     far_threshold,

@@ -19,7 +19,7 @@ import cv2
 from datasets.rec_layout import InsightFaceRecWriter
 from datasets.verification_bin import write_bin
 from rec_fixtures import face_crops
-from tasks.train_config import TrainConfig
+from tasks.training.config import TrainConfig
 
 SIZE = 32
 IDENTITIES, IMAGES = 16, 4

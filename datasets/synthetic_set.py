@@ -1,6 +1,6 @@
 """A packed training set of generated identities (``datasets.synthetic``), for demos, tests and benchmarks.
 
-    python -m tasks.synthetic_set data/synth56 --identities 200 --images 10 --image-size 56,56
+    python -m datasets.synthetic_set data/synth56 --identities 200 --images 10 --image-size 56,56
 
 writes, with the project's real writers:
 
@@ -9,8 +9,9 @@ writes, with the project's real writers:
 * ``<val_name>.bin``: a verification pack (:func:`datasets.verification_bin.write_bin`) of ``pairs``
   LFW-style pairs (10 folds, half same / half different) over *held-out* identities: another range of
   the generator's identity numbers (from ``held_out_first``), never seen in training;
-* ``stage.json``: the parameters (commit point); an existing set with the same parameters and
-  generator code is reused, so benchmarks and tests pay for rendering once per folder.
+* ``synthetic.json``: the parameters, the generator code's digest and the output sizes, written last
+  (commit point); an existing set with the same parameters and generator code is reused, so
+  benchmarks and tests pay for rendering once per folder.
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datasets.rec_layout import InsightFaceRecWriter
+from datasets.rec_layout import REC_FILES, InsightFaceRecWriter
 from datasets.synthetic import SyntheticFaces, make_pairs
 from datasets.verification_bin import write_bin
-from tasks.stage import code_version, commit_record, current_record
+from datasets.atomic import atomic_write_text
+from datasets.hashing import sha256_bytes
 
 __all__ = ["SyntheticSet", "write_synthetic_set", "main"]
 
-STAGE = "synthetic-set"
+STAMP_FILE = "synthetic.json"
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class SyntheticSet:
 
 
 def _code() -> str:
-    return code_version("datasets.synthetic", "datasets.face_drawing", "tasks.synthetic_set")
+    return code_version("datasets.synthetic", "datasets.face_drawing", "datasets.synthetic_set")
 
 
 def write_synthetic_set(out_dir: str | Path, *, identities: int = 200, images_per_identity: int = 10,
@@ -64,7 +66,7 @@ def write_synthetic_set(out_dir: str | Path, *, identities: int = 200, images_pe
               "pairs": pairs, "held_out_first": held_out_first, "val_name": val_name, "quality": quality}
     code = _code()
     val_bin = out / f"{val_name}.bin"
-    if current_record(out, STAGE, params, {}, code) is not None:
+    if _up_to_date(out, params, code):
         return SyntheticSet(out, val_bin, identities, identities * images_per_identity, pairs, skipped=True)
 
     def jpeg(rgb: np.ndarray) -> bytes:
@@ -84,14 +86,13 @@ def write_synthetic_set(out_dir: str | Path, *, identities: int = 200, images_pe
     chosen = make_pairs(groups, num_pairs=pairs, seed=seed)
     order = [int(x) for a, b, _ in chosen for x in (a, b)]
     write_bin(val_bin, [held_images[i] for i in order], [bool(s) for _, _, s in chosen], quality=quality)
-    outputs = ["train.rec", "train.idx", "property", val_bin.name]
-    commit_record(out, STAGE, params, {}, code, outputs,
-                  summary={"images": int(len(labels)), "identities": identities, "pairs": pairs})
+    outputs = [*REC_FILES, val_bin.name]
+    atomic_write_text(out / STAMP_FILE, _stamp(params, code, out, outputs))
     return SyntheticSet(out, val_bin, identities, identities * images_per_identity, pairs, skipped=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.synthetic_set", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m datasets.synthetic_set", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--identities", type=int, default=200)
     parser.add_argument("--images", type=int, default=10, help="images per identity")

@@ -6,7 +6,7 @@ the load. :func:`load_eval_model` loads it and states what the stages need to kn
 ``(H, W)``, input normalisation (``"arcface"`` = ``(x - 127.5) / 127.5``, ``"mxnet"`` =
 ``(x - 127.5) / 128``), network code and embedding size where the file says so.
 
-Files: ``*.onnx`` -> :class:`tasks.embed.OnnxEmbedder`; a ``torch.save`` file (zip or pickle) ->
+Files: ``*.onnx`` -> :class:`tasks.evaluation.embed.OnnxEmbedder`; a ``torch.save`` file (zip or pickle) ->
 ``tasks.checkpoint.load_embedder(path) -> (module in eval mode, meta)`` (meta: ``network``,
 ``emb_size``, ``image_size``, ``normalize``), imported only when needed; anything else raises
 :class:`~datasets.errors.FormatError` naming the file.
@@ -28,7 +28,7 @@ from torch import nn
 from datasets.errors import FormatError
 from datasets.hashing import sha256_file
 from models.backbone import parse_image_size
-from tasks.embed import EmbeddingResult, Normalization, OnnxEmbedder, extract_embeddings
+from tasks.evaluation.embed import EmbeddingResult, Normalization, OnnxEmbedder, extract_embeddings
 
 __all__ = ["ExtractionConfig", "EvalModel", "ModelSource", "model_digest", "load_eval_model", "rows_table"]
 

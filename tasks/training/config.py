@@ -330,9 +330,9 @@ def _option_names() -> list[str]:
     return [*TrainConfig.model_fields, *ALIASES]
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "python -m tasks.train") -> TrainConfig:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m tasks.training") -> TrainConfig:
     """``--config x.yaml`` plus any option as ``--per-batch-size 64`` or ``--per_batch_size=64``."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train a face-recognition model (see tasks/train_config.py).",
+    parser = argparse.ArgumentParser(prog=prog, description="Train a face-recognition model (see tasks/training/config.py).",
                                      allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of options (configs/*.yaml)")
     for name in _option_names():

@@ -1,7 +1,7 @@
-"""Training from Prefect: ``run_training(cfg, nproc)`` runs ``tasks.train`` as a child process and owns it.
+"""Training in a child process: ``run_training(cfg, nproc)`` runs the trainer (``python -m tasks.training``) and owns it.
 
-The child is ``python -m tasks.train --config <output>/train_config.yaml`` for one process, or
-``python -m torch.distributed.run --standalone --nproc-per-node N -m tasks.train ...`` (torchrun) for
+The child is ``python -m tasks.training --config <output>/train_config.yaml`` for one process, or
+``python -m torch.distributed.run --standalone --nproc-per-node N -m tasks.training ...`` (torchrun) for
 several, started in its own session (``start_new_session=True``). Its output is streamed into the
 run logger: warnings, errors and other lines as they come, progress lines (``step i/n ...``) at most
 every ``log_every_s`` seconds.
@@ -13,11 +13,11 @@ checkpoint at its next log point), SIGKILL after ``grace_s`` seconds. The tree, 
 process group: torchrun starts every worker in a *new session*, so killing torchrun's group alone
 would leave the ranks running. Backstops for a parent that is killed outright (SIGKILL, so no
 ``finally``): the child is started with ``PR_SET_PDEATHSIG`` = SIGTERM (a two-line launcher sets it
-and then execs the command), the ranks set it too against torchrun's death (``tasks.train``), and
-``<output>/train.pid`` lets an ``on_cancellation`` hook call :func:`kill_training`.
+and then execs the command), the ranks set it too against torchrun's death (``tasks.training.trainer``), and
+``<output>/train.pid`` names the child while it runs.
 
-On CUDA the call holds one slot of the global concurrency limit ``gpu`` (created with limit 1 when
-missing) while the child runs, when it runs inside a Prefect flow or task run.
+``slot`` is a context manager held while the child runs (the train stage passes one slot of
+Prefect's ``gpu`` concurrency limit on CUDA).
 """
 from __future__ import annotations
 
@@ -33,24 +33,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from datasets.atomic import atomic_write_text
 from tasks.runtime import Progress, in_run, logger, publish_markdown, publish_table
-from tasks.train_config import TrainConfig
-from tasks.train_record import read_metrics, read_status
+from tasks.training.config import TrainConfig
+from tasks.training.record import read_metrics, read_status
 
-__all__ = ["TrainingRun", "run_training", "training_command", "kill_training", "stop_process_tree", "train_task",
-           "GPU_LIMIT"]
+__all__ = ["TrainingRun", "run_training", "training_command", "stop_process_tree", "CONFIG_FILE"]
 
-GPU_LIMIT = "gpu"
 CONFIG_FILE = "train_config.yaml"
 PID_FILE = "train.pid"
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]
 _PROGRESS = re.compile(r"rank\d+: step \d+/\d+ ")
 _STEP = re.compile(r"step (\d+)/(\d+)")
 _RESULT = "result: "
@@ -75,7 +71,7 @@ class TrainingRun:
 
 
 # Run argv[1:] after asking the kernel for SIGTERM when the parent (this Python process) dies; exit at once if
-# it already has. Linux keeps the death signal across execve, so torchrun / tasks.train inherit it.
+# it already has. Linux keeps the death signal across execve, so torchrun / tasks.training.trainer inherit it.
 _EXEC_WITH_PDEATHSIG = (
     "import ctypes, os, signal, sys\n"
     "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, int(signal.SIGTERM))\n"
@@ -86,13 +82,13 @@ _EXEC_WITH_PDEATHSIG = (
 
 
 def training_command(config_path: str | os.PathLike, nproc: int, python: str = sys.executable) -> list[str]:
-    """The child's argv: plain ``python -m tasks.train`` for one process, torchrun for several."""
+    """The child's argv: plain ``python -m tasks.training`` for one process, torchrun for several."""
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     if nproc == 1:
-        return [python, "-m", "tasks.train", "--config", str(config_path)]
+        return [python, "-m", "tasks.training", "--config", str(config_path)]
     return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "tasks.train", "--config", str(config_path)]
+            "-m", "tasks.training", "--config", str(config_path)]
 
 
 # --- process trees ------------------------------------------------------------------------------------------
@@ -173,47 +169,6 @@ def stop_process_tree(pid: int, grace_s: float = 30.0, popen: subprocess.Popen |
     return pids
 
 
-def kill_training(output: str | os.PathLike, grace_s: float = 10.0) -> list[int]:
-    """Stop the training child recorded in ``<output>/train.pid`` (for ``on_cancellation`` hooks)."""
-    path = Path(output) / PID_FILE
-    try:
-        pid = int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return []
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return []
-    if b"tasks.train" not in cmdline:  # the pid was reused by something else
-        return []
-    return stop_process_tree(pid, grace_s)
-
-
-# --- the Prefect side ---------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _gpu_slot(device: str, hold: bool | None) -> Iterator[None]:
-    """One slot of the ``gpu`` global concurrency limit while training on CUDA inside a Prefect run."""
-    if hold is None:
-        hold = device == "cuda" and in_run()
-    if not hold:
-        yield
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
-    with concurrency(GPU_LIMIT, occupy=1, strict=True):
-        yield
-
-
 def _reader(stream, lines: queue.Queue) -> None:
     for line in iter(stream.readline, ""):
         lines.put(line.rstrip("\n"))
@@ -270,7 +225,7 @@ class _LogForwarder:
 
 
 def run_training(cfg: TrainConfig, nproc: int = 1, *, timeout_s: float | None = None, grace_s: float = 30.0,
-                 log_every_s: float = 5.0, gpu_slot: bool | None = None, env: dict[str, str] | None = None,
+                 log_every_s: float = 5.0, slot: contextlib.AbstractContextManager | None = None, env: dict[str, str] | None = None,
                  python: str = sys.executable) -> TrainingRun:
     """Train ``cfg`` in a child process (``nproc`` ranks via torchrun when > 1) and wait for it.
 
@@ -294,7 +249,7 @@ def run_training(cfg: TrainConfig, nproc: int = 1, *, timeout_s: float | None = 
     log = logger()
     forward = _LogForwarder(log_every_s, f"train-progress-{output.name}")
     started = time.monotonic()
-    with _gpu_slot(device, gpu_slot):
+    with slot if slot is not None else contextlib.nullcontext():
         log.info("training: %s", " ".join(command))
         argv = command
         if sys.platform.startswith("linux"):  # backstop: the child gets SIGTERM if this process is killed outright
@@ -362,9 +317,3 @@ def _publish(run: TrainingRun) -> None:
                      f"at step {best.get('step', '-')}  \nlast checkpoint: `{run.last_checkpoint}`",
                      description="training run")
 
-
-@task(name="train", cache_policy=NO_CACHE)
-def train_task(cfg: TrainConfig, nproc: int = 1, timeout_s: float | None = None, grace_s: float = 30.0) -> TrainingRun:
-    """:func:`run_training` as a Prefect task; call it directly in the flow (not ``.submit``) so that a
-    cancellation reaches its ``finally`` on the main thread (prefect-notes section 7)."""
-    return run_training(cfg, nproc, timeout_s=timeout_s, grace_s=grace_s)

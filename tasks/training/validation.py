@@ -2,7 +2,7 @@
 
 Each target is a verification ``.bin`` (``datasets.verification_bin``), decoded once at the run's
 image size and kept in memory as ``(2P, H, W, 3)`` uint8; every evaluation extracts flip-fused
-embeddings (``tasks.embed``) and applies the InsightFace 10-fold protocol (``tasks.verification``).
+embeddings (``tasks.evaluation.embed``) and applies the InsightFace 10-fold protocol (``tasks.evaluation.pairs``).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from datasets.verification_bin import decode_bin
-from tasks.embed import extract_embeddings
-from tasks.verification import VerificationResult, evaluate_verification
+from tasks.evaluation.embed import extract_embeddings
+from tasks.evaluation.pairs import VerificationResult, evaluate_verification
 
 __all__ = ["resolve_val_targets", "ValidationSets"]
 

@@ -30,7 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from datasets.atomic import atomic_paths, atomic_write_text
 from datasets.hashing import params_hash
-from datasets.rec_layout import PROPERTY_FILE, read_rec_index
+from datasets.rec_layout import LABELS_FILE, PROPERTY_FILE, REC_FILES, read_rec_index
 from datasets.recordio import MXRecordIO, unpack
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, load_record
@@ -40,7 +40,7 @@ __all__ = ["STAGE", "DATASET_FILE", "DatasetResult", "gather_dataset", "sample_g
 
 STAGE = "dataset"
 DATASET_FILE = "dataset.json"
-TRAIN_FILES = ("train.rec", "train.idx", PROPERTY_FILE, "labels.csv")
+TRAIN_FILES = (*REC_FILES, LABELS_FILE)
 
 
 @dataclass
@@ -90,7 +90,7 @@ def gather_dataset(
         wanted[f"{set_name}.bin"] = Path(path).resolve()
     params = {"files": {name: str(p) for name, p in sorted(wanted.items())}, "info": dict(info or {})}
     inputs = {"files": _stamp(wanted)}
-    code = code_version("tasks.dataset")
+    code = code_version("tasks.gather")
     if not force:
         record = current_record(out, STAGE, params, inputs, code)
         if record is not None:
@@ -121,7 +121,7 @@ def gather_dataset(
     return DatasetResult(out, summary, skipped=False)
 
 
-@task(name="dataset", cache_policy=NO_CACHE)
+@task(name="gather", cache_policy=NO_CACHE)
 def gather_dataset_task(out_dir: str | os.PathLike, train_dir: str | os.PathLike,
                         bins: Mapping[str, str] | None = None, info: Mapping[str, Any] | None = None,
                         force: bool = False) -> DatasetResult:
