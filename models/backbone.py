@@ -3,7 +3,17 @@
 Codes (``--network``): ``r18 r34 r49 r50 r74 r90 r100 r101 r152 r200 r269`` (fresnet table; default
 LResNet-E-IR), ``m1`` / ``m05`` (MobileNet v1, multiplier 1 / 0.5), ``y1`` / ``y2`` (MobileFaceNet,
 2019 config: GDC output, emb 128 / 256), ``mbf`` (arcface_torch's MobileFaceNet: scale 2, GDC, emb 512),
-``i4`` (Inception-ResNet-v2), ``p68 p92 p107 p131`` (DPN), ``d121 d161 d169 d201`` (DenseNet).
+``i4`` (Inception-ResNet-v2), ``p68 p92 p107 p131`` (DPN), ``d121 d161 d169 d201`` (DenseNet),
+``iresnet18 iresnet34 iresnet50 iresnet100 iresnet200`` (arcface_torch's IResNets: IR units, basic units at
+every depth, their unit table, BN eps 1e-5; variant ``arcface_torch`` by default).
+
+Variants (``variant``) where published weights were trained with other layer settings than ours:
+
+* ``None`` (facepipe): BN eps 2e-5 everywhere (InsightFace's ``fresnet.py`` / ``symbol_utils.py``).
+* ``"arcface_torch"``: BN eps 1e-5 everywhere (PyTorch's default, arcface_torch's ``iresnet.py`` and
+  ``mobilefacenet.py``); the GDC output's FC has no bias and its last BN learns its scale.
+* ``"mxnet"``: BN eps as the 2018 MXNet symbols have it: MobileFaceNet's conv BNs (``fmobilefacenet.py``
+  passes no eps) use MXNet's default 1e-3; the embedding BNs keep 2e-5. ResNets are unchanged (2e-5).
 
 The network takes *normalised* input ``(N, 3, H, W) float32`` (InsightFace: ``(pixel - 127.5) / 128``,
 RGB) and returns the embedding ``(N, emb_size) float32`` (not L2-normalised).
@@ -23,7 +33,7 @@ from models.inception_resnet import InceptionResNetV2Trunk
 from models.layers import ACTIVATIONS, init_weights, output_shape
 from models.mobilefacenet import MobileFaceNetTrunk
 from models.mobilenet import MobileNetTrunk
-from models.resnet import RESNET_UNITS, ResNetTrunk
+from models.resnet import ARCFACE_TORCH_UNITS, RESNET_UNITS, ResNetTrunk
 
 # code -> (family, per-code defaults). Defaults not listed: emb 512, output "E".
 NETWORKS: dict[str, tuple[str, dict]] = {
@@ -36,7 +46,12 @@ NETWORKS: dict[str, tuple[str, dict]] = {
     "i4": ("inception_resnet", {}),
     **{f"p{d}": ("dpn", {"depth": d}) for d in DPN_CONFIGS},
     **{f"d{d}": ("densenet", {"depth": d}) for d in DENSENET_CONFIGS},
+    **{f"iresnet{d}": ("resnet", {"depth": d, "units": u, "variant": "arcface_torch"})
+       for d, u in ARCFACE_TORCH_UNITS.items()},
 }
+VARIANTS = ("arcface_torch", "mxnet")
+MXNET_DEFAULT_BN_EPS = 1e-3  # mx.sym.BatchNorm's default eps
+ARCFACE_TORCH_BN_EPS = 1e-5  # torch.nn.BatchNorm*'s default eps
 # Extra keyword options per family (``**kw`` of get_backbone).
 FAMILY_OPTIONS = {
     "resnet": (), "mobilenet": ("multiplier",), "mobilefacenet": ("blocks", "scale"), "inception_resnet": (),
@@ -50,6 +65,7 @@ class Backbone(nn.Module):
     def __init__(self, network: str, trunk: nn.Module, head: EmbeddingHead, image_size: tuple[int, int]):
         super().__init__()
         self.network = network
+        self.variant: str | None = None  # set by get_backbone
         self.image_size = image_size
         self.emb_size = head.out_features
         self.trunk = trunk
@@ -83,14 +99,16 @@ def network_codes() -> list[str]:
     return list(NETWORKS)
 
 
-def _trunk(family: str, spec: dict, version_input: int, version_unit: int, version_se: int, act: str) -> nn.Module:
+def _trunk(family: str, spec: dict, version_input: int, version_unit: int, version_se: int, act: str,
+           variant: str | None = None) -> nn.Module:
     if family == "resnet":
         return ResNetTrunk(spec["depth"], version_unit=version_unit, version_input=version_input,
-                           version_se=version_se, act=act)
+                           version_se=version_se, act=act, units=spec.get("units"))
     if family == "mobilenet":
         return MobileNetTrunk(spec["multiplier"], version_input, act)
     if family == "mobilefacenet":
-        return MobileFaceNetTrunk(tuple(spec["blocks"]), spec.get("scale", 1), act)
+        return MobileFaceNetTrunk(tuple(spec["blocks"]), spec.get("scale", 1), act,
+                                  first_expansion=128 if variant == "arcface_torch" else None)
     if family == "inception_resnet":
         return InceptionResNetV2Trunk(version_input)
     if family == "dpn":
@@ -100,7 +118,8 @@ def _trunk(family: str, spec: dict, version_input: int, version_unit: int, versi
 
 def get_backbone(network: str, *, emb_size: int | None = None, version_se: int = 0, version_input: int = 1,
                  version_output: str | None = None, version_unit: int = 3, version_act: str = "prelu",
-                 image_size: str | Sequence[int] = (112, 112), dropout: float = 0.4, **kw) -> Backbone:
+                 image_size: str | Sequence[int] = (112, 112), dropout: float = 0.4, variant: str | None = None,
+                 **kw) -> Backbone:
     """Build the network ``network`` (a code of ``NETWORKS``) with InsightFace's option names.
 
     ``emb_size`` / ``version_output`` default to the code's own (512 / "E"; y1 128 / GDC, y2 256 / GDC).
@@ -108,6 +127,7 @@ def get_backbone(network: str, *, emb_size: int | None = None, version_se: int =
     ``version_input`` 0 = 7x7/2 stem + max-pool, 1 = L (3x3/1 stem); ``version_act`` prelu | relu
     (Inception-ResNet keeps its ReLU); ``dropout`` is the rate of outputs E and F. Extra ``kw``:
     ``multiplier`` (m*), ``blocks`` / ``scale`` (y*, mbf), ``densenet_dropout`` (d*).
+    ``variant``: ``None``, ``"arcface_torch"`` or ``"mxnet"`` (module docstring); default: the code's own.
     Weights are initialised arcface_torch-style (kaiming-normal convs).
     """
     code = str(network).strip().lower()
@@ -128,19 +148,42 @@ def get_backbone(network: str, *, emb_size: int | None = None, version_se: int =
     if version_unit not in (1, 2, 3):
         raise ValueError(f"version_unit {version_unit!r} is not supported (expected 1, 2 or 3)")
     spec = {**defaults, **kw}
+    variant = variant if variant is not None else spec.get("variant")
+    if variant not in (None, *VARIANTS):
+        raise ValueError(f"variant {variant!r} is not known (expected one of {', '.join(VARIANTS)}, or None)")
+    if variant == "arcface_torch" and (version_unit != 3 or version_input != 1 or version_se) and family == "resnet":
+        raise ValueError(f"variant 'arcface_torch' of {code!r} is the IR network with input L "
+                         f"(version_unit 3, version_input 1, version_se 0)")
     size = parse_image_size(image_size)
     emb = int(emb_size if emb_size is not None else spec.get("emb_size", 512))
     if emb < 1:
         raise ValueError(f"emb_size {emb_size!r} must be a positive integer")
     option = normalize_option(version_output if version_output is not None else spec.get("version_output", "E"))
-    trunk = _trunk(family, spec, version_input, version_unit, version_se, version_act)
+    trunk = _trunk(family, spec, version_input, version_unit, version_se, version_act, variant)
     try:
         _, channels, h, w = output_shape(trunk, (1, 3, *size))
     except RuntimeError as exc:
         raise ValueError(f"image_size {size} is too small for {code!r}: {exc}") from None
     if h < 1 or w < 1:
         raise ValueError(f"image_size {size} is too small for {code!r} (last feature map {h}x{w})")
-    head = EmbeddingHead(option, channels, (h, w), emb, dropout, version_act)
+    head = EmbeddingHead(option, channels, (h, w), emb, dropout, version_act,
+                         arcface_gdc=variant == "arcface_torch" and option == "GDC")
     model = Backbone(code, trunk, head, size)
+    model.variant = variant
+    _apply_variant_eps(model, family, variant)
     init_weights(model)
     return model
+
+
+def _apply_variant_eps(model: Backbone, family: str, variant: str | None) -> None:
+    """Set the BN eps of ``variant`` (see the module docstring) on every BatchNorm of ``model``."""
+    if variant == "arcface_torch":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eps = ARCFACE_TORCH_BN_EPS
+    elif variant == "mxnet" and family == "mobilefacenet":
+        convs = [model.trunk] + ([model.head.layers[1]] if model.head.option == "GDC" else [])
+        for part in convs:
+            for m in part.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eps = MXNET_DEFAULT_BN_EPS

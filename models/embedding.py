@@ -17,6 +17,9 @@ F           BN -> Dropout(p) -> FC (2018 code; the README's wording "BN-PReLU-Dr
 G           BN -> FC;  H: FC;  I: BN -> FC -> fixed-gamma BN;  J: FC -> fixed-gamma BN
 GDC         depthwise conv over the whole map (k = h x w, no pad) -> BN -> FC -> fixed-gamma BN
 ==========  ==================================================================================
+
+arcface_torch's MobileFaceNet GDC differs in two places (``arcface_gdc=True``): its FC has no bias and
+its last BatchNorm1d learns its scale.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ class EmbeddingHead(nn.Module):
     """
 
     def __init__(self, option: str, in_channels: int, feature_size: tuple[int, int], emb_size: int = 512,
-                 dropout: float = 0.4, act: str = "prelu"):
+                 dropout: float = 0.4, act: str = "prelu", arcface_gdc: bool = False):
         super().__init__()
         opt = normalize_option(option)
         h, w = feature_size
@@ -71,8 +74,8 @@ class EmbeddingHead(nn.Module):
                     layers.append(activation(act, emb_size))
         elif opt == "GDC":
             layers = [nn.Conv2d(in_channels, in_channels, (h, w), groups=in_channels, bias=False),
-                      batch_norm2d(in_channels), nn.Flatten(), nn.Linear(in_channels, emb_size),
-                      FixedGammaBatchNorm1d(emb_size)]
+                      batch_norm2d(in_channels), nn.Flatten(), nn.Linear(in_channels, emb_size, bias=not arcface_gdc),
+                      nn.BatchNorm1d(emb_size) if arcface_gdc else FixedGammaBatchNorm1d(emb_size)]
         else:
             bn_first = opt in ("E", "F", "G", "I")
             drop = opt in ("E", "F")

@@ -46,13 +46,16 @@ def _residual_stack(channels: int, expansion: int, count: int, act: str) -> nn.S
 class MobileFaceNetTrunk(nn.Module):
     """MobileFaceNet up to the 512-channel 1x1 conv; ``blocks`` = units in the four residual stages."""
 
-    def __init__(self, blocks: tuple[int, int, int, int] = (1, 4, 6, 2), scale: int = 1, act: str = "prelu"):
+    def __init__(self, blocks: tuple[int, int, int, int] = (1, 4, 6, 2), scale: int = 1, act: str = "prelu",
+                 first_expansion: int | None = None):
+        """``first_expansion``: expansion width of the first residual stack when ``blocks[0] > 1``
+        (InsightFace: ``64 * scale``; arcface_torch: 128 at every scale)."""
         super().__init__()
         if len(blocks) != 4 or any(int(b) < 1 for b in blocks):
             raise ValueError(f"MobileFaceNet blocks {blocks!r} must be four positive unit counts, e.g. (1, 4, 6, 2)")
         c1, c2 = 64 * scale, 128 * scale
         first = ConvBNAct(c1, c1, 3, 1, groups=64, act=act) if blocks[0] == 1 \
-            else _residual_stack(c1, c1, blocks[0], act)
+            else _residual_stack(c1, first_expansion or c1, blocks[0], act)
         self.layers = nn.Sequential(
             ConvBNAct(3, c1, 3, 2, act=act),
             first,

@@ -10,6 +10,10 @@ Units (``bn`` BatchNorm, ``act`` PReLU/ReLU, ``*`` marks the strided conv):
 * v2 (pre-activation): bn-act, then conv*-bn-act-conv; the projection shortcut reads the pre-activated input.
 * v3 (IR): bn-conv-bn-act-conv*-bn (+ shortcut), no activation after the sum.
 
+arcface_torch's ``iresnet18/34/50/100/200`` are v3 (IR) units with basic (two 3x3 conv) units at every depth,
+input L, and their own unit table (``ARCFACE_TORCH_UNITS``: iresnet200 is (6, 26, 60, 6), not fresnet's
+bottleneck r200); their BN eps 1e-5 is set by ``get_backbone(variant="arcface_torch")``.
+
 Input ``(N, 3, H, W) float32``; output ``(N, C, H/16, W/16)`` with input L (stem 3x3/1),
 ``(N, C, H/32, W/32)`` (rounded up) with input 0 (stem 7x7/2 + 3x3/2 max-pool).
 """
@@ -25,6 +29,10 @@ RESNET_UNITS: dict[int, tuple[int, int, int, int]] = {
     269: (3, 30, 48, 8),
 }
 UNIT_VERSIONS = (1, 2, 3)
+# arcface_torch backbones/iresnet.py: iresnetN -> units per stage (IBasicBlock at every depth).
+ARCFACE_TORCH_UNITS: dict[int, tuple[int, int, int, int]] = {
+    18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6),
+}
 
 # Unit bodies as op lists: "bn", "act", or (kernel, width, strided) for a conv; width "mid" is out/4 in a
 # bottleneck and out otherwise. Keys: (version_unit, bottleneck, stride_on_first_conv).
@@ -101,20 +109,26 @@ def resnet_stem(version_input: int, channels: int, act: str) -> nn.Sequential:
 
 
 class ResNetTrunk(nn.Module):
-    """fresnet trunk of a given depth (keys of ``RESNET_UNITS``); ``out_channels`` is 512 or 2048."""
+    """fresnet trunk of a given depth (keys of ``RESNET_UNITS``); ``out_channels`` is 512 or 2048.
+
+    ``units``: units per stage instead of the fresnet table's (then basic units unless ``bottleneck``),
+    e.g. ``ARCFACE_TORCH_UNITS[200]``.
+    """
 
     def __init__(self, depth: int, *, version_unit: int = 3, version_input: int = 1, version_se: int = 0,
-                 act: str = "prelu"):
+                 act: str = "prelu", units: tuple[int, int, int, int] | None = None, bottleneck: bool | None = None):
         super().__init__()
-        if depth not in RESNET_UNITS:
+        if units is None and depth not in RESNET_UNITS:
             raise ValueError(f"ResNet depth {depth} is not in the fresnet table "
                              f"(expected one of {', '.join(map(str, RESNET_UNITS))})")
-        bottleneck = depth >= 101
+        table = tuple(units) if units is not None else RESNET_UNITS[depth]
+        if bottleneck is None:
+            bottleneck = units is None and depth >= 101
         filters = (64, 256, 512, 1024, 2048) if bottleneck else (64, 64, 128, 256, 512)
         self.stem = resnet_stem(version_input, filters[0], act)
         stages = []
         channels = filters[0]
-        for i, count in enumerate(RESNET_UNITS[depth]):
+        for i, count in enumerate(table):
             stride = 1 if (i == 0 and version_input == 0) else 2
             unit_kw = dict(version_unit=version_unit, bottleneck=bottleneck, version_input=version_input,
                            version_se=version_se, act=act)
