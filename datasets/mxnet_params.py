@@ -228,6 +228,8 @@ def resolve_mxnet_checkpoint(spec: str | os.PathLike) -> MXNetCheckpoint | None:
     if match and not Path(text).exists():
         prefix, epoch = match["prefix"], int(match["epoch"])
         params = Path(f"{prefix}-{epoch:04d}.params")
+        if not params.is_file():
+            return None  # maybe prefix-NNNN.pt
     elif text.endswith(".params"):
         params = Path(text)
         prefix = re.sub(r"-\d+\.params$", "", text) if re.search(r"-\d+\.params$", text) else text[: -len(".params")]

@@ -18,7 +18,12 @@ Contents (a dict; every tensor on the CPU):
 * ``rng``: one entry per rank: python ``random``, numpy legacy ``MT19937``, torch CPU and CUDA states.
 * ``config``: the full :class:`tasks.training.config.TrainConfig` as a dict.
 
-:func:`load_embedder` is what other stages use (merge de-duplication, evaluation, export).
+:func:`load_embedder` is what other stages use (merge de-duplication, evaluation, export, ``pretrained``).
+It also takes published models (:func:`load_embedder` docstring): an arcface_torch ``backbone.pth``
+state dict and a 2018 InsightFace MXNet checkpoint (``prefix,epoch`` / ``prefix-NNNN.params`` /
+``prefix-symbol.json``), converted onto our backbones by :mod:`models.published`. Every torch file is
+read with ``torch.load(weights_only=True)``: a pickle that would import or call anything else is
+refused (:func:`safe_torch_load`) before any of it runs.
 """
 from __future__ import annotations
 
@@ -35,11 +40,15 @@ from torch import nn
 
 from datasets.atomic import atomic_paths
 from datasets.errors import FormatError
+from datasets.hashing import sha256_file
+from datasets.mxnet_params import MXNetCheckpoint, read_params, read_symbol, resolve_mxnet_checkpoint
 from models.backbone import Backbone, get_backbone
 from models.partial_fc import gather_shards, shard_bounds
+from models.published import Imported, from_arcface_torch, from_mxnet, is_arcface_torch_state, mxnet_normalization
 
 __all__ = ["FORMAT", "VERSION", "resolve_checkpoint", "save_checkpoint", "link_checkpoint", "read_checkpoint",
-           "build_backbone", "load_embedder", "check_same_network", "gather_optimizer_state",
+           "build_backbone", "load_embedder", "check_same_network", "gather_optimizer_state", "safe_torch_load",
+           "model_files", "model_files_digest", "model_source_kind", "MODEL_KINDS",
            "shard_optimizer_state", "rng_state", "set_rng_state"]
 
 FORMAT = "facepipe-train-checkpoint"
@@ -143,16 +152,123 @@ def load_backbone_weights(model: Backbone, state: dict[str, Any], path: str | os
                          f"this run's backbone ({str(exc).splitlines()[0]})") from None
 
 
-def load_embedder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """The embedding network of a checkpoint, in eval mode on the CPU, and its ``meta``.
+MODEL_KINDS = ("checkpoint", "arcface_torch", "mxnet")
+_NORMALIZATIONS = {(127.5, 0.0078125): "mxnet", (127.5, 1.0 / 127.5): "arcface"}
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file whose pickle would import or call anything
+    but tensors and plain containers is refused with a ``FormatError`` (nothing of it runs)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - zip/pickle errors and the weights_only refusal
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text:
+            found = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line), "")
+            raise FormatError(path, f"is refused: its pickle would load code, not only weights ({found[:200]})",
+                              "a torch.save file of tensors (torch.load weights_only=True); nothing of it was run") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        raise FormatError(path, f"cannot be read as a torch file ({(lines[0] if lines else type(exc).__name__)[:300]})",
+                          "a torch.save file") from None
+
+
+def model_files(spec: str | os.PathLike) -> list[Path]:
+    """The files that hold the model named by ``spec``: one ``.pt``/``.pth``/``.onnx`` file, or an MXNet
+    checkpoint's ``-symbol.json`` and ``.params``. Raises ``FileNotFoundError`` naming what is missing."""
+    mx = resolve_mxnet_checkpoint(spec)
+    if mx is not None:
+        return mx.files
+    return [resolve_checkpoint(spec)]
+
+
+def model_files_digest(spec: str | os.PathLike) -> str:
+    """sha256 of the model file; for an MXNet checkpoint, sha256 of its two files' sha256 in order."""
+    files = model_files(spec)
+    if len(files) == 1:
+        return sha256_file(files[0])
+    import hashlib
+
+    return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
+
+
+def model_source_kind(spec: str | os.PathLike) -> str | None:
+    """``"mxnet"`` for an MXNet checkpoint spelling, ``"onnx"`` for ``*.onnx``, None otherwise (a torch file)."""
+    text = os.fspath(spec)
+    if text.lower().endswith(".onnx"):
+        return "onnx"
+    try:
+        return "mxnet" if resolve_mxnet_checkpoint(text) is not None else None
+    except FileNotFoundError:
+        return "mxnet"
+
+
+def _imported_meta(imported: Imported, normalize: str) -> dict[str, Any]:
+    args = imported.backbone_args
+    return {"network": args["network"], "emb_size": imported.model.emb_size, "image_size": list(imported.model.image_size),
+            "normalize": normalize, "backbone_args": dict(args), "step": None, "source": imported.source,
+            "architecture": imported.architecture, "conversion": imported.conversion}
+
+
+def _load_mxnet(ckpt: MXNetCheckpoint, image_size) -> tuple[nn.Module, dict[str, Any]]:
+    nodes = read_symbol(ckpt.symbol)
+    args, aux = read_params(ckpt.params)
+    norm = mxnet_normalization(nodes)
+    normalize = _NORMALIZATIONS.get(norm) if norm else None
+    if normalize is None:
+        raise FormatError(ckpt.symbol, f"input normalisation {'(x - %g) * %g' % norm if norm else 'none in the graph'}",
+                          "(x - 127.5) * 0.0078125 (_minusscalar0 / _mulscalar0) as InsightFace's 2018 symbols")
+    try:
+        imported = from_mxnet(args, aux, nodes, image_size=image_size)
+    except ValueError as exc:
+        raise FormatError(ckpt.params, str(exc)) from None
+    meta = _imported_meta(imported, normalize)
+    meta["conversion"] += f"; input (x - 127.5) * 0.0078125 from {ckpt.symbol.name} -> normalize {normalize}"
+    return imported.model, meta
+
+
+def _unwrap_state_dict(state: Any) -> Any:
+    """A state dict nested as ``{"state_dict": ...}`` / ``{"model": ...}`` / ``{"backbone": ...}`` (common wrappers)."""
+    if isinstance(state, dict) and not is_arcface_torch_state(state):
+        for key in ("state_dict", "model", "backbone", "model_state_dict"):
+            inner = state.get(key)
+            if is_arcface_torch_state(inner):
+                return inner
+    return state
+
+
+def load_embedder(path: str | os.PathLike, *, image_size: tuple[int, int] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The embedding network of a model file, in eval mode on the CPU, and its ``meta``.
+
+    ``path``: a facepipe training checkpoint (``.pt``, or ``"prefix,epoch"`` for ``prefix-NNNN.pt``); an
+    arcface_torch ``backbone.pth`` state dict (IResNet ``iresnet18..200``, MobileFaceNet ``mbf``; fp16 or
+    fp32); or an InsightFace MXNet checkpoint (``"prefix,epoch"``, ``prefix-NNNN.params`` or
+    ``prefix-symbol.json``: LResNet-E-IR ``r18/34/50/100``-style and MobileFaceNet ``y1``). ``image_size``
+    is needed only for foreign weights whose last feature map is not square.
 
     The module maps normalised ``(N, 3, H, W) float32`` (``meta["normalize"]``: ``"arcface"`` =
     ``(x - 127.5) / 127.5``, ``"mxnet"`` = ``(x - 127.5) / 128``, RGB) to raw ``(N, emb_size)``
     embeddings. ``meta`` has at least ``network``, ``emb_size``, ``image_size`` ``[H, W]``,
-    ``normalize`` and ``backbone_args``.
+    ``normalize``, ``backbone_args`` and ``source`` (``facepipe`` / ``arcface_torch`` / ``mxnet``);
+    imported models add ``architecture`` and ``conversion`` (one line saying what was converted).
     """
+    mx = resolve_mxnet_checkpoint(path)
+    if mx is not None:
+        return _load_mxnet(mx, image_size)
     path = resolve_checkpoint(path)
-    state = read_checkpoint(path)
+    try:
+        state = read_checkpoint(path)
+    except FormatError as not_ours:
+        inner = _unwrap_state_dict(safe_torch_load(path))  # refuses a pickle that would run code
+        if not is_arcface_torch_state(inner):
+            raise not_ours from None
+        try:
+            imported = from_arcface_torch(inner, image_size=image_size)
+        except ValueError as exc:
+            raise FormatError(path, str(exc)) from None
+        return imported.model, _imported_meta(imported, "arcface")
     meta = dict(state["meta"])
     try:
         model = build_backbone(meta["backbone_args"])
@@ -160,6 +276,7 @@ def load_embedder(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         raise FormatError(path, f"meta backbone_args {meta.get('backbone_args')!r} do not build a network ({exc})") from None
     load_backbone_weights(model, state, path, "load the embedding network")
     model.eval()
+    meta.setdefault("source", "facepipe")
     return model, meta
 
 

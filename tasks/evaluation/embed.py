@@ -4,7 +4,9 @@
 callable that maps a normalised ``(B, 3, H, W)`` float32 batch to ``(B, D)`` raw embeddings, runs the
 mirrored images too, sums the two raw embeddings and L2-normalises the sum (InsightFace order).
 Input normalisation: ``"arcface"`` = ``((x / 255) - 0.5) / 0.5`` (arcface_torch), ``"mxnet"`` =
-``(x - 127.5) / 128`` (what 2018 MXNet models do inside their graph, for ported weights).
+``(x - 127.5) / 128`` (what 2018 MXNet models do inside their graph, for ported weights), ``"none"`` =
+pixels as float32 0..255 (for ONNX graphs that normalise their input themselves: insightface's
+``ArcFaceONNX`` input_mean 0 / input_std 1). ``bgr=True`` feeds the channels in BGR order.
 
 On CUDA: uint8 batches go host -> device from pinned memory without blocking, are normalised on the
 device in channels_last layout, and results come back without a per-batch synchronisation, so the
@@ -27,8 +29,12 @@ from torch import nn
 from datasets.atomic import atomic_paths
 from datasets.errors import FormatError
 
-Normalization = Literal["arcface", "mxnet"]
-_NORMALIZATION = {"arcface": (127.5, 1.0 / 127.5), "mxnet": (127.5, 1.0 / 128.0)}
+Normalization = Literal["arcface", "mxnet", "none"]
+_NORMALIZATION = {"arcface": (127.5, 1.0 / 127.5), "mxnet": (127.5, 1.0 / 128.0), "none": (0.0, 1.0)}
+#: Normalisation -> (input_mean, input_std) in insightface's model_zoo terms ((x - mean) / std).
+MEAN_STD = {"arcface": (127.5, 127.5), "mxnet": (127.5, 128.0), "none": (0.0, 1.0)}
+#: ONNX node names (or op types) of an in-graph input normalisation, as insightface's ArcFaceONNX looks for them.
+_SUB_NAMES, _MUL_NAMES = ("Sub", "_minus"), ("Mul", "_mul")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +145,7 @@ def extract_embeddings(
     device: str | torch.device = "auto",
     normalize: Normalization = "arcface",
     amp_dtype: torch.dtype | None = None,
+    bgr: bool = False,
 ) -> EmbeddingResult:
     """Embeddings of ``images`` (``(N, H, W, 3)`` uint8 RGB, or an iterable of such batches).
 
@@ -172,7 +179,8 @@ def extract_embeddings(
         with torch.inference_mode():
             for batch in batches:
                 n = batch.shape[0]
-                x = _to_device(batch, dev).permute(0, 3, 1, 2).float().sub_(mean).mul_(scale)
+                x = _to_device(batch, dev).permute(0, 3, 1, 2)
+                x = (x.flip(1) if bgr else x).float().sub_(mean).mul_(scale)
                 x = x.contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)
                 raw = _forward(model, x, amp_dtype, n)
                 norms = [raw.norm(dim=1)]
@@ -207,6 +215,13 @@ class OnnxEmbedder:
     ``providers``: onnxruntime execution providers; default CUDA when onnxruntime has it, then CPU.
     A model exported with a fixed batch size is fed in chunks of that size (the last one zero-padded).
     Inputs are given to onnxruntime from host memory, so ``device`` is ``"cpu"``.
+
+    Input convention, found as insightface's ``model_zoo.ArcFaceONNX`` finds it: ``in_graph_normalization``
+    is True when the first 8 nodes include a subtraction and a multiplication (node names starting
+    ``Sub``/``_minus`` and ``Mul``/``_mul``, as MXNet-converted models have, or ``Sub`` and ``Mul`` ops fed
+    from the graph input): such a model takes pixels 0..255 (normalisation ``"none"``); otherwise
+    ``(x - 127.5) / 127.5``. ``metadata``: the model's metadata properties (facepipe exports record
+    ``normalize`` there, which wins). :attr:`normalization` is the result.
     """
 
     device = "cpu"
@@ -230,9 +245,39 @@ class OnnxEmbedder:
             raise FormatError(self.path, f"model inputs {shapes}", "one input of rank 4 (B, 3, H, W)")
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map or {})
+        self.in_graph_normalization, self.first_nodes = self._find_input_normalization()
         self.input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
         batch = inputs[0].shape[0]
         self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
+
+    def _find_input_normalization(self) -> tuple[bool, list[str]]:
+        import onnx
+
+        try:
+            graph = onnx.load(str(self.path), load_external_data=False).graph
+        except Exception:  # noqa: BLE001 - onnxruntime could load it; then only the default applies
+            return False, []
+        nodes = list(graph.node[:8])
+        described = [f"{n.name or '?'}:{n.op_type}" for n in nodes]
+        by_name_sub = any(n.name.startswith(_SUB_NAMES) for n in nodes)
+        by_name_mul = any(n.name.startswith(_MUL_NAMES) for n in nodes)
+        reach = {self.input_name}
+        by_op_sub = by_op_mul = False
+        for n in nodes:  # Sub and Mul ops on the path from the input (names may be empty or generic)
+            if any(i in reach for i in n.input):
+                reach.update(n.output)
+                by_op_sub |= n.op_type == "Sub"
+                by_op_mul |= n.op_type in ("Mul", "Div")
+        return (by_name_sub and by_name_mul) or (by_op_sub and by_op_mul), described
+
+    @property
+    def normalization(self) -> Normalization:
+        """The input normalisation this model expects (see the class docstring)."""
+        recorded = self.metadata.get("normalize")
+        if recorded in _NORMALIZATION:
+            return recorded  # type: ignore[return-value]
+        return "none" if self.in_graph_normalization else "arcface"
 
     def __call__(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
         arr = x.detach().to("cpu").numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -6,10 +6,15 @@ the load. :func:`load_eval_model` loads it and states what the stages need to kn
 ``(H, W)``, input normalisation (``"arcface"`` = ``(x - 127.5) / 127.5``, ``"mxnet"`` =
 ``(x - 127.5) / 128``), network code and embedding size where the file says so.
 
-Files: ``*.onnx`` -> :class:`tasks.evaluation.embed.OnnxEmbedder`; a ``torch.save`` file (zip or pickle) ->
-``tasks.checkpoint.load_embedder(path) -> (module in eval mode, meta)`` (meta: ``network``,
-``emb_size``, ``image_size``, ``normalize``), imported only when needed; anything else raises
-:class:`~datasets.errors.FormatError` naming the file.
+Files: ``*.onnx`` -> :class:`tasks.evaluation.embed.OnnxEmbedder` (input convention detected from the graph
+as insightface's model zoo does: pixels 0..255 for graphs that normalise their input with Sub/Mul
+nodes, else ``(x - 127.5) / 127.5``); a ``torch.save`` file (zip or pickle; a facepipe training
+checkpoint or an arcface_torch ``backbone.pth``) or an MXNet checkpoint (``"prefix,epoch"``,
+``prefix-NNNN.params``, ``prefix-symbol.json``) -> ``tasks.checkpoint.load_embedder(path) -> (module in
+eval mode, meta)`` (meta: ``network``, ``emb_size``, ``image_size``, ``normalize``, ``source``,
+``conversion``), imported only when needed; anything else raises :class:`~datasets.errors.FormatError`
+naming the file. ``ExtractionConfig.normalize`` / ``channel_order`` override what was detected; an
+override that contradicts the model's own convention is logged as a warning (never silent).
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ from torch import nn
 from datasets.errors import FormatError
 from datasets.hashing import sha256_file
 from models.backbone import parse_image_size
-from tasks.evaluation.embed import EmbeddingResult, Normalization, OnnxEmbedder, extract_embeddings
+from tasks.runtime import logger
+from tasks.evaluation.embed import MEAN_STD, EmbeddingResult, Normalization, OnnxEmbedder, extract_embeddings
 
 __all__ = ["ExtractionConfig", "EvalModel", "ModelSource", "model_digest", "load_eval_model", "rows_table"]
 
@@ -47,8 +53,11 @@ class ExtractionConfig(BaseModel):
     flip: bool = Field(True, description="flip test: embed each image and its mirror, sum, L2-normalise")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where a torch model runs (auto: CUDA when present)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast for torch models (CUDA); fp32 otherwise")
-    normalize: Literal["arcface", "mxnet"] | None = Field(
-        None, description="input normalisation; default: the checkpoint's, else arcface (x-127.5)/127.5")
+    normalize: Literal["arcface", "mxnet", "none"] | None = Field(
+        None, description="input normalisation: arcface (x-127.5)/127.5, mxnet (x-127.5)/128, none (pixels 0..255, "
+                          "for graphs that normalise inside); default: the model's own (checkpoint meta, ONNX graph)")
+    channel_order: Literal["rgb", "bgr"] | None = Field(
+        None, description="channel order fed to the model; default rgb (every InsightFace and arcface_torch model)")
     image_size: tuple[int, int] | None = Field(
         None, description="input (height, width); default: the model's, else 112x112")
     network: str | None = Field(None, description="expected network code; a checkpoint of another network is refused")
@@ -62,11 +71,13 @@ class EvalModel:
     embedder: Callable[[Any], Any]
     name: str
     digest: str
-    kind: Literal["checkpoint", "onnx", "module"]
+    kind: Literal["checkpoint", "onnx", "module", "arcface_torch", "mxnet"]
     image_size: tuple[int, int]
     normalize: Normalization
     network: str | None
     emb_size: int | None
+    channel_order: Literal["rgb", "bgr"] = "rgb"
+    conversion: str | None = None
 
     def embed(
         self, images: np.ndarray | Iterable[np.ndarray], cfg: ExtractionConfig,
@@ -75,19 +86,22 @@ class EvalModel:
         module = isinstance(self.embedder, nn.Module)
         amp = torch.bfloat16 if cfg.precision == "bf16" and module else None
         return extract_embeddings(self.embedder, images, batch_size=cfg.batch_size, flip=cfg.flip,
-                                  device=cfg.device if module else "auto", normalize=self.normalize, amp_dtype=amp)
+                                  device=cfg.device if module else "auto", normalize=self.normalize, amp_dtype=amp,
+                                  bgr=self.channel_order == "bgr")
 
     def describe(self) -> dict[str, Any]:
-        """Scalars for a metrics row."""
+        """Scalars for a metrics row (``model_kind``: checkpoint, arcface_torch, mxnet, onnx or module;
+        ``conversion``: what an import converted, else None)."""
         return {"model": self.name, "model_sha256": self.digest, "model_kind": self.kind, "network": self.network,
                 "emb_size": self.emb_size, "image_size": f"{self.image_size[0]}x{self.image_size[1]}",
-                "normalize": self.normalize}
+                "normalize": self.normalize, "channel_order": self.channel_order, "conversion": self.conversion}
 
 
 #: Types of the :meth:`EvalModel.describe` columns, so that tables of several models concatenate.
 DESCRIBE_TYPES: dict[str, pa.DataType] = {
     "model": pa.string(), "model_sha256": pa.string(), "model_kind": pa.string(), "network": pa.string(),
-    "emb_size": pa.int64(), "image_size": pa.string(), "normalize": pa.string(),
+    "emb_size": pa.int64(), "image_size": pa.string(), "normalize": pa.string(), "channel_order": pa.string(),
+    "conversion": pa.string(),
 }
 
 
@@ -113,16 +127,29 @@ def _module_digest(module: nn.Module) -> str:
 
 
 def model_digest(model: ModelSource) -> str:
-    """sha256 of the model file, or of an ``nn.Module``'s class name and weights."""
+    """sha256 of the model file (an MXNet checkpoint: of its two files), or of an ``nn.Module``'s class name
+    and weights."""
     if isinstance(model, nn.Module):
         return _module_digest(model)
     path = Path(model)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: embedding model not found (expected a .onnx file or a training checkpoint)")
+        from tasks.checkpoint import model_files_digest  # "prefix,epoch" and MXNet checkpoints
+
+        try:
+            return model_files_digest(model)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{path}: embedding model not found ({exc}; expected a .onnx file, a checkpoint "
+                                    f"or an MXNet 'prefix,epoch')") from None
+    if path.name.endswith((".params", "-symbol.json")):
+        from tasks.checkpoint import model_files_digest
+
+        return model_files_digest(model)
     return sha256_file(path)
 
 
-def _file_kind(path: Path) -> Literal["onnx", "checkpoint", "unknown"]:
+def _file_kind(path: Path) -> Literal["onnx", "checkpoint", "mxnet", "unknown"]:
+    if path.name.endswith((".params", "-symbol.json")) or not path.is_file():
+        return "mxnet"
     if path.suffix.lower() == ".onnx":
         return "onnx"
     with open(path, "rb") as fh:
@@ -132,13 +159,13 @@ def _file_kind(path: Path) -> Literal["onnx", "checkpoint", "unknown"]:
     return "unknown"
 
 
-def _load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+def _load_checkpoint(path: Path, image_size: tuple[int, int] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     try:
         from tasks.checkpoint import load_embedder
     except ImportError as exc:
         raise ValueError(f"{path}: a torch.save file, but this build cannot load training checkpoints ({exc})") from exc
     try:
-        loaded = load_embedder(path)
+        loaded = load_embedder(path, image_size=image_size)
     except (FormatError, ValueError, FileNotFoundError):
         raise
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for foreign files
@@ -174,18 +201,19 @@ def load_eval_model(model: ModelSource, cfg: ExtractionConfig | None = None, *, 
     """
     cfg = cfg or ExtractionConfig()
     meta: dict[str, Any] = {}
+    detected: str | None = None  # the input convention the model itself states or shows
     if isinstance(model, nn.Module):
         embedder: Callable[[Any], Any] = model.eval()
         name, kind = type(model).__name__, "module"
         meta = {k: getattr(model, k) for k in ("network", "emb_size", "image_size") if getattr(model, k, None) is not None}
     else:
         path = Path(model)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: embedding model not found (expected a .onnx file or a training checkpoint)")
         name, file_kind = path.name, _file_kind(path)
-        if file_kind == "checkpoint":
-            embedder, meta = _load_checkpoint(path)
-            kind = "checkpoint"
+        if file_kind in ("checkpoint", "mxnet"):
+            embedder, meta = _load_checkpoint(path, _size(cfg.image_size, "config"))
+            source = meta.get("source", "facepipe")
+            kind = "checkpoint" if source == "facepipe" else source
+            detected = meta.get("normalize")
         else:
             try:
                 embedder = OnnxEmbedder(path)
@@ -197,6 +225,11 @@ def load_eval_model(model: ModelSource, cfg: ExtractionConfig | None = None, *, 
             kind = "onnx"
             size, emb = _onnx_shape(embedder)
             meta = {k: v for k, v in (("image_size", size), ("emb_size", emb)) if v is not None}
+            detected = embedder.normalization
+            meta["normalize"] = detected
+            if embedder.in_graph_normalization:
+                meta["conversion"] = (f"ONNX graph normalises its input ({', '.join(embedder.first_nodes[:3])}, ...): "
+                                      f"fed pixels 0..255 (input_mean 0, input_std 1)")
     where = name if isinstance(model, nn.Module) else str(Path(model))
     network = meta.get("network")
     if cfg.network and network and str(network).lower() != cfg.network.lower():
@@ -208,9 +241,15 @@ def load_eval_model(model: ModelSource, cfg: ExtractionConfig | None = None, *, 
         raise ValueError(f"{where}: the {kind} takes {model_size[0]}x{model_size[1]} images, "
                          f"but image_size {wanted[0]}x{wanted[1]} was asked for")
     normalize = cfg.normalize or meta.get("normalize") or "arcface"
-    if normalize not in ("arcface", "mxnet"):
-        raise ValueError(f"{where}: normalize {normalize!r} is not 'arcface' or 'mxnet'")
+    if normalize not in MEAN_STD:
+        raise ValueError(f"{where}: normalize {normalize!r} is not one of {', '.join(MEAN_STD)}")
+    if cfg.normalize and detected and cfg.normalize != detected:
+        (m0, s0), (m1, s1) = MEAN_STD[detected], MEAN_STD[cfg.normalize]
+        logger().warning(
+            "%s: normalize=%s was asked for ((x - %g) / %g), but the %s expects %s ((x - %g) / %g); "
+            "using what was asked for", where, cfg.normalize, m1, s1, kind, detected, m0, s0)
     emb_size = meta.get("emb_size")
     return EvalModel(embedder=embedder, name=name, digest=digest or model_digest(model), kind=kind,
                      image_size=model_size or wanted or DEFAULT_IMAGE_SIZE, normalize=normalize,
-                     network=str(network) if network else None, emb_size=int(emb_size) if emb_size else None)
+                     network=str(network) if network else None, emb_size=int(emb_size) if emb_size else None,
+                     channel_order=cfg.channel_order or "rgb", conversion=meta.get("conversion"))
