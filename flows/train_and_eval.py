@@ -84,8 +84,10 @@ def run(p: TrainAndEvalParams) -> dict[str, Any]:
         targets = p.verification_targets(cfg)
         if targets:
             ver = result_of(verification_task.with_options(task_run_name="verification"), model, targets, str(layout.verification), p.verification_config, p.force)
+            kind = ver.rows[0] if ver.rows else {}
+            imported = f" ({kind.get('model_kind')}: {kind['conversion']})" if kind.get("conversion") else ""
             rows.append(("verification", _state(ver.skipped),
-                         ", ".join(f"{r['target']} {r['accuracy']:.4f}" for r in ver.rows)))
+                         ", ".join(f"{r['target']} {r['accuracy']:.4f}" for r in ver.rows) + imported))
             out["verification"] = {r["target"]: r["accuracy"] for r in ver.rows}
         else:
             log.warning("verification: no .bin sets in %s and none given in targets; stage left out", p.dataset_dir())

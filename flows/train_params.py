@@ -94,7 +94,8 @@ class TrainAndEvalParams(BaseModel):
     nproc: int = Field(1, ge=1, description="training processes on this machine (GPUs); >1 runs torchrun")
     timeout_s: float | None = Field(None, gt=0, description="stop training after this many seconds (it can be resumed)")
     train: bool = Field(True, description="train; false: evaluate and export `model` instead")
-    model: str | None = Field(None, description="a checkpoint or .onnx to evaluate when train is false")
+    model: str | None = Field(None, description="a model to evaluate when train is false: a checkpoint, an arcface_torch "
+                                                "backbone.pth, an MXNet 'prefix,epoch' or a .onnx file")
     triplet: bool = Field(False, description="fine-tune the trained model with semi-hard triplets (lr 0.005, mom 0)")
     triplet_options: dict[str, Any] = Field(default_factory=dict, description="training options of the triplet stage, on top of the training run's")
     verification: bool = Field(True, description="verification accuracy on the .bin sets")
@@ -180,7 +181,13 @@ class TrainAndEvalParams(BaseModel):
             if self.triplet:
                 self.triplet_config(cfg, "pretrained.pt")  # option errors now, not after hours of training
         elif not Path(self.model).is_file():  # type: ignore[arg-type]
-            raise FileNotFoundError(f"model {self.model}: file not found (expected a training checkpoint or a .onnx file)")
+            from tasks.checkpoint import model_files  # "prefix,epoch" names a file of another name
+
+            try:
+                model_files(self.model)  # type: ignore[arg-type]
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"model {self.model}: file not found (expected a training checkpoint, an "
+                                        f"arcface_torch .pth, an MXNet 'prefix,epoch' or a .onnx file; {exc})") from None
         if self.verification:
             self.verification_targets(cfg)
         if self.megaface is not None:

@@ -48,7 +48,7 @@ from models.published import Imported, from_arcface_torch, from_mxnet, is_arcfac
 
 __all__ = ["FORMAT", "VERSION", "resolve_checkpoint", "save_checkpoint", "link_checkpoint", "read_checkpoint",
            "build_backbone", "load_embedder", "check_same_network", "gather_optimizer_state", "safe_torch_load",
-           "model_files", "model_files_digest", "model_source_kind", "MODEL_KINDS",
+           "model_files", "model_files_digest", "model_source_kind", "MODEL_KINDS", "load_published_into",
            "shard_optimizer_state", "rng_state", "set_rng_state"]
 
 FORMAT = "facepipe-train-checkpoint"
@@ -278,6 +278,44 @@ def load_embedder(path: str | os.PathLike, *, image_size: tuple[int, int] | None
     model.eval()
     meta.setdefault("source", "facepipe")
     return model, meta
+
+
+def _bn_eps(model: nn.Module) -> list[float]:
+    return [m.eps for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def load_published_into(model: Backbone, spec: str | os.PathLike, purpose: str) -> dict[str, Any] | None:
+    """Copy the weights of a published model (arcface_torch ``.pth``, MXNet checkpoint) into ``model``.
+
+    Returns the import's ``meta`` (with ``conversion``), or None when ``spec`` is a facepipe training
+    checkpoint (the caller reads it with :func:`read_checkpoint`). Raises ``ValueError`` naming the file,
+    the network it holds and the options that would build it when ``model`` is another network.
+    """
+    if model_source_kind(spec) != "mxnet":
+        path = resolve_checkpoint(spec)
+        try:
+            read_checkpoint(path)
+            return None
+        except FormatError:
+            pass
+    (h, w) = model.image_size
+    imported, meta = load_embedder(spec, image_size=(h, w))
+    theirs = {k: tuple(v.shape) for k, v in imported.state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    same = (imported.network == model.network and imported.emb_size == model.emb_size
+            and tuple(imported.image_size) == tuple(model.image_size) and theirs == ours
+            and _bn_eps(imported) == _bn_eps(model))
+    if not same:
+        args = meta["backbone_args"]
+        options = " ".join(f"{k}={v}" for k, v in args.items() if k in ("network", "emb_size", "image_size", "variant",
+                                                                         "version_output", "version_act"))
+        raise ValueError(f"{spec}: cannot {purpose}: it holds {meta.get('architecture')} ({meta['source']}: "
+                         f"{_describe(imported.network, imported.emb_size, imported.image_size)}"
+                         f"{', variant ' + str(args.get('variant')) if args.get('variant') else ''}), this run builds "
+                         f"{_describe(model.network, model.emb_size, model.image_size)}"
+                         f"{', variant ' + str(model.variant) if model.variant else ''}; set {options}")
+    model.load_state_dict(imported.state_dict())
+    return meta
 
 
 # --- optimizer state with Partial FC shards -------------------------------------------------------------------

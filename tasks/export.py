@@ -1,11 +1,17 @@
-"""Export the embedding network of a training checkpoint to ONNX, checked against torch.
+"""Export the embedding network of a training checkpoint or a published model to ONNX, checked against torch.
 
     python -m tasks.export runs/r100/checkpoints/best.pt r100.onnx [--opset 17] [--exporter auto]
+    python -m tasks.export ms1mv3_arcface_r50/backbone.pth r50.onnx         # arcface_torch
+    python -m tasks.export model-r100-ii/model,0 r100.onnx                  # 2018 MXNet checkpoint
+
+Published models go through :func:`tasks.checkpoint.load_embedder` (the conversion is recorded in the
+metadata property ``conversion`` and in the stage's summary).
 
 The ONNX model has one input ``input`` ``(batch, 3, H, W) float32`` (normalised as the checkpoint's
 ``normalize`` says, RGB) and one output ``embedding`` ``(batch, emb_size) float32`` (raw, not
 L2-normalised); the batch axis is dynamic. Metadata properties record ``network``, ``emb_size``,
-``image_size`` (``H,W``), ``normalize`` and the checkpoint's ``step``.
+``image_size`` (``H,W``), ``normalize``, the checkpoint's ``step``, ``source`` (facepipe, arcface_torch, mxnet)
+and, for imports, ``conversion``.
 
 Exporters: ``torchscript`` (``torch.onnx.export(dynamo=False)``: a second or two) or ``dynamo``
 (``torch.export``-based, opset >= 18, much slower to export); ``auto`` tries TorchScript first and
@@ -31,8 +37,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from datasets.atomic import atomic_paths
-from datasets.hashing import sha256_file
-from tasks.checkpoint import load_embedder
+from tasks.checkpoint import load_embedder, model_files_digest
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate
 
@@ -99,7 +104,10 @@ def _add_metadata(path: Path, meta: dict) -> None:
     model = onnx.load(str(path))
     h, w = meta["image_size"]
     props = {"network": meta["network"], "emb_size": str(meta["emb_size"]), "image_size": f"{h},{w}",
-             "normalize": meta["normalize"], "step": str(meta.get("step", "")), "producer": "facepipe tasks.export"}
+             "normalize": meta["normalize"], "step": str(meta.get("step") if meta.get("step") is not None else ""),
+             "producer": "facepipe tasks.export", "source": meta.get("source", "facepipe")}
+    if meta.get("conversion"):
+        props["conversion"] = meta["conversion"]
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -155,7 +163,7 @@ def run_export_stage(checkpoint: str | Path, out_dir: str | Path, *, opset: int 
     checkpoint (sha256), opset and exporter code."""
     out = Path(out_dir).resolve()
     params = {"opset": opset}
-    inputs = {"checkpoint": sha256_file(checkpoint)}
+    inputs = {"checkpoint": model_files_digest(checkpoint)}
     code = code_version("tasks.export")
     if force:
         invalidate(out)
@@ -169,7 +177,8 @@ def run_export_stage(checkpoint: str | Path, out_dir: str | Path, *, opset: int 
     logger().info("export: %s (%s, opset %d, max |onnxruntime - torch| %.2g)", result.path, result.exporter,
                   result.opset, result.max_abs_diff)
     commit_record(out, STAGE, params, inputs, code, [MODEL_FILE],
-                  summary={"max_abs_diff": result.max_abs_diff, "exporter": result.exporter, "checkpoint": str(checkpoint)})
+                  summary={"max_abs_diff": result.max_abs_diff, "exporter": result.exporter, "checkpoint": str(checkpoint),
+                           "source": result.meta.get("source", "facepipe"), "conversion": result.meta.get("conversion")})
     return ExportStageResult(result.path, str(checkpoint), result.max_abs_diff, skipped=False)
 
 
@@ -181,7 +190,8 @@ def export_task(checkpoint: str, out_dir: str, opset: int = 17, force: bool = Fa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="training checkpoint (.pt) or 'prefix,epoch'")
+    parser.add_argument("checkpoint", help="training checkpoint (.pt) or 'prefix,epoch', arcface_torch backbone.pth, "
+                                           "MXNet checkpoint ('prefix,epoch' or prefix-NNNN.params)")
     parser.add_argument("out", help="ONNX file to write")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto")
@@ -194,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = asdict(result)
     summary["path"] = str(result.path)
-    summary["meta"] = {k: result.meta[k] for k in ("network", "emb_size", "image_size", "normalize", "step")}
+    summary["meta"] = {k: result.meta.get(k) for k in ("network", "emb_size", "image_size", "normalize", "step", "source",
+                                                       "conversion")}
     print(json.dumps(summary, default=str))
     return 0
 

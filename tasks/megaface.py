@@ -481,7 +481,8 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.megaface",
                                      description="MegaFace identification and verification of an embedding model.")
-    parser.add_argument("model", help="a training checkpoint or a .onnx file")
+    parser.add_argument("model", help="a training checkpoint, an arcface_torch backbone.pth, an MXNet checkpoint "
+                                      "('prefix,epoch' or prefix-NNNN.params) or a .onnx file")
     parser.add_argument("--probes", required=True, help="probe image list (facescrub_lst) or .rec set")
     parser.add_argument("--probe-root", help="folder the probe list's paths are relative to")
     parser.add_argument("--distractors", required=True, help="distractor image list (megaface_lst) or .rec set")
@@ -497,12 +498,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
     parser.add_argument("--decode-threads", type=int, default=4)
+    parser.add_argument("--normalize", choices=["arcface", "mxnet", "none"], help="override the model's input normalisation")
+    parser.add_argument("--channel-order", choices=["rgb", "bgr"], help="override the channel order (default rgb)")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = MegaFaceConfig(algo=args.algo, sizes=args.sizes, far=args.far, probe_noise=args.probe_noise,
                          distractor_noise=args.distractor_noise, devkit_dir=args.devkit_dir, batch_size=args.batch_size,
-                         device=args.device, precision="bf16" if args.bf16 else "fp32", decode_threads=args.decode_threads)
+                         device=args.device, precision="bf16" if args.bf16 else "fp32", decode_threads=args.decode_threads,
+                         normalize=args.normalize, channel_order=args.channel_order)
     result = run_megaface(args.model, ImageSet(path=args.probes, root=args.probe_root),
                           ImageSet(path=args.distractors, root=args.distractor_root), args.out_dir, cfg, force=args.force)
     print(json.dumps({"metrics": str(result.metrics_path), "skipped": result.skipped,

@@ -212,7 +212,7 @@ def metrics_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         keys = [*_TABLE_COLUMNS[:5], *(k for k in r if k.startswith("tar@far=")), *_TABLE_COLUMNS[5:]]
-        out.append({"model": r["model"], **{k: (round(r[k], 5) if isinstance(r.get(k), float) else r.get(k)) for k in keys}})
+        out.append({"model": r["model"], "model_kind": r.get("model_kind"), **{k: (round(r[k], 5) if isinstance(r.get(k), float) else r.get(k)) for k in keys}})
     return out
 
 
@@ -237,20 +237,23 @@ def verification_task(model: str, targets: list[str] | dict[str, str], out_dir: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.evaluation.pairs",
                                      description="Verification accuracy of an embedding model on .bin packs.")
-    parser.add_argument("model", help="a training checkpoint or a .onnx file")
+    parser.add_argument("model", help="a training checkpoint, an arcface_torch backbone.pth, an MXNet checkpoint "
+                                      "('prefix,epoch' or prefix-NNNN.params) or a .onnx file")
     parser.add_argument("targets", nargs="+", help="verification packs (lfw.bin, cfp_fp.bin, ...)")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
     parser.add_argument("--no-flip", action="store_true")
-    parser.add_argument("--normalize", choices=["arcface", "mxnet"])
+    parser.add_argument("--normalize", choices=["arcface", "mxnet", "none"], help="override the model's input normalisation")
+    parser.add_argument("--channel-order", choices=["rgb", "bgr"], help="override the channel order (default rgb)")
     parser.add_argument("--nfolds", type=int, default=10)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = VerificationConfig(batch_size=args.batch_size, device=args.device, precision="bf16" if args.bf16 else "fp32",
-                             flip=not args.no_flip, normalize=args.normalize, nfolds=args.nfolds)
+                             flip=not args.no_flip, normalize=args.normalize, nfolds=args.nfolds,
+                             channel_order=args.channel_order)
     result = run_verification(args.model, args.targets, args.out_dir, cfg, force=args.force)
     print("\n".join(result.summary_lines()))
     print(json.dumps({"metrics": str(result.metrics_path), "plot": str(result.plot_path), "skipped": result.skipped}))

@@ -77,6 +77,9 @@ class TrainConfig(BaseModel):
     emb_size: int | None = Field(None, ge=1, description="embedding size; None: the network's default (512; y1 128)")
     image_size: str = Field("112,112", description="input 'height,width' in pixels; must match the dataset")
     dropout: float = Field(0.4, ge=0.0, lt=1.0, description="dropout of embedding options E and F")
+    variant: Literal["arcface_torch", "mxnet"] | None = Field(
+        None, description="layer settings of published weights: arcface_torch (BN eps 1e-5, GDC FC without bias), "
+                          "mxnet (2018 MobileFaceNet BN eps 1e-3); None: the network code's own")
 
     # --- loss ---------------------------------------------------------------------------------------------
     loss: str = Field("arcface", description="loss name or 2018 loss-type number (0, 1, 2, 4, 5; 12 = triplet)")
@@ -107,7 +110,8 @@ class TrainConfig(BaseModel):
     ckpt: int = Field(1, description="checkpoints: 0 none, 1 best (by the first val target) + last, 2 all, 3 last")
     verbose: int = Field(2000, ge=1, description="evaluate and checkpoint every N steps")
     frequent: int = Field(20, ge=1, description="log every N steps")
-    pretrained: str | None = Field(None, description="start from weights: a checkpoint path or 'prefix,epoch' (prefix-0001.pt)")
+    pretrained: str | None = Field(None, description="start from weights: a checkpoint path or 'prefix,epoch' (prefix-0001.pt), "
+                                                     "an arcface_torch backbone.pth, an MXNet 'prefix,epoch' (prefix-0001.params)")
     resume: str | None = Field(None, description="continue a run exactly: 'auto' (output/checkpoints/last.pt if any) or a checkpoint path")
     eval_batch_size: int = Field(256, ge=1, description="images per forward pass during verification")
 
@@ -249,6 +253,8 @@ class TrainConfig(BaseModel):
             args["emb_size"] = self.emb_size
         if self.version_output is not None:
             args["version_output"] = self.version_output
+        if self.variant is not None:
+            args["variant"] = self.variant
         return args
 
     def margin_args(self) -> dict[str, Any]:

@@ -244,6 +244,10 @@ class _Trainer:
         return rng if saved_world == self.ctx.world_size else None
 
     def _load_pretrained(self, spec: str) -> None:
+        imported = ckpt_io.load_published_into(self.backbone, spec, "start from it (pretrained)")
+        if imported is not None:  # arcface_torch / MXNet weights: the backbone only, a new classifier
+            self.log.info("pretrained: backbone from %s (%s); new classifier", spec, imported["conversion"])
+            return
         path = ckpt_io.resolve_checkpoint(spec)
         state = ckpt_io.read_checkpoint(path)
         ckpt_io.load_backbone_weights(self.backbone, state, path, "start from it (pretrained)")
