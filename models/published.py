@@ -66,26 +66,35 @@ def _first(keys, n: int = _SHOW) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], what: str, *, optional: tuple[str, ...] = ()) -> None:
+def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], what: str, *, optional: tuple[str, ...] = (),
+                names: Mapping[str, str] | None = None, theirs=None) -> None:
     """Copy ``state`` into ``model``; one-line ``ValueError`` naming missing/unexpected keys or a shape mismatch.
-    Keys ending in one of ``optional`` (``num_batches_tracked``) may be absent."""
+    Keys ending in one of ``optional`` (``num_batches_tracked``) may be absent. ``names``: our key -> the
+    file's key (for messages); ``theirs(our_key)``: the file's name of a key the file lacks."""
+    names = names or {}
     ours = model.state_dict()
     missing = [k for k in ours if k not in state and not k.endswith(optional)]
-    unexpected = [k for k in state if k not in ours]
+    unexpected = [names.get(k, k) for k in state if k not in ours]
     problems = []
     if missing:
-        problems.append(f"missing keys {_first(missing)}")
+        problems.append(f"missing keys {_first([theirs(k) for k in missing])}" if theirs
+                        else f"missing weights for our {_first(missing)}")
     if unexpected:
         problems.append(f"unexpected keys {_first(unexpected)}")
     if not problems:
         for k, v in state.items():
             if tuple(ours[k].shape) != tuple(v.shape):
-                problems.append(f"shape mismatch at {k}: ours {tuple(ours[k].shape)} vs file {tuple(v.shape)}")
+                problems.append(f"shape mismatch at {names.get(k, k)}: ours {tuple(ours[k].shape)} ({k}) "
+                                f"vs file {tuple(v.shape)}")
                 break
     if problems:
         raise ValueError(f"{what}: " + "; ".join(problems))
-    merged = {k: (state[k].to(ours[k].dtype) if k in state else ours[k]) for k in ours}
-    model.load_state_dict(merged)
+    merged = {k: (state[k].to(ours[k].dtype).contiguous() if k in state else torch.zeros(ours[k].shape, dtype=ours[k].dtype))
+              for k in ours}
+    model.load_state_dict(merged, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{what}: no weights for {_first(left)}")
 
 
 def _image_size(cells_hw: tuple[int, int] | None, cells: int | None, image_size: tuple[int, int] | None,
@@ -101,6 +110,28 @@ def _image_size(cells_hw: tuple[int, int] | None, cells: int | None, image_size:
         return side * 16, side * 16
     raise ValueError(f"{what}: the embedding layer takes a feature map of {cells} cells, which is not square; "
                      f"give image_size (e.g. 112,96 for 42 cells)")
+
+
+def _check_cells(model: Backbone, state: dict[str, torch.Tensor], fc_key: str | None, names: Mapping[str, str],
+                 what: str) -> None:
+    """A clear error when the input size gives another last feature map than the embedding FC was made for."""
+    if fc_key is None or fc_key not in state:
+        return
+    ours, file = model.state_dict()[fc_key].shape[1], state[fc_key].shape[1]
+    if ours != file:
+        h, w = model.image_size
+        channels = model.trunk.out_channels
+        raise ValueError(f"{what}: input {h}x{w} gives a {ours // channels}-cell feature map, but {names.get(fc_key, fc_key)} "
+                         f"takes {file // channels} cells ({file} inputs); the network cannot take {h}x{w} input")
+
+
+def _build(args: dict[str, Any], what: str) -> Backbone:
+    """``get_backbone(**args)`` on the meta device (no memory, no initialisation: every tensor is loaded)."""
+    try:
+        with torch.device("meta"):
+            return get_backbone(**args)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
 
 
 # --- arcface_torch ---------------------------------------------------------------------------------------------
@@ -137,6 +168,17 @@ def _rename_iresnet(key: str) -> str | None:
     return f"{_IRES_TOP[m[1]]}.{m[2]}" if m else None
 
 
+def _unrename_iresnet(key: str) -> str:
+    """Our key -> arcface_torch's (for messages about keys the file lacks)."""
+    m = re.fullmatch(r"trunk\.stages\.(\d)\.(\d+)\.(\w+\.\d)\.(\w+)", key)
+    unit = {v: k for k, v in _IRES_UNIT.items()}
+    if m and m[3] in unit:
+        return f"layer{int(m[1]) + 1}.{m[2]}.{unit[m[3]]}.{m[4]}"
+    top = {v: k for k, v in _IRES_TOP.items()}
+    prefix, _, param = key.rpartition(".")
+    return f"{top[prefix]}.{param}" if prefix in top else key
+
+
 def _rename_mbf(key: str) -> str | None:
     m = re.fullmatch(r"layers\.(\d)\.(.+)", key)
     if m:  # ConvBlock/LinearBlock .layers.k, DepthWise .layers.u.layers.k, Residual .layers.i.layers.u.layers.k
@@ -161,17 +203,17 @@ def _count(keys, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _rename_all(state: dict[str, torch.Tensor], rename, what: str) -> dict[str, torch.Tensor]:
-    out, unknown = {}, []
+def _rename_all(state: dict[str, torch.Tensor], rename, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    out, names, unknown = {}, {}, []
     for k, v in state.items():
         new = rename(k)
         if new is None:
             unknown.append(k)
         else:
-            out[new] = v
+            out[new], names[new] = v, k
     if unknown:
         raise ValueError(f"{what}: unexpected keys {_first(unknown)}")
-    return out
+    return out, names
 
 
 def from_arcface_torch(state: Mapping[str, Any], *, image_size: tuple[int, int] | None = None) -> Imported:
@@ -192,7 +234,7 @@ def from_arcface_torch(state: Mapping[str, Any], *, image_size: tuple[int, int] 
             raise ValueError(f"{what}: fc.weight has {flat} inputs, not a multiple of {channels} channels")
         size = _image_size(None, flat // channels, image_size, what)
         args = {"network": f"iresnet{depth}", "emb_size": int(emb), "image_size": list(size), "dropout": 0.0}
-        renamed = _rename_all(sd, _rename_iresnet, what)
+        renamed, names = _rename_all(sd, _rename_iresnet, what)
         arch = f"iresnet{depth}"
     elif "conv_sep.layers.0.weight" in sd and "features.layers.2.weight" in sd:
         scale = sd["layers.0.layers.0.weight"].shape[0] // 64
@@ -205,17 +247,16 @@ def from_arcface_torch(state: Mapping[str, Any], *, image_size: tuple[int, int] 
         size = _image_size((kh, kw), None, image_size, what)
         args = {"network": "mbf", "emb_size": int(emb), "image_size": list(size), "variant": "arcface_torch",
                 "blocks": list(blocks), "scale": int(scale)}
-        renamed = _rename_all(sd, _rename_mbf, what)
+        renamed, names = _rename_all(sd, _rename_mbf, what)
         arch = "mbf" if (blocks, scale) == ((1, 4, 6, 2), 2) else \
             "mbf_large" if (blocks, scale) == ((2, 8, 12, 4), 4) else f"MobileFaceNet{blocks}x{scale}"
     else:
         raise ValueError("not an arcface_torch backbone state dict (no layer1.0.conv1.weight + fc.weight of an "
                          f"IResNet, no conv_sep + features.layers of a MobileFaceNet; keys: {_first(keys)})")
-    try:
-        model = get_backbone(**args)
-    except ValueError as exc:
-        raise ValueError(f"{what}: {exc}") from None
-    _load_exact(model, renamed, what, optional=("num_batches_tracked",))
+    model = _build(args, what)
+    _check_cells(model, renamed, "head.layers.3.weight" if arch.startswith("iresnet") else None, names, what)
+    _load_exact(model, renamed, what, optional=("num_batches_tracked",), names=names,
+                theirs=_unrename_iresnet if arch.startswith("iresnet") else None)
     model.eval()
     conversion = (f"arcface_torch {arch} state dict ({len(sd)} tensors{', fp16 -> fp32' if halves else ''}) "
                   f"-> {args['network']} variant arcface_torch (BN eps 1e-5)")
@@ -347,10 +388,7 @@ def from_mxnet(arg_params: Mapping[str, Any], aux_params: Mapping[str, Any], nod
         state[f"{target}.{_MXNET_PARAM[split[1]]}"] = value
     if unknown:
         raise ValueError(f"{what}: unexpected parameters {_first(unknown)}")
-    try:
-        model = get_backbone(**args)
-    except ValueError as exc:
-        raise ValueError(f"{what}: {exc}") from None
+    model = _build(args, what)
     # BatchNorm settings from the symbol: eps per node, fix_gamma -> scale 1.
     bn_nodes = {n.get("name"): _attrs(n) for n in nodes if n.get("op") == "BatchNorm"}
     modules = dict(model.named_modules())
@@ -362,11 +400,14 @@ def from_mxnet(arg_params: Mapping[str, Any], aux_params: Mapping[str, Any], nod
         attrs = bn_nodes[layer]
         module.eps = float(attrs.get("eps", MXNET_BN_EPS_DEFAULT))
         if _flag(attrs.get("fix_gamma"), True):
-            state[f"{target}.weight"] = torch.ones_like(state.get(f"{target}.weight", module.weight))
+            state[f"{target}.weight"] = torch.ones(module.weight.shape)
             fixed += 1
         elif isinstance(module, FixedGammaBatchNorm1d):
             raise ValueError(f"{what}: BatchNorm {layer} learns its scale (fix_gamma False); ours keeps it at 1")
-    _load_exact(model, state, what, optional=("num_batches_tracked",))
+    _check_cells(model, state, "head.layers.3.weight" if args.get("version_output") == "E" else None,
+                 {k: f"{layer_of.get(k.rsplit('.', 1)[0], k)}_{k.rsplit('.', 1)[1]}" for k in state}, what)
+    _load_exact(model, state, what, optional=("num_batches_tracked",),
+                names={k: f"{layer_of.get(k.rsplit('.', 1)[0], k)}_{k.rsplit('.', 1)[1]}" for k in state})
     model.eval()
     conversion = (f"MXNet {arch} ({len(params)} arrays) -> {args['network']}"
                   f"{' variant mxnet' if args.get('variant') else ''}; BN eps from the symbol, {fixed} fix_gamma BN(s) "

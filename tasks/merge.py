@@ -23,8 +23,8 @@ dataset folder, or each image of a verification ``.bin`` (the non-flipped images
 one). As in dataset_merge.py the overlap check comes first, the exclusion is applied to the
 identities it kept.
 
-Models: a ``.onnx`` file (:class:`tasks.evaluation.embed.OnnxEmbedder`), a training checkpoint
-(``tasks.checkpoint.load_embedder``), or, from Python, any torch module / callable mapping a
+Models: a ``.onnx`` file (:class:`tasks.evaluation.embed.OnnxEmbedder`), a training checkpoint, an
+arcface_torch ``backbone.pth`` or an MXNet ``prefix,epoch`` (``tasks.checkpoint.load_embedder``), or, from Python, any torch module / callable mapping a
 normalised ``(B, 3, H, W)`` float32 batch to ``(B, D)`` embeddings (``embedder=``).
 
 Output (``out_dir``), as dataset_merge.py writes it: kept identities renumbered 0, 1, ... in
@@ -75,7 +75,7 @@ from datasets.rec_layout import (
 from datasets.recordio import MXRecordIO, unpack
 from datasets.verification_bin import decode_bin
 from tasks.evaluation.embed import OnnxEmbedder, extract_embeddings
-from tasks.evaluation.model import load_eval_model, model_digest
+from tasks.evaluation.model import ExtractionConfig, load_eval_model, model_digest
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate
 
@@ -108,8 +108,9 @@ class MergeConfig(BaseModel):
     dedup: Literal["none", "name", "model"] = Field(
         "none", description="none: concatenate; name: same identity name = one identity; model: embedding de-duplication")
     model: str | None = Field(None, description="embedding model: a .onnx file or a training checkpoint")
-    normalize: Literal["arcface", "mxnet"] = Field(
-        "arcface", description="input normalisation of the model: (x-127.5)/127.5 or (x-127.5)/128")
+    normalize: Literal["arcface", "mxnet", "none"] | None = Field(
+        None, description="input normalisation of the model: arcface (x-127.5)/127.5, mxnet (x-127.5)/128, none (pixels); "
+                          "None: the model's own (checkpoint meta, ONNX graph), arcface for a Python callable")
     param1: float = Field(0.3, ge=-1.0, le=1.0, description="an identity of a later dataset is dropped at cosine >= param1 with a kept one")
     param2: float = Field(0.4, ge=-1.0, le=1.0, description="a kept identity is removed at cosine >= param2 with an exclusion vector")
     exclude: list[str] = Field(default_factory=list, description="packed dataset folders or verification .bin files to keep out")
@@ -142,7 +143,7 @@ class MergeResult:
 
 
 def load_embedding_model(model: str | os.PathLike) -> Embedder:
-    """A callable embedding model from a ``.onnx`` file or a training checkpoint (``tasks.evaluation.model``)."""
+    """A callable embedding model from any model file :func:`tasks.evaluation.model.load_eval_model` takes."""
     return load_eval_model(model).embedder
 
 
@@ -334,7 +335,14 @@ def run_merge(
 
     model = None
     if cfg.needs_embeddings():
-        model = embedder if embedder is not None else load_embedding_model(cfg.model)  # type: ignore[arg-type]
+        if embedder is not None:
+            model = embedder
+        else:
+            loaded = load_eval_model(cfg.model, ExtractionConfig(normalize=cfg.normalize))  # type: ignore[arg-type]
+            model = loaded.embedder
+            cfg = cfg.model_copy(update={"normalize": loaded.normalize})
+    if cfg.normalize is None:
+        cfg = cfg.model_copy(update={"normalize": "arcface"})
     params = {"config": cfg.model_dump(mode="json"), "datasets": [str(ds.folder) for ds in sets]}
     inputs = {f"dataset{ds.number}": _dataset_stamp(ds.folder) for ds in sets}
     for i, ex in enumerate(cfg.exclude):
