@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from datasets.atomic import atomic_paths
-from datasets.errors import FormatError
+from datasets.errors import FormatError, UnsafePickleError
 from datasets.hashing import sha256_file
 from datasets.mxnet_params import MXNetCheckpoint, read_params, read_symbol, resolve_mxnet_checkpoint
 from models.backbone import Backbone, get_backbone
@@ -166,10 +166,10 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"{path} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - zip/pickle errors and the weights_only refusal
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "Unsupported operand" in text:
-            found = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line), "")
-            raise FormatError(path, f"is refused: its pickle would load code, not only weights ({found[:200]})",
-                              "a torch.save file of tensors (torch.load weights_only=True); nothing of it was run") from None
+        found = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported global" in line), None)
+        if found is not None:
+            raise UnsafePickleError(path, f"is refused: its pickle would load code, not only weights ({found[:200]})",
+                                    "a torch.save file of tensors (torch.load weights_only=True); nothing of it was run") from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         raise FormatError(path, f"cannot be read as a torch file ({(lines[0] if lines else type(exc).__name__)[:300]})",
                           "a torch.save file") from None
@@ -261,7 +261,12 @@ def load_embedder(path: str | os.PathLike, *, image_size: tuple[int, int] | None
     try:
         state = read_checkpoint(path)
     except FormatError as not_ours:
-        inner = _unwrap_state_dict(safe_torch_load(path))  # refuses a pickle that would run code
+        try:
+            inner = _unwrap_state_dict(safe_torch_load(path))
+        except UnsafePickleError:  # a pickle that would run code: say so
+            raise
+        except FormatError:
+            raise not_ours from None
         if not is_arcface_torch_state(inner):
             raise not_ours from None
         try:
