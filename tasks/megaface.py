@@ -457,7 +457,7 @@ def run_megaface(
 
 
 def _table_rows(rows: Sequence[dict[str, Any]], far: str) -> list[dict[str, Any]]:
-    return [{"model": r["model"], "distractors": r["distractors"], "rank_1": round(r["rank_1"], 5) if "rank_1" in r else None,
+    return [{"model": r["model"], "model_kind": r.get("model_kind"), "distractors": r["distractors"], "rank_1": round(r["rank_1"], 5) if "rank_1" in r else None,
              far: None if r.get(far) is None else round(r[far], 5), "probes": r["probes"], "pairs": r["pairs"]}
             for r in rows]
 

@@ -208,6 +208,14 @@ def load_eval_model(model: ModelSource, cfg: ExtractionConfig | None = None, *, 
         meta = {k: getattr(model, k) for k in ("network", "emb_size", "image_size") if getattr(model, k, None) is not None}
     else:
         path = Path(model)
+        if not path.is_file():
+            from tasks.checkpoint import model_files  # "prefix,epoch" names files of other names
+
+            try:
+                model_files(path)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"{path}: embedding model not found ({exc}; expected a .onnx file, a checkpoint, "
+                                        f"an arcface_torch .pth or an MXNet 'prefix,epoch')") from None
         name, file_kind = path.name, _file_kind(path)
         if file_kind in ("checkpoint", "mxnet"):
             embedder, meta = _load_checkpoint(path, _size(cfg.image_size, "config"))
