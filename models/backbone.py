@@ -119,7 +119,7 @@ def _trunk(family: str, spec: dict, version_input: int, version_unit: int, versi
 def get_backbone(network: str, *, emb_size: int | None = None, version_se: int = 0, version_input: int = 1,
                  version_output: str | None = None, version_unit: int = 3, version_act: str = "prelu",
                  image_size: str | Sequence[int] = (112, 112), dropout: float = 0.4, variant: str | None = None,
-                 **kw) -> Backbone:
+                 initialize: bool = True, **kw) -> Backbone:
     """Build the network ``network`` (a code of ``NETWORKS``) with InsightFace's option names.
 
     ``emb_size`` / ``version_output`` default to the code's own (512 / "E"; y1 128 / GDC, y2 256 / GDC).
@@ -128,7 +128,8 @@ def get_backbone(network: str, *, emb_size: int | None = None, version_se: int =
     (Inception-ResNet keeps its ReLU); ``dropout`` is the rate of outputs E and F. Extra ``kw``:
     ``multiplier`` (m*), ``blocks`` / ``scale`` (y*, mbf), ``densenet_dropout`` (d*).
     ``variant``: ``None``, ``"arcface_torch"`` or ``"mxnet"`` (module docstring); default: the code's own.
-    Weights are initialised arcface_torch-style (kaiming-normal convs).
+    Weights are initialised arcface_torch-style (kaiming-normal convs) unless ``initialize=False`` (weights
+    that are loaded next, e.g. a network built on the meta device).
     """
     code = str(network).strip().lower()
     if code not in NETWORKS:
@@ -171,7 +172,8 @@ def get_backbone(network: str, *, emb_size: int | None = None, version_se: int =
     model = Backbone(code, trunk, head, size)
     model.variant = variant
     _apply_variant_eps(model, family, variant)
-    init_weights(model)
+    if initialize:
+        init_weights(model)
     return model
 
 

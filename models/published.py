@@ -72,7 +72,7 @@ def _load_exact(model: nn.Module, state: dict[str, torch.Tensor], what: str, *, 
     Keys ending in one of ``optional`` (``num_batches_tracked``) may be absent. ``names``: our key -> the
     file's key (for messages); ``theirs(our_key)``: the file's name of a key the file lacks."""
     names = names or {}
-    ours = model.state_dict()
+    ours = model.state_dict(keep_vars=True)  # no detach: cheap on the meta device
     missing = [k for k in ours if k not in state and not k.endswith(optional)]
     unexpected = [names.get(k, k) for k in state if k not in ours]
     problems = []
@@ -117,7 +117,7 @@ def _check_cells(model: Backbone, state: dict[str, torch.Tensor], fc_key: str | 
     """A clear error when the input size gives another last feature map than the embedding FC was made for."""
     if fc_key is None or fc_key not in state:
         return
-    ours, file = model.state_dict()[fc_key].shape[1], state[fc_key].shape[1]
+    ours, file = model.state_dict(keep_vars=True)[fc_key].shape[1], state[fc_key].shape[1]
     if ours != file:
         h, w = model.image_size
         channels = model.trunk.out_channels
@@ -129,7 +129,7 @@ def _build(args: dict[str, Any], what: str) -> Backbone:
     """``get_backbone(**args)`` on the meta device (no memory, no initialisation: every tensor is loaded)."""
     try:
         with torch.device("meta"):
-            return get_backbone(**args)
+            return get_backbone(**args, initialize=False)
     except ValueError as exc:
         raise ValueError(f"{what}: {exc}") from None
 
@@ -343,7 +343,8 @@ def from_mxnet(arg_params: Mapping[str, Any], aux_params: Mapping[str, Any], nod
             raise ValueError("MXNet ResNet: only LResNet-E-IR units (fresnet version_unit 3: bn1-conv1-bn2-relu1-conv2-bn3) "
                              "are covered; stage1_unit1_bn1/bn3 not found")
         bottleneck = "stage1_unit1_conv3_weight" in params
-        depth = next((d for d, u in RESNET_UNITS.items() if u == units and (d >= 101) == bottleneck), None)
+        # r49 and r50 share one table in fresnet.py: the name people use is r50
+        depth = max((d for d, u in RESNET_UNITS.items() if u == units and (d >= 101) == bottleneck), default=None)
         if depth is None or bottleneck:
             raise ValueError(f"MXNet fresnet with units per stage {units}{' (bottleneck)' if bottleneck else ''} "
                              f"is not a covered LResNet-E-IR depth (basic-unit depths: "

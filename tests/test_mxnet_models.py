@@ -120,7 +120,8 @@ def mobilefacenet(blocks, emb, k):
     conv_6_f = mx.sym.FullyConnected(data=conv_6_dw, num_hidden=emb, name="pre_fc1")
     return mx.sym.BatchNorm(data=conv_6_f, fix_gamma=True, eps=2e-5, momentum=bn_mom, name="fc1")
 
-sym = lresnet((2, 2, 2, 2), 64) if kind == "r18" else mobilefacenet((1, 4, 6, 2), 128, size // 16)
+UNITS = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3)}
+sym = lresnet(UNITS[kind], 512 if size == 112 else 64) if kind in UNITS else mobilefacenet((1, 4, 6, 2), 128, size // 16)
 shape = (3, 3, size, size)
 arg_shapes, _, aux_shapes = sym.infer_shape(data=shape)
 rng = np.random.RandomState(1)
