@@ -147,8 +147,8 @@ class SyntheticFaces:
         """Every image of the set: ``(images, labels)``, (N, H, W, 3) uint8 RGB and (N,) int64, in
         ``faces[j]`` order (same pixels whatever ``workers`` is).
 
-        ``workers > 1`` renders identity chunks in that many *spawned* processes (about 4 ms of CPU
-        per 112x112 image, so this pays off from a few hundred images); as with any spawning
+        ``workers > 1`` renders identity chunks in that many *spawned* processes (pays off from a
+        few hundred images, see ``bench/synthetic.py``); as with any spawning
         code, a script that calls it needs the ``if __name__ == "__main__":`` guard.
         """
         h, w = self.image_size

@@ -48,11 +48,10 @@ Landmark refinement (``AlignConfig.refine_passes``, default 2): the first landma
 photo downscaled to ``max_side``, where a face may be a few dozen pixels wide. Each pass aligns
 every chosen face onto the template at 2x scale with 28 template pixels of margin (a 336x336 crop)
 from the warp decode, runs MTCNN on all crops of a batch of photos at once, and takes the
-landmarks of the detection nearest the template, mapped back to source pixels. On the bundled
-photos (``bench/align.py``) MTCNN landmarks found again on the output lie 2.8 px from the template
-on average (median 2.6) against 4.2 (3.1) without refinement. It helps most where the first
-landmarks are poorest: faces cut by the photo border (16 and 13 px before, < 4 after), where MTCNN
-on the whole photo guesses the hidden half differently from MTCNN on the centred face.
+landmarks of the detection nearest the template, mapped back to source pixels. It helps most where
+the first landmarks are poorest, e.g. faces cut by the photo border, where MTCNN on the whole photo
+guesses the hidden half differently from MTCNN on the centred face (measured by ``bench/align.py``;
+figures in the README).
 
 Work is split so that shards can run anywhere (Prefect tasks, processes, Dask workers):
 :func:`plan_align` -> :func:`align_shard` for every shard -> :func:`finalize_align`;
