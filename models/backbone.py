@@ -82,6 +82,15 @@ def network_codes() -> list[str]:
     return list(NETWORKS)
 
 
+def network_code(network: str) -> str:
+    """``network`` as a code of ``NETWORKS`` (case and spaces ignored); ``ValueError`` listing the codes."""
+    code = str(network).strip().lower()
+    if code not in NETWORKS:
+        hint = " (ResNet depths come from the fresnet table)" if re.fullmatch(r"r\d+", code) else ""
+        raise ValueError(f"network {network!r} is not a known code; valid codes: {', '.join(NETWORKS)}{hint}")
+    return code
+
+
 def _trunk(family: str, spec: dict, version_input: int, version_unit: int, version_se: int, act: str) -> nn.Module:
     if family == "resnet":
         return ResNetTrunk(spec["depth"], version_unit=version_unit, version_input=version_input,
@@ -109,10 +118,7 @@ def get_backbone(network: str, *, emb_size: int | None = None, version_se: int =
     ``multiplier`` (m*), ``blocks`` / ``scale`` (y*, mbf), ``densenet_dropout`` (d*).
     Weights are initialised arcface_torch-style (kaiming-normal convs).
     """
-    code = str(network).strip().lower()
-    if code not in NETWORKS:
-        hint = " (ResNet depths come from the fresnet table)" if re.fullmatch(r"r\d+", code) else ""
-        raise ValueError(f"network {network!r} is not a known code{hint}; valid codes: {', '.join(NETWORKS)}")
+    code = network_code(network)
     family, defaults = NETWORKS[code]
     unknown = set(kw) - set(FAMILY_OPTIONS[family])
     if unknown:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from datasets.errors import validation_message
 from datasets.image_size import ImageSize, parse_image_size
-from models.backbone import network_codes
+from models.backbone import network_code
 from models.embedding import normalize_option
 from models.margins import HEADS, LOSS_TYPES, head_options
 
@@ -141,10 +141,7 @@ class TrainConfig(BaseModel):
     @field_validator("network", mode="before")
     @classmethod
     def _network(cls, value: Any) -> str:
-        code = str(value).strip().lower()
-        if code not in network_codes():
-            raise ValueError(f"network {value!r} is not a known code; valid codes: {', '.join(network_codes())}")
-        return code
+        return network_code(value)
 
     @field_validator("version_output", mode="before")
     @classmethod
