@@ -86,6 +86,7 @@ from datasets.face_align import (
     choose_faces,
     crop_box,
     crop_transform,
+    estimate_similarities,
     estimate_similarity,
     crop_size,
     template_for,
@@ -102,7 +103,8 @@ from tasks.stage import code_version, commit_record, current_record, invalidate
 
 __all__ = [
     "AlignConfig", "AlignPlan", "AlignResult", "AlignShard", "DEFAULT_SHARD_SIZE", "EXTRA_COLUMNS", "STAGE",
-    "STATUSES", "align_shard", "check_up_to_date", "finalize_align", "load_plan", "plan_align", "run_align",
+    "STATUSES", "align_shard", "aligned_geometry", "check_up_to_date", "finalize_align", "load_plan", "plan_align",
+    "run_align",
 ]
 
 STAGE = "align"
@@ -934,3 +936,39 @@ def run_align(
         done += len(shard.items)
         progress.update(done)
     return finalize_align(plan)
+
+
+# --- geometry in the aligned image (what the lst stage lists) ----------------------------------------
+
+
+def _box_in(matrices: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Integer boxes ``(K, 4)``: the bounds of ``boxes`` ``(K, 4)`` mapped by ``matrices`` ``(K, 2, 3)``."""
+    x1, y1, x2, y2 = boxes.T
+    corners = np.stack([np.stack([x1, y1], 1), np.stack([x2, y1], 1), np.stack([x1, y2], 1), np.stack([x2, y2], 1)], 1)
+    mapped = np.einsum("kij,kcj->kci", matrices[:, :, :2], corners) + matrices[:, None, :, 2]
+    return np.concatenate([np.rint(mapped.min(axis=1)), np.rint(mapped.max(axis=1))], axis=1).astype(np.int64)
+
+
+def aligned_geometry(faces: pd.DataFrame, size: tuple[int, int]) -> tuple[list, list]:
+    """Per manifest row (``status``, ``bbox``, ``landmarks`` in source pixels), its box ``(x1, y1,
+    x2, y2)`` ints and five landmarks ``((x, y), ...)`` in its aligned ``size`` image (``None`` when
+    unknown): detected faces through the same similarity :func:`align_shard` warped them with
+    (estimated from the recorded final landmarks, vectorised), fallbacks through their crop."""
+    boxes: list = [None] * len(faces)
+    points: list = [None] * len(faces)
+    bbox_col, landmark_col, status = faces["bbox"].to_numpy(), faces["landmarks"].to_numpy(), faces["status"].to_numpy()
+    has_box = np.array([b is not None and len(b) == 4 for b in bbox_col], dtype=bool)
+    has_points = np.array([p is not None and len(p) == 10 for p in landmark_col], dtype=bool)
+    detected = np.flatnonzero((status == "ok") & has_box & has_points)
+    if len(detected):
+        src = np.stack(landmark_col[detected]).astype(np.float64).reshape(-1, 5, 2)
+        matrices = estimate_similarities(src, template_for(size))
+        warped = np.round(np.einsum("kij,knj->kni", matrices[:, :, :2], src) + matrices[:, None, :, 2], 3)
+        box = _box_in(matrices, np.stack(bbox_col[detected]).astype(np.float64))
+        for i, b, w in zip(detected.tolist(), box.tolist(), warped.tolist()):
+            boxes[i] = tuple(b)
+            points[i] = tuple(map(tuple, w))
+    for i in np.flatnonzero((status == "fallback") & has_box):
+        bbox = np.asarray(bbox_col[i], np.float64)
+        boxes[i] = tuple(int(v) for v in _box_in(crop_transform(bbox, size)[None], bbox[None])[0])
+    return boxes, points
