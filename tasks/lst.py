@@ -62,7 +62,7 @@ __all__ = ["LIST_FILE", "STAGE", "EXTRA_COLUMNS", "LstConfig", "LstResult", "run
 
 STAGE = "lst"
 LIST_FILE = "train.lst"
-_CODE_MODULES = ("tasks.lst", "datasets.lst")
+_CODE_MODULES = ("tasks.lst", "datasets.lst", "tasks.alignment.aligner")
 _UNSTORABLE = ("\t", "\n", "\r")
 
 EXTRA_COLUMNS: dict[str, pa.DataType] = {

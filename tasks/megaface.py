@@ -81,7 +81,7 @@ METRICS_FILE = "megaface.parquet"
 FEATURES_DIR = "features"
 PROBES_FILE, DISTRACTORS_FILE = "probes.npy", "distractors.npy"
 _CODE_MODULES = ("tasks.megaface", "tasks.evaluation.megaface", "tasks.evaluation.model", "tasks.evaluation.embed", "datasets.megaface")
-_FEATURE_CODE_MODULES = ("tasks.evaluation.model", "tasks.evaluation.embed")
+_FEATURE_CODE_MODULES = ("tasks.evaluation.model", "tasks.evaluation.embed", "datasets.normalization")
 
 
 class ImageSet(BaseModel):

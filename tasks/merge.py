@@ -83,7 +83,8 @@ __all__ = ["STAGE", "EXTRA_COLUMNS", "MergeConfig", "MergeResult", "load_embeddi
            "run_merge", "merge_task", "main"]
 
 STAGE = "merge"
-_CODE_MODULES = ("tasks.merge", "tasks.evaluation.embed", "datasets.rec_layout", "datasets.recordio")
+_CODE_MODULES = ("tasks.merge", "tasks.evaluation.embed", "datasets.rec_layout", "datasets.recordio", "datasets.face_codec",
+                 "datasets.normalization")
 _CHUNK_IMAGES = 4096  # images decoded and embedded per extract_embeddings call
 _SIM_ROWS = 4096  # centre rows per similarity block
 

@@ -76,7 +76,8 @@ __all__ = ["STAGE", "EXTRA_COLUMNS", "PackConfig", "PackResult", "encoded_size",
 
 STAGE = "pack"
 LIST_FILE = "train.lst"
-_CODE_MODULES = ("tasks.pack", "datasets.lst", "datasets.rec_layout", "datasets.recordio")
+_CODE_MODULES = ("tasks.pack", "datasets.lst", "datasets.rec_layout", "datasets.recordio", "datasets.face_align",
+                 "datasets.face_codec")
 
 EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "label": pa.int64(),

@@ -56,7 +56,8 @@ STAGE = "verification"
 METRICS_FILE = "verification.parquet"
 ROC_FILE = "verification_roc.parquet"
 PLOT_FILE = "verification_roc.png"
-_CODE_MODULES = ("tasks.verification", "tasks.evaluation.model", "tasks.evaluation.embed", "tasks.evaluation.pairs", "datasets.verification_bin")
+_CODE_MODULES = ("tasks.verification", "tasks.evaluation.model", "tasks.evaluation.embed", "tasks.evaluation.pairs",
+                 "datasets.verification_bin", "datasets.normalization")
 _TABLE_COLUMNS = ("target", "accuracy", "accuracy_std", "threshold_mean", "val@far=1e-03", "xnorm", "n_pairs", "seconds")
 
 

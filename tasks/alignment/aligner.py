@@ -122,7 +122,8 @@ _DECODED_BUDGET = 1 << 30
 STATUSES = ("ok", "fallback", "no_face", "unreadable", "duplicate", "ignored", "error")
 #: Rows with these statuses are decided again on every run instead of being reused.
 _NOT_REUSED = {"duplicate", "ignored", "error"}
-_CODE_MODULES = ("tasks.alignment.aligner", "datasets.images", "datasets.face_align", "models.face_detector")
+_CODE_MODULES = ("tasks.alignment.aligner", "datasets.images", "datasets.face_align", "datasets.face_codec",
+                 "models.face_detector")
 
 EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "identity": pa.string(),
