@@ -81,6 +81,7 @@ __all__ = ["STAGE", "EXTRA_COLUMNS", "PackConfig", "PackResult", "encoded_size",
            "main"]
 
 STAGE = "pack"
+DEFAULT_IMAGE_SIZE = (112, 112)
 LIST_FILE = "train.lst"
 _CODE_MODULES = ("tasks.pack", "datasets.lst", "datasets.rec_layout", "datasets.recordio")
 
@@ -410,8 +411,8 @@ def run_pack(
     """Pack ``lst`` (a ``.lst`` file or an lst-stage folder) into ``out_dir``.
 
     ``image_size`` (height, width), ``num_classes`` and ``labels`` (a ``label,identity`` CSV)
-    default to the lst stage's when ``lst`` is its folder; otherwise to the first image's size,
-    the largest label + 1, and none. Skipped (``skipped=True``) when the stage record matches
+    default to the lst stage's when ``lst`` is its folder; otherwise to the first aligned image's
+    size (112x112 when every line is a photo to align), the largest label + 1, and none. Skipped (``skipped=True``) when the stage record matches
     (same list, image sizes and mtimes, parameters, code); ``force`` rebuilds.
     """
     cfg = cfg or PackConfig()
@@ -429,7 +430,13 @@ def run_pack(
         raise FormatError(source, "the list has no entries", "one line per image")
     n = len(lst_rows)
     paths = _resolve_all(lst_rows.paths, str(source.parent))
-    size = _parse_size(image_size) if image_size is not None else _image_size_of(paths[0], source)
+    if image_size is not None:
+        size = _parse_size(image_size)
+    elif lst_rows.aligned.any():  # the first face crop's size
+        size = _image_size_of(paths[int(np.argmax(lst_rows.aligned))], source)
+    else:  # photos only: faces are aligned at the ArcFace size
+        size = DEFAULT_IMAGE_SIZE
+        logger().info("pack: %s holds no aligned face to take the size from; aligning at %dx%d", source, *size)
     label_array = lst_rows.labels
     if num_classes is not None and int(num_classes) <= int(label_array.max()):
         raise ValueError(f"{source}: num_classes {num_classes} but labels go up to {int(label_array.max())}")
