@@ -240,10 +240,11 @@ LstForm = Literal["insightface", "im2rec"]
 def detect_lst_form(path: str | os.PathLike, *, text: str | None = None, lines: int = 20) -> LstForm:
     """Which form a ``.lst`` is in, from its first ``lines`` non-blank lines.
 
-    InsightFace: 3, 7 or 17 columns, ``0``/``1`` first and an integer label third (``aligned \t path \t
+    InsightFace: 3, 7 or 17 columns, ``0``/``1`` first and an integer label third (``aligned \\t path \\t
     label``). im2rec: an integer index first, numbers up to the last column and a path last that is
-    not a number (``index \t 3.000000 \t path``). A list that fits neither raises
-    :class:`FormatError` naming the first line that fits neither.
+    not a number (``index \\t 3.000000 \\t path``). A first line that fits neither raises
+    :class:`FormatError` naming it and both forms; any other list is taken as InsightFace form, whose
+    reader names a later line that does not fit.
     """
     rows = []
     for lineno, cols in _lines(path, text):
@@ -260,15 +261,13 @@ def detect_lst_form(path: str | os.PathLike, *, text: str | None = None, lines: 
         return (len(cols) >= 3 and _is_int(cols[0]) and all(_is_float(c) for c in cols[1:-1])
                 and bool(cols[-1]) and not _is_float(cols[-1]))
 
-    if all(insightface(cols) for _, cols in rows):
-        return "insightface"
-    if all(im2rec(cols) for _, cols in rows):
+    if all(im2rec(cols) for _, cols in rows) and not all(insightface(cols) for _, cols in rows):
         return "im2rec"
-    for lineno, cols in rows:
-        if not insightface(cols) and not im2rec(cols):
-            raise FormatError(path, f"line {lineno}: {len(cols)} tab-separated columns {cols[:4]!r}",
-                              "InsightFace 'aligned\tpath\tlabel[\tbbox[\tlandmarks]]' or im2rec 'index\tlabel\tpath'")
-    raise FormatError(path, f"lines {rows[0][0]}-{rows[-1][0]} mix the InsightFace and im2rec forms", "one form per list")
+    lineno, cols = rows[0]
+    if not insightface(cols) and not im2rec(cols):
+        raise FormatError(path, f"line {lineno}: {len(cols)} tab-separated columns {cols[:4]!r}",
+                          r"InsightFace 'aligned\tpath\tlabel[\tbbox[\tlandmarks]]' or im2rec 'index\tlabel\tpath'")
+    return "insightface"  # its reader names any later line that does not fit
 
 
 def read_lst_columns(path: str | os.PathLike) -> tuple[LstForm, InsightFaceColumns]:
