@@ -277,6 +277,7 @@ def run_verification(
         if len(failures) == 1:
             raise next(iter(failures.values()))
         raise ValueError("verification: every target failed: " + "; ".join(f"{r['target']}: {r['error']}" for r in rows))
+    invalidate(out)  # the files below replace the recorded ones; a record is written only if every target succeeded
     _write_parquet(out / METRICS_FILE, _metrics_table(rows))
     _write_parquet(out / ROC_FILE, pa.concat_tables(list(rocs.values())))
     curves = {name: (roc.column("far").to_numpy(), roc.column("tar").to_numpy()) for name, roc in rocs.items()}
@@ -305,7 +306,7 @@ def roc_markdown(plot_path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -
     data = base64.b64encode(Path(plot_path).read_bytes()).decode("ascii")
     lines = [f"- **{r['target']}**: error: {r['error']}" if r.get("error") else
              f"- **{r['target']}**: accuracy {r['accuracy']:.5f} ± {r['accuracy_std']:.5f}, {r['n_pairs']} pairs"
-             + (f" ({r['notes']})" if r.get("notes") else "") for r in rows]
+             for r in rows]
     return "\n".join(["### Verification ROC", "", f"![ROC](data:image/png;base64,{data})", "", *lines])
 
 

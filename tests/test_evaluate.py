@@ -163,6 +163,12 @@ def test_one_bad_target_leaves_the_others_rows(packs, tmp_path):
     assert set(roc["target"]) == {"known", "six"}
     assert not (tmp_path / "eval" / "stage.json").exists()
     assert not run_verification(CodeEmbedder(), targets, tmp_path / "eval", CPU).skipped
+    # a recorded run of the good targets is not taken for up to date once a failed run replaced its files
+    good = {"known": packs["known"], "six": six}
+    assert not run_verification(CodeEmbedder(), good, tmp_path / "again", CPU).skipped
+    run_verification(CodeEmbedder(), targets, tmp_path / "again", CPU)
+    rerun = run_verification(CodeEmbedder(), good, tmp_path / "again", CPU)
+    assert not rerun.skipped and [r["target"] for r in rerun.rows] == ["known", "six"]
     # shuffled folds: a recorded setting, the same accuracy on this balanced, separable set
     shuffled = run_verification(CodeEmbedder(), [six], tmp_path / "shuffled", CPU.model_copy(update={"shuffle_folds": True}))
     assert shuffled.rows[0]["accuracy"] == 1.0 and "shuffled with seed 0" in shuffled.rows[0]["notes"]
