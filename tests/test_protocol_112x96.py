@@ -55,6 +55,9 @@ def test_bins_stage_writes_112x96_and_both_evaluators_read_it(tmp_path: Path):
     sets = ValidationSets([("v96", result.bin_path)], (112, 96), "arcface", batch_size=16)
     res = sets.evaluate(PixelEmbedder(), torch.device("cpu"))["v96"]
     assert res.accuracy == 1.0 and res.n_pairs == 12 and sets.data("v96", result.bin_path)[0].shape == (24, 112, 96, 3)
+    shuffled = ValidationSets([("v96", result.bin_path)], (112, 96), "arcface", batch_size=16, fold_seed=3)
+    res = shuffled.evaluate(PixelEmbedder(), torch.device("cpu"))["v96"]
+    assert res.accuracy == 1.0 and "shuffled with seed 3" in res.to_row()["notes"]
 
 
 def _tiny_96(root: Path) -> Path:
