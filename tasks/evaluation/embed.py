@@ -3,10 +3,9 @@
 ``extract_embeddings(model, images)`` runs aligned faces, ``(N, H, W, 3)`` uint8 RGB, through any
 callable that maps a normalised ``(B, 3, H, W)`` float32 batch to ``(B, D)`` raw embeddings, runs the
 mirrored images too, sums the two raw embeddings and L2-normalises the sum (InsightFace order).
-Input normalisation: ``"arcface"`` = ``((x / 255) - 0.5) / 0.5`` (arcface_torch), ``"mxnet"`` =
-``(x - 127.5) / 128`` (what 2018 MXNet models do inside their graph, for ported weights), ``"none"`` =
-pixels as float32 0..255 (for ONNX graphs that normalise their input themselves: insightface's
-``ArcFaceONNX`` input_mean 0 / input_std 1). ``bgr=True`` feeds the channels in BGR order.
+Input normalisation: :mod:`datasets.normalization` (``"arcface"``, ``"mxnet"``, or ``"none"`` = pixels as
+float32 0..255 for ONNX graphs that normalise their input themselves: insightface's ``ArcFaceONNX``
+input_mean 0 / input_std 1). ``bgr=True`` feeds the channels in BGR order.
 
 On CUDA: uint8 batches go host -> device from pinned memory without blocking, are normalised on the
 device in channels_last layout, and results come back without a per-batch synchronisation, so the
@@ -20,7 +19,7 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,11 +27,10 @@ from torch import nn
 
 from datasets.atomic import atomic_paths
 from datasets.errors import FormatError
+from datasets.normalization import NORMALIZATIONS, Normalization, normalization_scale
 
-Normalization = Literal["arcface", "mxnet", "none"]
-_NORMALIZATION = {"arcface": (127.5, 1.0 / 127.5), "mxnet": (127.5, 1.0 / 128.0), "none": (0.0, 1.0)}
 #: Normalisation -> (input_mean, input_std) in insightface's model_zoo terms ((x - mean) / std).
-MEAN_STD = {"arcface": (127.5, 127.5), "mxnet": (127.5, 128.0), "none": (0.0, 1.0)}
+MEAN_STD = {mode: (mean, 1.0 / scale) for mode, (mean, scale) in NORMALIZATIONS.items()}
 #: ONNX node names (or op types) of an in-graph input normalisation, as insightface's ArcFaceONNX looks for them.
 _SUB_NAMES, _MUL_NAMES = ("Sub", "_minus"), ("Mul", "_mul")
 
@@ -155,11 +153,10 @@ def extract_embeddings(
     ``amp_dtype``: e.g. ``torch.bfloat16`` for autocast; embeddings are summed and normalised in float32.
     Raises ``ValueError`` naming the batch for malformed input and the image for a non-finite embedding.
     """
-    if normalize not in _NORMALIZATION:
-        raise ValueError(f"normalize must be one of {sorted(_NORMALIZATION)}, got {normalize!r}")
+    scale = normalization_scale(normalize)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    mean, scale = _NORMALIZATION[normalize]
+    mean = NORMALIZATIONS[normalize][0]
     dev = _resolve_device(model, device)
     cuda = dev.type == "cuda"
     module = model if isinstance(model, nn.Module) else None
@@ -275,7 +272,7 @@ class OnnxEmbedder:
     def normalization(self) -> Normalization:
         """The input normalisation this model expects (see the class docstring)."""
         recorded = self.metadata.get("normalize")
-        if recorded in _NORMALIZATION:
+        if recorded in NORMALIZATIONS:
             return recorded  # type: ignore[return-value]
         return "none" if self.in_graph_normalization else "arcface"
 
