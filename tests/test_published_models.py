@@ -275,3 +275,44 @@ def test_params_container_round_trip_and_bad_files(tmp_path):
         resolve_mxnet_checkpoint(f"{tmp_path / 'm'},1")
     (tmp_path / "m-symbol.json").write_text('{"nodes": []}')
     assert len(model_files_digest(f"{tmp_path / 'm'},1")) == 64
+
+
+class _PixelsInGraph(nn.Module):
+    """Takes pixels 0..255 and normalises inside, as MXNet-converted ONNX models do; ReLU so that a second
+    normalisation would change the result."""
+
+    def forward(self, x):
+        from build_data import PixelEmbedder
+
+        return PixelEmbedder()(torch.relu((x - 127.5) * 0.0078125))
+
+
+class _Normalised(nn.Module):
+    def forward(self, x):  # the same network taking (x - 127.5) / 128
+        from build_data import PixelEmbedder
+
+        return PixelEmbedder()(torch.relu(x))
+
+
+def test_merge_dedup_with_an_in_graph_normalised_onnx_model(tmp_path):
+    from build_data import export_onnx, synthetic_identities
+    from tasks.alignment import AlignConfig, run_align
+    from tasks.lst import run_lst
+    from tasks.merge import MergeConfig, run_merge
+    from tasks.pack import run_pack
+
+    packs = []
+    for name, ids in (("a", range(0, 4)), ("b", range(2, 6))):
+        synthetic_identities(tmp_path / name / "faces", ids, images=2)
+        aligned = run_align(tmp_path / name / "faces", tmp_path / name / "aligned", AlignConfig(already_aligned=True)).out_dir
+        packs.append(run_pack(run_lst([aligned], tmp_path / name / "lst").out_dir, tmp_path / name / "pack").out_dir)
+    onnx_path = export_onnx(_PixelsInGraph(), tmp_path / "in_graph.onnx")
+    auto = run_merge(packs, tmp_path / "auto", MergeConfig(dedup="model", model=str(onnx_path), param1=0.9))
+    direct = run_merge(packs, tmp_path / "direct", MergeConfig(dedup="model", param1=0.9, normalize="mxnet"),
+                       embedder=_Normalised())
+    from datasets.manifest import read_manifest
+    from tasks.merge import EXTRA_COLUMNS, STAGE
+
+    rows = [read_manifest(r.out_dir / "manifest.parquet", stage=STAGE, extra=EXTRA_COLUMNS) for r in (auto, direct)]
+    assert list(rows[0]["status"]) == list(rows[1]["status"]) and (rows[0]["status"] == "duplicate").sum() == 2
+    np.testing.assert_allclose(rows[0]["cosine"].to_numpy(float), rows[1]["cosine"].to_numpy(float), atol=1e-4)
