@@ -316,3 +316,20 @@ def test_merge_dedup_with_an_in_graph_normalised_onnx_model(tmp_path):
     rows = [read_manifest(r.out_dir / "manifest.parquet", stage=STAGE, extra=EXTRA_COLUMNS) for r in (auto, direct)]
     assert list(rows[0]["status"]) == list(rows[1]["status"]) and (rows[0]["status"] == "duplicate").sum() == 2
     np.testing.assert_allclose(rows[0]["cosine"].to_numpy(float), rows[1]["cosine"].to_numpy(float), atol=1e-4)
+
+
+def test_mxnet_checkpoints_that_are_not_covered_are_named(tmp_path):
+    """Without MXNet: files written in its container format; the oracle comparisons are in test_mxnet_models.py."""
+    import json
+
+    prefix = tmp_path / "model"
+    write_ndarray_list(f"{prefix}-0001.params", {"arg:conv_weight": np.zeros((4, 3, 3, 3), np.float32)})
+    nodes = [{"op": "null", "name": "data", "inputs": []},
+             {"op": "_minus_scalar", "name": "_minusscalar0", "attrs": {"scalar": "127.5"}, "inputs": [[0, 0, 0]]},
+             {"op": "_mul_scalar", "name": "_mulscalar0", "attrs": {"scalar": "0.0078125"}, "inputs": [[1, 0, 0]]}]
+    (tmp_path / "model-symbol.json").write_text(json.dumps({"nodes": nodes}))
+    with pytest.raises(FormatError, match=r"model-0001.params: not a covered InsightFace MXNet network .*conv_weight"):
+        load_embedder(f"{prefix},1")
+    (tmp_path / "model-symbol.json").write_text(json.dumps({"nodes": nodes[:1]}))
+    with pytest.raises(FormatError, match=r"model-symbol.json: input normalisation none in the graph"):
+        load_embedder(f"{prefix}-0001.params")
