@@ -53,13 +53,13 @@ import pandas as pd
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from datasets.errors import FormatError
 from datasets.hashing import params_hash, sha256_bytes, sha256_file
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
 from datasets.verification_bin import write_bin
 from tasks import alignment
+from tasks.configs import PairsSet
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
@@ -72,7 +72,6 @@ FACES_DIR = "faces"
 OUTSIDE_DIR = "_outside"
 FOLDS = 10
 _CODE_MODULES = ("tasks.bins", "datasets.verification_bin")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TRUE, _FALSE = {"1", "true", "yes"}, {"0", "false", "no"}
 
 EXTRA_COLUMNS: dict[str, pa.DataType] = {
@@ -82,31 +81,6 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "fold": pa.int32(),
     "bin_index": pa.int64(),
 }
-
-
-class PairsSet(BaseModel):
-    """One verification set to build: ``<name>.bin`` from the pair list ``file``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="name of the set; the pack is <name>.bin (e.g. lfw, cfp_fp, agedb_30)")
-    file: str = Field(description="pair list: LFW pairs.txt, or CSV path_a,path_b,same")
-    image_root: str | None = Field(None, description="folder the image paths are relative to (default: the list's folder)")
-    aligned: bool = Field(False, description="the images are aligned face crops already (no detection)")
-    format: Literal["auto", "lfw", "csv"] = Field("auto", description="pair list format")
-    no_face: Literal["center_crop", "drop"] = Field(
-        "center_crop", description="photo without a face: spec 5.3 centre crop (keeps the folds) or drop the pair")
-    missing: Literal["fail", "drop"] = Field("fail", description="missing or unreadable image: fail, or drop the pair")
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(f"pairs set name {value!r} must be letters, digits, '.', '_' or '-' (it names <name>.bin)")
-        return value
-
-    def root(self) -> Path:
-        return Path(self.image_root).resolve() if self.image_root else Path(self.file).resolve().parent
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,6 @@ import pandas as pd
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_write_text
 from datasets.errors import FormatError
@@ -55,6 +54,7 @@ from datasets.lst import InsightFaceLine, write_insightface_lst
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
 from datasets.rec_layout import LABELS_FILE, read_labels, write_labels
 from tasks import alignment
+from tasks.configs import LstConfig
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
@@ -73,16 +73,6 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "image_path": pa.string(),
     "fallback": pa.bool_(),
 }
-
-
-class LstConfig(BaseModel):
-    """Parameters of the ``.lst`` stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_images: int = Field(2, ge=1, description="identities with fewer aligned faces are dropped (dir2lst keeps >= 2)")
-    include_fallback: bool = Field(
-        True, description="list the centre-crop fallbacks of photos without a detected face (align no_face=center_crop)")
 
 
 @dataclass

@@ -54,7 +54,6 @@ import numpy as np
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_paths, atomic_write_text, remove_partials
 from datasets.errors import FormatError
@@ -63,7 +62,8 @@ from datasets.images import decode_image
 from datasets.megaface import feature_path, read_image_list, read_noise_list, write_feature
 from datasets.rec_dataset import RecFaceDataset
 from datasets.rec_layout import LABELS_FILE, PROPERTY_FILE, read_labels, rec_paths
-from tasks.evaluation.model import EvalModel, ExtractionConfig, ModelSource, load_eval_model, model_digest, rows_table
+from tasks.evaluation.config import ExtractionConfig, ImageSet, MegaFaceConfig
+from tasks.evaluation.model import EvalModel, ModelSource, load_eval_model, model_digest, rows_table
 from tasks.evaluation.megaface import DEFAULT_RANKS, DEFAULT_SIZES, identification, noisy_distractors, noisy_probes, remove_noises, verification_roc
 from tasks.runtime import Progress, finished, logger, publish_table
 from tasks.stage import code_version, commit_record, current_record, invalidate
@@ -80,35 +80,6 @@ FEATURES_DIR = "features"
 PROBES_FILE, DISTRACTORS_FILE = "probes.npy", "distractors.npy"
 _CODE_MODULES = ("tasks.megaface", "tasks.evaluation.megaface", "tasks.evaluation.model", "tasks.evaluation.embed", "datasets.megaface")
 _FEATURE_CODE_MODULES = ("tasks.evaluation.model", "tasks.evaluation.embed")
-
-
-class ImageSet(BaseModel):
-    """Probes or distractors: an image list under ``root``, or a ``.rec`` set."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(description="image list (one relative path per line), or a .rec file / dataset folder")
-    root: str | None = Field(None, description="folder the list's paths are relative to (default: the list's folder)")
-
-
-class MegaFaceConfig(ExtractionConfig):
-    """Parameters of the MegaFace stage (extraction settings plus the protocol's)."""
-
-    algo: str = Field("facepipe", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="algorithm name in file names")
-    probe_set: str = Field("facescrub", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="probe set name in file names")
-    sizes: list[int] = Field(list(DEFAULT_SIZES), description="distractor counts to evaluate (the first N of the list)")
-    ranks: list[int] = Field(list(DEFAULT_RANKS), description="CMC ranks")
-    far: float = Field(1e-6, gt=0, lt=1, description="FAR of the headline TAR")
-    roc_fars: list[float] = Field([1e-6, 1e-5, 1e-4, 1e-3], description="FARs of the ROC points in the CMC/ROC json")
-    metric: Literal["euclidean", "cosine"] = Field("euclidean", description="devkit: euclidean (honours noise removal)")
-    probe_noise: str | None = Field(None, description="FaceScrub noise list (facescrub_noises.txt)")
-    distractor_noise: str | None = Field(None, description="MegaFace noise list (megaface_noises.txt)")
-    strict_noise: bool = Field(True, description="a noise-list entry naming no image of the sets is an error")
-    noise_seed: int = Field(0, description="seed of the noise added to replaced probes")
-    devkit_dir: str | None = Field(None, description="also write devkit feature files here")
-    devkit_size_suffix: bool = Field(False, description="devkit file names <img>_<algo>_<H>x<W>.bin (2018 form)")
-    decode_threads: int = Field(4, ge=1, description="threads decoding images")
-    chunk_images: int = Field(8192, ge=1, description="images per extraction chunk (the unit an interrupted run resumes at)")
 
 
 @dataclass

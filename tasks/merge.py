@@ -55,7 +55,6 @@ import pyarrow as pa
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import remove_partials
 from datasets.errors import FormatError
@@ -76,6 +75,7 @@ from datasets.recordio import MXRecordIO, unpack
 from datasets.verification_bin import decode_bin
 from tasks.evaluation.embed import OnnxEmbedder, extract_embeddings
 from tasks.evaluation.model import load_eval_model, model_digest
+from tasks.configs import MergeConfig
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate
 
@@ -98,28 +98,6 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
 }
 
 Embedder = Callable[[Any], Any]
-
-
-class MergeConfig(BaseModel):
-    """Parameters of the merge stage (dataset_merge.py's ``--model``, ``--param1``, ``--param2``, ``--exclude``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dedup: Literal["none", "name", "model"] = Field(
-        "none", description="none: concatenate; name: same identity name = one identity; model: embedding de-duplication")
-    model: str | None = Field(None, description="embedding model: a .onnx file or a training checkpoint")
-    normalize: Literal["arcface", "mxnet"] = Field(
-        "arcface", description="input normalisation of the model: (x-127.5)/127.5 or (x-127.5)/128")
-    param1: float = Field(0.3, ge=-1.0, le=1.0, description="an identity of a later dataset is dropped at cosine >= param1 with a kept one")
-    param2: float = Field(0.4, ge=-1.0, le=1.0, description="a kept identity is removed at cosine >= param2 with an exclusion vector")
-    exclude: list[str] = Field(default_factory=list, description="packed dataset folders or verification .bin files to keep out")
-    batch_size: int = Field(64, ge=1, description="images per model call")
-    label_format: Literal["scalar", "array"] = Field(
-        "scalar", description="image record label: scalar (dataset_merge.py, flag 0) or [label, aligned]")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where a torch model runs")
-
-    def needs_embeddings(self) -> bool:
-        return self.dedup == "model" or bool(self.exclude)
 
 
 @dataclass

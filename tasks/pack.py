@@ -57,7 +57,6 @@ import pyarrow as pa
 from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_write_bytes, remove_partials
 from datasets.errors import FormatError
@@ -67,6 +66,7 @@ from datasets.images import UnreadableImage, decode_image
 from datasets.lst import InsightFaceColumns, InsightFaceLine, read_insightface_columns
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
 from datasets.rec_layout import IDX_FILE, LABELS_FILE, PROPERTY_FILE, REC_FILE, InsightFaceRecWriter
+from tasks.configs import PackConfig
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
@@ -84,18 +84,6 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "line": pa.int64(),
     "aligned": pa.bool_(),
 }
-
-
-class PackConfig(BaseModel):
-    """Parameters of the pack stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    shuffle: bool = Field(False, description="shuffle identity order and order within identities (seeded)")
-    seed: int = Field(0, ge=0, description="seed of the shuffle")
-    label_format: Literal["array", "scalar"] = Field(
-        "array", description="image record label: [label, aligned] (face2rec2, flag 2) or the scalar label (flag 0)")
-    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of faces aligned here (aligned=0 lines only)")
 
 
 @dataclass

@@ -38,13 +38,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field
 
 from datasets.atomic import atomic_paths, atomic_write_bytes, remove_partials
 from datasets.errors import FormatError
 from datasets.hashing import sha256_file
 from datasets.verification_bin import decode_bin
-from tasks.evaluation.model import EvalModel, ExtractionConfig, ModelSource, load_eval_model, model_digest, rows_table
+from tasks.evaluation.config import ExtractionConfig, VerificationConfig
+from tasks.evaluation.model import EvalModel, ModelSource, load_eval_model, model_digest, rows_table
 from tasks.runtime import finished, logger, publish_markdown, publish_table
 from tasks.stage import code_version, commit_record, current_record, invalidate
 from tasks.evaluation.pairs import DEFAULT_FAR_TARGETS, evaluate_verification, far_key
@@ -58,13 +58,6 @@ ROC_FILE = "verification_roc.parquet"
 PLOT_FILE = "verification_roc.png"
 _CODE_MODULES = ("tasks.verification", "tasks.evaluation.model", "tasks.evaluation.embed", "tasks.evaluation.pairs", "datasets.verification_bin")
 _TABLE_COLUMNS = ("target", "accuracy", "accuracy_std", "threshold_mean", "val@far=1e-03", "xnorm", "n_pairs", "seconds")
-
-
-class VerificationConfig(ExtractionConfig):
-    """Parameters of the verification stage (extraction settings plus the protocol's)."""
-
-    nfolds: int = Field(10, ge=1, description="contiguous folds of the accuracy protocol (1 = train on the test set)")
-    far_targets: list[float] = Field(list(DEFAULT_FAR_TARGETS), description="FARs at which TAR is reported")
 
 
 @dataclass

@@ -23,15 +23,32 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.backbone import network_codes
-from models.embedding import normalize_option
-from models.margins import HEADS, LOSS_TYPES
-
 __all__ = ["TrainConfig", "LOSS_NAMES", "CKPT_POLICIES", "load_config", "parse_args", "config_error"]
 
 TRIPLET = "triplet"
-LOSS_NAMES = (*HEADS, TRIPLET)
-LOSS_NUMBERS = {**LOSS_TYPES, 12: TRIPLET}
+# The tables of network codes, losses and embedding options live in models/ (which imports torch); they
+# are read when a value is validated, so that building a command line does not import torch.
+
+
+def _loss_names() -> tuple[str, ...]:
+    from models.margins import HEADS
+
+    return (*HEADS, TRIPLET)
+
+
+def _loss_numbers() -> dict[int, str]:
+    from models.margins import LOSS_TYPES
+
+    return {**LOSS_TYPES, 12: TRIPLET}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LOSS_NAMES":
+        return _loss_names()
+    if name == "LOSS_NUMBERS":
+        return _loss_numbers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 CKPT_POLICIES = {0: "none", 1: "best", 2: "all", 3: "last"}
 # Old option names -> field names (after dashes became underscores).
 ALIASES = {
@@ -139,6 +156,8 @@ class TrainConfig(BaseModel):
     @field_validator("network", mode="before")
     @classmethod
     def _network(cls, value: Any) -> str:
+        from models.backbone import network_codes
+
         code = str(value).strip().lower()
         if code not in network_codes():
             raise ValueError(f"network {value!r} is not a known code; valid codes: {', '.join(network_codes())}")
@@ -147,6 +166,8 @@ class TrainConfig(BaseModel):
     @field_validator("version_output", mode="before")
     @classmethod
     def _output(cls, value: Any) -> Any:
+        from models.embedding import normalize_option
+
         return None if value in (None, "") else normalize_option(str(value))
 
     @field_validator("image_size", mode="before")
@@ -165,6 +186,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _loss(cls, value: Any) -> str:
         key = str(value).strip().lower()
+        LOSS_NUMBERS, LOSS_NAMES = _loss_numbers(), _loss_names()  # noqa: N806
         if key.lstrip("-").isdigit():
             number = int(key)
             if number not in LOSS_NUMBERS:
@@ -255,6 +277,8 @@ class TrainConfig(BaseModel):
         """Keyword arguments of ``models.get_margin`` for this loss (InsightFace option names)."""
         if self.is_triplet:
             raise ValueError("the triplet loss has no margin head")
+        from models.margins import HEADS
+
         cls, _ = HEADS[self.loss]
         import inspect
 
