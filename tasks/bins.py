@@ -41,7 +41,6 @@ import argparse
 import csv
 import io
 import json
-import logging
 import os
 import re
 import sys
@@ -59,12 +58,13 @@ from datasets.hashing import params_hash, sha256_bytes, sha256_file
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
 from datasets.verification_bin import write_bin
 from tasks import alignment
+from tasks import cli
 from tasks.configs import PairsSet
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
 __all__ = ["STAGE", "EXTRA_COLUMNS", "FOLDS", "Pair", "PairsSet", "BinsPlan", "BinsResult", "read_pairs",
-           "missing_images", "prepare_bins", "bins_align_config", "check_bins_up_to_date", "finalize_bins", "run_bins", "bins_prepare_task", "bins_finalize_task", "main"]
+           "missing_images", "prepare_bins", "bins_align_config", "check_bins_up_to_date", "finalize_bins", "run_bins", "bins_prepare_task", "bins_finalize_task", "main", "recorded_align_config"]
 
 STAGE = "bins"
 INPUTS_DIR = "inputs"
@@ -393,25 +393,41 @@ def bins_finalize_task(plan: BinsPlan, force: bool = False) -> BinsResult:
     return finished(finalize_bins(plan, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.bins", description="Build a verification .bin from a pair list.")
-    parser.add_argument("pairs", help="LFW pairs.txt or CSV path_a,path_b,same")
-    parser.add_argument("out_dir")
-    parser.add_argument("--name", required=True, help="the pack is <out_dir>/<name>.bin")
-    parser.add_argument("--image-root")
-    parser.add_argument("--aligned", action="store_true", help="images are aligned crops already")
-    parser.add_argument("--no-face", choices=["center_crop", "drop"], default="center_crop")
-    parser.add_argument("--missing", choices=["fail", "drop"], default="fail")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    spec = PairsSet(name=args.name, file=args.pairs, image_root=args.image_root, aligned=args.aligned,
-                    no_face=args.no_face, missing=args.missing)
-    result = run_bins(spec, args.out_dir, alignment.AlignConfig(device=args.device), force=args.force)
+def recorded_align_config(folder: str | os.PathLike) -> alignment.AlignConfig:
+    """The :class:`AlignConfig` an align-stage folder was made with (its ``stage.json``), so that a
+    ``.bin`` is aligned as the data set it belongs to. ``folder``: the align-stage folder, or a folder
+    holding exactly one (``align/<source>/`` of a build-dataset run, or ``<source>/``)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (expected an align-stage folder with stage.json)")
+    candidates = [root] + sorted(p.parent for p in [*root.glob("*/stage.json"), *root.glob("align/*/stage.json")])
+    for candidate in candidates:
+        record = load_record(candidate)
+        if record is not None and record.stage == alignment.STAGE:
+            params = {k: v for k, v in record.params.items() if k in alignment.AlignConfig.model_fields}
+            return alignment.AlignConfig(**params)
+    raise FormatError(root, "no align stage record found (stage.json of stage 'align')",
+                      "an align-stage folder, or a folder holding align/<source>/")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe bins`` / ``python -m tasks.bins`` with parsed arguments."""
+    spec = cli.config_from_args(args, PairsSet, file=args.pairs)
+    given = cli.config_values(args, alignment.AlignConfig)
+    if args.align_from:
+        base = recorded_align_config(args.align_from)
+        cfg = alignment.AlignConfig(**{**base.model_dump(), **given})
+        logger().info("bins: alignment options of %s: %s", args.align_from, cfg.output_params())
+    else:
+        cfg = cli.config_from_args(args, alignment.AlignConfig)
+    result = run_bins(spec, args.out_dir, cfg, force=args.force)
     print(json.dumps({"bin": str(result.bin_path), "pairs": result.pairs, "listed": result.listed,
                       "counts": result.counts, "skipped": result.skipped}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("bins", run_command, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from datasets.lst import InsightFaceLine, write_insightface_lst
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
 from datasets.rec_layout import LABELS_FILE, read_labels, write_labels
 from tasks import alignment
+from tasks import cli
 from tasks.configs import LstConfig
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
@@ -297,21 +297,16 @@ def lst_task(sources: Mapping[str, str] | Sequence[str], out_dir: str | os.PathL
     return finished(run_lst(sources, out_dir, cfg, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.lst", description="Write train.lst and labels.csv from align-stage folders.")
-    parser.add_argument("out_dir")
-    parser.add_argument("sources", nargs="+", help="align-stage folders (source name = folder name)")
-    parser.add_argument("--min-images", type=int, default=2)
-    parser.add_argument("--no-fallback", action="store_true", help="do not list centre-crop fallbacks")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run_lst(args.sources, args.out_dir, LstConfig(min_images=args.min_images, include_fallback=not args.no_fallback),
-                     force=args.force)
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe lst`` / ``python -m tasks.lst`` with parsed arguments."""
+    result = run_lst(args.sources, args.out_dir, cli.config_from_args(args, LstConfig), force=args.force)
     print(json.dumps({"lst": str(result.lst_path), "images": result.images, "identities": result.identities,
                       "num_classes": result.num_classes, "counts": result.counts, "skipped": result.skipped}))
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("lst", run_command, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -39,7 +39,6 @@ import argparse
 import collections
 import itertools
 import json
-import logging
 import math
 import os
 import sys
@@ -65,6 +64,7 @@ from datasets.rec_layout import LABELS_FILE, PROPERTY_FILE, read_labels, rec_pat
 from tasks.evaluation.config import ExtractionConfig, ImageSet, MegaFaceConfig
 from tasks.evaluation.model import EvalModel, ModelSource, load_eval_model, model_digest, rows_table
 from tasks.evaluation.megaface import DEFAULT_RANKS, DEFAULT_SIZES, identification, noisy_distractors, noisy_probes, remove_noises, verification_roc
+from tasks import cli
 from tasks.runtime import Progress, finished, logger, publish_table
 from tasks.stage import code_version, commit_record, current_record, invalidate
 from tasks.evaluation.pairs import far_key
@@ -445,41 +445,18 @@ def megaface_task(model: str, probes: ImageSet | str, distractors: ImageSet | st
     return finished(result)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.megaface",
-                                     description="MegaFace identification and verification of an embedding model.")
-    parser.add_argument("model", help="a training checkpoint or a .onnx file")
-    parser.add_argument("--probes", required=True, help="probe image list (facescrub_lst) or .rec set")
-    parser.add_argument("--probe-root", help="folder the probe list's paths are relative to")
-    parser.add_argument("--distractors", required=True, help="distractor image list (megaface_lst) or .rec set")
-    parser.add_argument("--distractor-root")
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--devkit-dir", help="also write devkit feature files here")
-    parser.add_argument("--algo", default="facepipe")
-    parser.add_argument("--probe-noise", help="facescrub_noises.txt")
-    parser.add_argument("--distractor-noise", help="megaface_noises.txt")
-    parser.add_argument("--sizes", type=_ints, default=list(DEFAULT_SIZES), help="comma-separated distractor counts")
-    parser.add_argument("--far", type=float, default=1e-6)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
-    parser.add_argument("--decode-threads", type=int, default=4)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = MegaFaceConfig(algo=args.algo, sizes=args.sizes, far=args.far, probe_noise=args.probe_noise,
-                         distractor_noise=args.distractor_noise, devkit_dir=args.devkit_dir, batch_size=args.batch_size,
-                         device=args.device, precision="bf16" if args.bf16 else "fp32", decode_threads=args.decode_threads)
-    result = run_megaface(args.model, ImageSet(path=args.probes, root=args.probe_root),
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe megaface`` / ``python -m tasks.megaface`` with parsed arguments."""
+    cfg = cli.config_from_args(args, MegaFaceConfig)
+    result = run_megaface(cli.existing_model(args.model), ImageSet(path=args.probes, root=args.probe_root),
                           ImageSet(path=args.distractors, root=args.distractor_root), args.out_dir, cfg, force=args.force)
     print(json.dumps({"metrics": str(result.metrics_path), "skipped": result.skipped,
                       "rank_1": {r["distractors"]: r.get("rank_1") for r in result.rows}}))
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("megaface", run_command, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections import Counter
@@ -75,6 +74,7 @@ from datasets.recordio import MXRecordIO, unpack
 from datasets.verification_bin import decode_bin
 from tasks.evaluation.embed import OnnxEmbedder, extract_embeddings
 from tasks.evaluation.model import load_eval_model, model_digest
+from tasks import cli
 from tasks.configs import MergeConfig
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate
@@ -466,26 +466,17 @@ def merge_task(datasets: Sequence[str], out_dir: str | os.PathLike, cfg: MergeCo
     return finished(run_merge(datasets, out_dir, cfg, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.merge", description="Merge packed datasets (dataset_merge.py).")
-    parser.add_argument("--include", required=True, help="comma-separated dataset folders, in order")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--dedup", choices=["none", "name", "model"], default="none")
-    parser.add_argument("--model", help=".onnx file or training checkpoint")
-    parser.add_argument("--param1", type=float, default=0.3)
-    parser.add_argument("--param2", type=float, default=0.4)
-    parser.add_argument("--exclude", default="", help="comma-separated dataset folders or .bin files")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = MergeConfig(dedup=args.dedup, model=args.model, param1=args.param1, param2=args.param2,
-                      exclude=[e for e in args.exclude.split(",") if e], batch_size=args.batch_size)
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe merge`` / ``python -m tasks.merge`` with parsed arguments."""
+    cfg = cli.config_from_args(args, MergeConfig)
     result = run_merge([d for d in args.include.split(",") if d], args.output, cfg, force=args.force)
     print(json.dumps({"rec": str(result.rec_path), "images": result.images, "identities": result.identities,
                       "counts": result.counts, "skipped": result.skipped}))
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("merge", run_command, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

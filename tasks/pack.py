@@ -42,7 +42,6 @@ import hashlib
 import io
 import itertools
 import json
-import logging
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +65,7 @@ from datasets.images import UnreadableImage, decode_image
 from datasets.lst import InsightFaceColumns, InsightFaceLine, read_insightface_columns
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
 from datasets.rec_layout import IDX_FILE, LABELS_FILE, PROPERTY_FILE, REC_FILE, InsightFaceRecWriter
+from tasks import cli
 from tasks.configs import PackConfig
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
@@ -496,24 +496,17 @@ def pack_task(lst: str | os.PathLike, out_dir: str | os.PathLike, cfg: PackConfi
     return finished(run_pack(lst, out_dir, cfg, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.pack", description="Pack an InsightFace .lst into train.rec/train.idx/property.")
-    parser.add_argument("lst", help="a .lst file or an lst-stage folder")
-    parser.add_argument("out_dir")
-    parser.add_argument("--image-size", help="height,width (default: the lst stage's, or the first image's)")
-    parser.add_argument("--num-classes", type=int)
-    parser.add_argument("--shuffle", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label-format", choices=["array", "scalar"], default="array")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = PackConfig(shuffle=args.shuffle, seed=args.seed, label_format=args.label_format)
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe pack`` / ``python -m tasks.pack`` with parsed arguments."""
+    cfg = cli.config_from_args(args, PackConfig)
     result = run_pack(args.lst, args.out_dir, cfg, image_size=args.image_size, num_classes=args.num_classes, force=args.force)
     print(json.dumps({"rec": str(result.rec_path), "images": result.images, "identities": result.identities,
                       "num_classes": result.num_classes, "skipped": result.skipped}))
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("pack", run_command, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

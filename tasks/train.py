@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     kept under the stage's name for scripts written before the engine moved."""
     from tasks.training.trainer import main as train_main
 
-    return train_main(argv)
+    return train_main(argv, prog="python -m tasks.train")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import argparse
 import base64
 import io
 import json
-import logging
 import os
 import sys
 import time
@@ -45,6 +44,7 @@ from datasets.hashing import sha256_file
 from datasets.verification_bin import decode_bin
 from tasks.evaluation.config import ExtractionConfig, VerificationConfig
 from tasks.evaluation.model import EvalModel, ModelSource, load_eval_model, model_digest, rows_table
+from tasks import cli
 from tasks.runtime import finished, logger, publish_markdown, publish_table
 from tasks.stage import code_version, commit_record, current_record, invalidate
 from tasks.evaluation.pairs import DEFAULT_FAR_TARGETS, evaluate_verification, far_key
@@ -227,28 +227,17 @@ def verification_task(model: str, targets: list[str] | dict[str, str], out_dir: 
     return finished(result)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.evaluation.pairs",
-                                     description="Verification accuracy of an embedding model on .bin packs.")
-    parser.add_argument("model", help="a training checkpoint or a .onnx file")
-    parser.add_argument("targets", nargs="+", help="verification packs (lfw.bin, cfp_fp.bin, ...)")
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
-    parser.add_argument("--no-flip", action="store_true")
-    parser.add_argument("--normalize", choices=["arcface", "mxnet"])
-    parser.add_argument("--nfolds", type=int, default=10)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = VerificationConfig(batch_size=args.batch_size, device=args.device, precision="bf16" if args.bf16 else "fp32",
-                             flip=not args.no_flip, normalize=args.normalize, nfolds=args.nfolds)
-    result = run_verification(args.model, args.targets, args.out_dir, cfg, force=args.force)
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe evaluate`` / ``python -m tasks.verification`` with parsed arguments."""
+    cfg = cli.config_from_args(args, VerificationConfig)
+    result = run_verification(cli.existing_model(args.model), args.targets, args.out_dir, cfg, force=args.force)
     print("\n".join(result.summary_lines()))
     print(json.dumps({"metrics": str(result.metrics_path), "plot": str(result.plot_path), "skipped": result.skipped}))
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("evaluate", run_command, argv, prog="python -m tasks.verification")
 
 if __name__ == "__main__":
     sys.exit(main())

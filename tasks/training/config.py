@@ -355,17 +355,14 @@ def _option_names() -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m tasks.training") -> TrainConfig:
-    """``--config x.yaml`` plus any option as ``--per-batch-size 64`` or ``--per_batch_size=64``."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train a face-recognition model (see tasks/training/config.py).",
-                                     allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of options (configs/*.yaml)")
-    for name in _option_names():
-        field = TrainConfig.model_fields.get(ALIASES.get(name, name))
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        kind = field.annotation if field is not None else None
-        nargs = "?" if kind is bool else None
-        parser.add_argument(*flags, dest=f"opt_{name}", nargs=nargs, const="true" if kind is bool else None,
-                            default=None, metavar="VALUE", help=(field.description if field else f"alias of {ALIASES[name]}"))
-    args = parser.parse_args(argv)
-    overrides = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    """``--config x.yaml`` plus any option as ``--per-batch-size 64`` or ``--per_batch_size=64`` (the parser
+    is generated from :class:`TrainConfig` in :mod:`tasks.cli`)."""
+    from tasks import cli
+
+    return config_from_args(cli.build_parser("train", prog).parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``facepipe train`` arguments: ``--config`` with the options on top."""
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     return load_config(args.config, overrides)
