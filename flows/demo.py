@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datasets.synthetic import SyntheticFaces, write_identity_folders, write_pairs_csv
 from flows.local import DEFAULT_PORT, REPO, LocalStack, default_data_root, down, up
 from tasks.stage import code_version, commit_record, current_record
 
@@ -39,6 +38,8 @@ SAMPLE = {"identities": 200, "images": 10, "held_out_identities": 60, "held_out_
 
 def prepare_sample(data_root: Path, sample: dict[str, int] = SAMPLE) -> Path:
     """Write ``<data_root>/sample/{identities,heldout,pairs.csv}`` unless already there; returns the folder."""
+    from datasets.synthetic import SyntheticFaces, write_identity_folders, write_pairs_csv  # OpenCV: only when run
+
     out = data_root / "sample"
     code = code_version("datasets.synthetic", "datasets.face_drawing")
     if current_record(out, SAMPLE_STAGE, sample, {}, code) is not None:

@@ -64,7 +64,7 @@ from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
 __all__ = ["STAGE", "EXTRA_COLUMNS", "FOLDS", "Pair", "PairsSet", "BinsPlan", "BinsResult", "read_pairs",
-           "missing_images", "prepare_bins", "bins_align_config", "check_bins_up_to_date", "finalize_bins", "run_bins", "bins_prepare_task", "bins_finalize_task", "main", "recorded_align_config"]
+           "missing_images", "prepare_bins", "bins_align_config", "check_bins_up_to_date", "finalize_bins", "run_bins", "bins_prepare_task", "bins_finalize_task", "main", "recorded_align_config", "command_align_config"]
 
 STAGE = "bins"
 INPUTS_DIR = "inputs"
@@ -410,16 +410,21 @@ def recorded_align_config(folder: str | os.PathLike) -> alignment.AlignConfig:
                       "an align-stage folder, or a folder holding align/<source>/")
 
 
+def command_align_config(args: argparse.Namespace) -> alignment.AlignConfig:
+    """The alignment options of ``facepipe bins``: those recorded in ``--align-from`` (if given) with the
+    options given on the command line on top."""
+    if not args.align_from:
+        return cli.config_from_args(args, alignment.AlignConfig)
+    base = recorded_align_config(args.align_from).model_dump()
+    cfg = cli.config_from_args(args, alignment.AlignConfig, **base)
+    logger().info("bins: alignment options of %s: %s", args.align_from, cfg.output_params())
+    return cfg
+
+
 def run_command(args: argparse.Namespace) -> int:
     """``facepipe bins`` / ``python -m tasks.bins`` with parsed arguments."""
     spec = cli.config_from_args(args, PairsSet, file=args.pairs)
-    given = cli.config_values(args, alignment.AlignConfig)
-    if args.align_from:
-        base = recorded_align_config(args.align_from)
-        cfg = alignment.AlignConfig(**{**base.model_dump(), **given})
-        logger().info("bins: alignment options of %s: %s", args.align_from, cfg.output_params())
-    else:
-        cfg = cli.config_from_args(args, alignment.AlignConfig)
+    cfg = command_align_config(args)
     result = run_bins(spec, args.out_dir, cfg, force=args.force)
     print(json.dumps({"bin": str(result.bin_path), "pairs": result.pairs, "listed": result.listed,
                       "counts": result.counts, "skipped": result.skipped}))

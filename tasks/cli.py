@@ -55,7 +55,8 @@ def _bool(value: str) -> bool:
 
 def _split(value: str) -> list[str]:
     """``"112,112"``, ``"112x112"``, ``"0.6 0.7"`` -> the parts."""
-    return [p for p in re.split(r"[,\sx]+" if re.fullmatch(r"[\d\sx,]+", value) else r"[,\s]+", value.strip()) if p]
+    value = value.strip().lower()
+    return [p for p in re.split(r"[,\sx]+" if re.fullmatch(r"[\d\sx,]+", value) else r"[,\s]+", value) if p]
 
 
 def _size_spelling(value: str) -> str:
@@ -347,10 +348,11 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser(name: str, prog: str | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The parser of command ``name`` (``prog`` defaults to ``python -m tasks.<name>``)."""
+    """The parser of command ``name`` (``prog`` defaults to ``python -m <the module that runs it>``)."""
     command = COMMANDS[name]
     if parser is None:
-        parser = argparse.ArgumentParser(prog=prog or f"python -m tasks.{name}", description=command.description,
+        module = command.runner.split(":")[0].removesuffix(".trainer")
+        parser = argparse.ArgumentParser(prog=prog or f"python -m {module}", description=command.description,
                                          allow_abbrev=False)
     command.arguments(parser)
     return parser

@@ -63,7 +63,7 @@ from datasets.rec_dataset import RecFaceDataset
 from datasets.rec_layout import LABELS_FILE, PROPERTY_FILE, read_labels, rec_paths
 from tasks.evaluation.config import ExtractionConfig, ImageSet, MegaFaceConfig
 from tasks.evaluation.model import EvalModel, ModelSource, load_eval_model, model_digest, rows_table
-from tasks.evaluation.megaface import DEFAULT_RANKS, DEFAULT_SIZES, identification, noisy_distractors, noisy_probes, remove_noises, verification_roc
+from tasks.evaluation.megaface import identification, noisy_distractors, noisy_probes, remove_noises, verification_roc
 from tasks import cli
 from tasks.runtime import Progress, finished, logger, publish_table
 from tasks.stage import code_version, commit_record, current_record, invalidate

@@ -47,7 +47,7 @@ from tasks.evaluation.model import EvalModel, ModelSource, load_eval_model, mode
 from tasks import cli
 from tasks.runtime import finished, logger, publish_markdown, publish_table
 from tasks.stage import code_version, commit_record, current_record, invalidate
-from tasks.evaluation.pairs import DEFAULT_FAR_TARGETS, evaluate_verification, far_key
+from tasks.evaluation.pairs import evaluate_verification, far_key
 
 __all__ = ["STAGE", "METRICS_FILE", "ROC_FILE", "PLOT_FILE", "VerificationConfig", "VerificationStageResult",
            "run_verification", "plot_roc", "metrics_table", "verification_task", "main"]

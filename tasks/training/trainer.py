@@ -138,9 +138,9 @@ class _Trainer:
         self.dataset = RecFaceDataset(cfg.dataset, normalize=None)
         if self.dataset.image_size is not None and tuple(self.dataset.image_size) != cfg.image_hw:
             h, w = self.dataset.image_size
-            raise ValueError(f"{cfg.dataset}: images are {h}x{w} (property), but the image size is {cfg.image_size} "
-                             f"(a preset's?); pass --image-size {h},{w} (image-size: {h},{w} in a YAML config, "
-                             f"image_size={h},{w} in the flow), or build the data set at {cfg.image_size}")
+            raise ValueError(f"{cfg.dataset}: images are {h}x{w} (property), but the run's image size is "
+                             f"{cfg.image_size} (from the preset or --image-size); pass --image-size {h},{w} "
+                             f"(YAML: image-size: {h},{w}; flow: -p image_size={h},{w})")
         self.num_classes = self.dataset.num_classes
         self.val_sets = ValidationSets(resolve_val_targets(cfg.val_targets, cfg.dataset), cfg.image_hw,
                                        cfg.normalize, cfg.eval_batch_size)
