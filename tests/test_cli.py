@@ -250,10 +250,11 @@ def test_sigterm_stops_training_at_the_next_step_with_a_checkpoint(tmp_path):
 def test_a_double_ctrl_c_ends_training_without_tracebacks(tmp_path):
     proc = _start_training(tmp_path, num_workers=1)
     os.killpg(proc.pid, signal.SIGINT)  # the terminal sends Ctrl-C to the whole process group
-    time.sleep(0.02)
+    time.sleep(0.1)  # the first one is handled (and its checkpoint begun) before the second arrives
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode in (0, 130), err
+    assert proc.returncode in (0, 130), err  # 0 when the run had stopped before the second Ctrl-C
     assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.count("SIGINT: stopping at the next step") == 1, err  # not once more per DataLoader worker
     if proc.returncode == 130:
-        assert err.strip().splitlines()[-1].startswith("interrupted: stopped without a checkpoint")
+        assert err.strip().splitlines()[-1].startswith("interrupted: stopped now; the last checkpoint written is kept")

@@ -519,7 +519,11 @@ def _install_stop_handlers(stop: threading.Event) -> None:
     multi-threaded parent, and the launcher escalates to SIGKILL after its grace period anyway.
     """
 
+    owner = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != owner:  # a forked DataLoader worker: the main process decides and stops it
+            return
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt(f"signal {signum}")
         if not stop.is_set():
@@ -565,10 +569,11 @@ def run_command(args) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C during exit: no traceback from exit hooks
-        print("interrupted: stopped without a checkpoint; the last one saved is kept (--resume auto continues)",
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # another Ctrl-C during exit: no traceback from exit hooks
+        print("interrupted: stopped now; the last checkpoint written is kept (--resume auto continues from it)",
               file=sys.stderr, flush=True)
         return 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a Ctrl-C during exit must not interrupt exit hooks
     if rank == 0:
         print("result: " + json.dumps(result.to_dict(), default=str), flush=True)
     return 0
