@@ -111,7 +111,7 @@ def add_config_arguments(parser: argparse.ArgumentParser | Any, model: type[Base
     """One option per field of ``model``: ``--field-name`` with ``dest=field_name`` and default None
     (so that :func:`config_from_args` passes only what was given and the model's defaults apply).
 
-    Types: ``bool`` -> ``--flag`` (or ``--flag true/false``) and ``--no-flag``; ``Literal`` ->
+    Types: ``bool`` -> ``--flag`` (with ``raw`` also ``--flag true/false``) and ``--no-flag``; ``Literal`` ->
     choices; ``list[...]`` -> comma-separated values; ``tuple[...]`` -> values separated by commas,
     spaces or ``x`` (``--image-size 112x112``, ``112,112`` or ``112 112``); ``X | None`` -> X. Help
     text is the field's description plus its default. ``aliases`` maps extra option names (old
@@ -142,7 +142,10 @@ def add_config_arguments(parser: argparse.ArgumentParser | Any, model: type[Base
         if default is PydanticUndefined and name not in alias_of:
             kwargs["required"] = True
         if ann is bool:
-            kwargs.update(nargs="?", const=True, type=_bool, metavar="BOOL")
+            if raw:  # also --flag true/false, as YAML files spell it
+                kwargs.update(nargs="?", const=True, type=_bool, metavar="BOOL")
+            else:  # a plain flag, so that a positional argument may follow it
+                kwargs.update(action="store_const", const=True)
             group.add_argument(*flags, **kwargs)
             group.add_argument(*[f"--no-{f[2:]}" for f in flags], dest=field_name, action="store_const", const=False,
                                default=None, help=f"set --{name.replace('_', '-')} to false")
