@@ -27,7 +27,7 @@ import os
 import pickle
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -35,18 +35,10 @@ from prefect.futures import as_completed
 
 from datasets.atomic import atomic_write_bytes
 from datasets.rec_layout import read_rec_index
-from flows.params import (
-    AlignConfig,
-    BuildDatasetParams,
-    DatasetLayout,
-    LstConfig,
-    MergeConfig,
-    PackConfig,
-    PairsSet,
-    TaskRunnerKind,
-)
-from flows.runs import make_task_runner, result_of, validated
-from tasks.align import AlignPlan, AlignResult, align_shard_task, finalize_align_task, plan_align_task
+from flows.params import AlignConfig, BuildDatasetParams, DatasetLayout
+from flows.runs import make_task_runner, parameters_from, result_of, validated
+from tasks.align import align_shard_task, finalize_align_task, plan_align_task
+from tasks.alignment import AlignPlan, AlignResult
 from tasks.bins import BinsResult, bins_finalize_task, bins_prepare_task
 from tasks.gather import DatasetResult, gather_dataset_task, sample_grid_markdown
 from tasks.lst import lst_task
@@ -193,52 +185,9 @@ def build(p: BuildDatasetParams) -> dict[str, Any]:
 
 
 @flow(name="build-dataset", flow_run_name="build-{name}", log_prints=True)
-def build_dataset(
-    name: str,
-    raw_dir: str | None = None,
-    aligned_dirs: list[str] | None = None,
-    data_root: str | None = None,
-    align: AlignConfig = AlignConfig(),
-    lst: LstConfig = LstConfig(),
-    pack: PackConfig = PackConfig(),
-    merge_with: list[str] | None = None,
-    merge: MergeConfig = MergeConfig(),
-    merge_first: Literal["this", "others"] = "this",
-    pairs: list[PairsSet] | None = None,
-    task_runner: TaskRunnerKind = "threads",
-    max_workers: int = 2,
-    dask_address: str | None = None,
-    shard_size: int = 64,
-    force: bool = False,
-) -> dict[str, Any]:
+@parameters_from(BuildDatasetParams)
+def build_dataset(**values: Any) -> dict[str, Any]:
     """Build the training set <data_root>/datasets/<name>/ (train.rec, train.idx, property,
     labels.csv, <pairs name>.bin, dataset.json) from raw_dir photos and/or aligned_dirs faces.
-    Returns counts and what each stage did. (The argument texts below are the descriptions of
-    :class:`flows.params.BuildDatasetParams`; a test keeps them equal.)
-
-    Args:
-        name: dataset name: <data_root>/datasets/<name>/ (letters, digits, '.', '_', '-')
-        raw_dir: photos to detect and align: <raw_dir>/<identity>/<photo>
-        aligned_dirs: folders of already aligned faces, <dir>/<identity>/<image> (no detection)
-        data_root: artefact root; default $FACEPIPE_DATA_ROOT or ./data
-        align: detection and alignment
-        lst: image list and labels
-        pack: train.rec packing
-        merge_with: packed dataset folders to merge with this one (train.rec, train.idx, property)
-        merge: merge and de-duplication
-        merge_first: which comes first in the merge (the first dataset's identities are always kept)
-        pairs: verification sets to build (<name>.bin each)
-        task_runner: runs the detection shards: threads, processes or dask
-        max_workers: parallel shards (threads, processes or local Dask workers)
-        dask_address: scheduler of an existing Dask cluster, e.g. tcp://host:8786
-        shard_size: photos per detection shard (one Prefect task each)
-        force: redo every stage and every photo
-    """
-    params = validated(
-        BuildDatasetParams,
-        name=name, raw_dir=raw_dir, aligned_dirs=aligned_dirs or [], data_root=data_root, align=align, lst=lst,
-        pack=pack, merge_with=merge_with or [], merge=merge, merge_first=merge_first, pairs=pairs or [],
-        task_runner=task_runner, max_workers=max_workers, dask_address=dask_address, shard_size=shard_size,
-        force=force,
-    )
-    return build(params)
+    Returns counts and what each stage did. Parameters: :class:`flows.params.BuildDatasetParams`."""
+    return build(validated(BuildDatasetParams, **values))

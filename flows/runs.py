@@ -1,12 +1,34 @@
-"""Small helpers for calling tasks and subflows from a flow."""
+"""Small helpers for flows: parameters from one pydantic model, calling tasks and subflows."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, TypeVar
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def parameters_from(model: type[BaseModel]) -> Callable[[F], F]:
+    """Give a flow function ``fn(**values)`` the parameters of ``model``: one keyword-only parameter
+    per field (annotation and default from the field) and an ``Args:`` section in its docstring with
+    the fields' descriptions, which Prefect shows in the UI's run form. The model is then the one
+    place where a flow's parameters are written."""
+
+    def decorate(fn: F) -> F:
+        parameters, lines = [], []
+        for name, field in model.model_fields.items():
+            default = inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True)
+            parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                annotation=field.annotation))
+            lines.append(f"    {name}: {field.description or ''}")
+        fn.__signature__ = inspect.Signature(parameters, return_annotation=inspect.signature(fn).return_annotation)
+        fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "\n".join(lines) + "\n"
+        return fn
+
+    return decorate
 
 
 def validated(model_type: type[M], /, **values: Any) -> M:

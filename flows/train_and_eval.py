@@ -24,9 +24,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.runs import result_of, validated
+from flows.runs import parameters_from, result_of, validated
 from flows.train_params import MegaFaceSpec, TrainAndEvalParams
-from tasks.verification import VerificationConfig, verification_task
+from tasks.verification import verification_task
 from tasks.export import export_task
 from tasks.megaface import megaface_task
 from tasks.runtime import logger, publish_markdown
@@ -122,90 +122,9 @@ def _flow_run_name() -> str:
 
 
 @flow(name="train-and-eval", flow_run_name=_flow_run_name, log_prints=True)
-def train_and_eval(
-    dataset: str,
-    name: str | None = None,
-    data_root: str | None = None,
-    preset: str | None = None,
-    network: str | None = None,
-    loss: str | None = None,
-    margin_s: float | None = None,
-    margin_m: float | None = None,
-    lr: float | None = None,
-    lr_steps: str | list[int] | None = None,
-    mom: float | None = None,
-    wd: float | None = None,
-    per_batch_size: int | None = None,
-    emb_size: int | None = None,
-    image_size: str | None = None,
-    max_steps: int | None = None,
-    epochs: int | None = None,
-    ckpt: int | None = None,
-    verbose: int | None = None,
-    pretrained: str | None = None,
-    device: str | None = None,
-    options: dict[str, Any] | None = None,
-    nproc: int = 1,
-    timeout_s: float | None = None,
-    train: bool = True,
-    model: str | None = None,
-    triplet: bool = False,
-    triplet_options: dict[str, Any] | None = None,
-    verification: bool = True,
-    targets: list[str] | None = None,
-    verification_config: VerificationConfig = VerificationConfig(),
-    megaface: MegaFaceSpec | None = None,
-    export: bool = True,
-    force: bool = False,
-) -> dict[str, Any]:
+@parameters_from(TrainAndEvalParams)
+def train_and_eval(**values: Any) -> dict[str, Any]:
     """Train a face-recognition model on a packed dataset, fine-tune it with triplets, evaluate it
     (verification .bin sets, MegaFace) and export it to ONNX. Returns the checkpoint, the ONNX path,
-    the accuracies and what each stage did. (The argument texts below are the descriptions of
-    :class:`flows.train_params.TrainAndEvalParams`; a test keeps them equal.)
-
-    Args:
-        dataset: training set: a name under <data_root>/datasets/, or a path (with /) to a folder with train.rec, train.idx, property
-        name: run name: <data_root>/runs/<name>/ (default <dataset>-<network>-<loss>)
-        data_root: artefact root; default $FACEPIPE_DATA_ROOT or ./data
-        preset: training preset: configs/<preset>.yaml (cpu-demo, r100-arcface, r50-cosface, y1-softmax, m1-triplet) or a YAML path
-        network: network code: r100, r50, y1, m1, ... (default: the preset's, else r50)
-        loss: loss name or 2018 loss-type number: arcface/4, cosface/2, softmax/0, sphereface/1, combined/5, ...
-        margin_s: scale s of the normalised logits (margin-s)
-        margin_m: margin m (margin-m)
-        lr: base learning rate
-        lr_steps: steps at which lr drops 10x, e.g. 100000,140000,160000 (lr-steps)
-        mom: SGD momentum
-        wd: weight decay
-        per_batch_size: images per step per GPU (per-batch-size)
-        emb_size: embedding size (emb-size)
-        image_size: input 'height,width', must match the dataset (image-size)
-        max_steps: stop after this many steps (max-steps)
-        epochs: passes over the training set
-        ckpt: checkpoints: 0 none, 1 best, 2 all, 3 last (the flow needs 1, 2 or 3)
-        verbose: evaluate and checkpoint every N steps
-        pretrained: start from this checkpoint ('prefix,epoch' or a path)
-        device: auto, cpu or cuda
-        options: any other training option, e.g. {"version_se": 1}
-        nproc: training processes on this machine (GPUs); >1 runs torchrun
-        timeout_s: stop training after this many seconds (it can be resumed)
-        train: train; false: evaluate and export `model` instead
-        model: a checkpoint or .onnx to evaluate when train is false
-        triplet: fine-tune the trained model with semi-hard triplets (lr 0.005, mom 0)
-        triplet_options: training options of the triplet stage, on top of the training run's
-        verification: verification accuracy on the .bin sets
-        targets: .bin sets: names in the dataset folder or paths (default: every .bin there)
-        verification_config: verification settings
-        megaface: MegaFace identification with noise removal (off when empty)
-        export: export the final model to ONNX (checked with onnxruntime)
-        force: redo every stage (an earlier run with other options is moved aside, not deleted)
-    """
-    params = validated(
-        TrainAndEvalParams,
-        dataset=dataset, name=name, data_root=data_root, preset=preset, network=network, loss=loss,
-        margin_s=margin_s, margin_m=margin_m, lr=lr, lr_steps=lr_steps, mom=mom, wd=wd, per_batch_size=per_batch_size,
-        emb_size=emb_size, image_size=image_size, max_steps=max_steps, epochs=epochs, ckpt=ckpt, verbose=verbose,
-        pretrained=pretrained, device=device, options=options or {}, nproc=nproc, timeout_s=timeout_s, train=train,
-        model=model, triplet=triplet, triplet_options=triplet_options or {}, verification=verification,
-        targets=targets, verification_config=verification_config, megaface=megaface, export=export, force=force,
-    )
-    return run(params)
+    the accuracies and what each stage did. Parameters: :class:`flows.train_params.TrainAndEvalParams`."""
+    return run(validated(TrainAndEvalParams, **values))
