@@ -5,10 +5,19 @@ the command line of :mod:`tasks.alignment`, which holds the stage's logic and it
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("align").parse_args()
+    from tasks.align import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import json
 import os
-import sys
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -93,6 +102,3 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     return cli.main("align", run_command, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,13 +37,22 @@ Output (``out_dir``): ``inputs/``, ``faces/`` (the align stage), ``<name>.bin``
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("bins").parse_args()
+    from tasks.bins import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import csv
 import io
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -434,6 +443,3 @@ def run_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     return cli.main("bins", run_command, argv)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,9 +15,18 @@ torch's; otherwise nothing is written and ``ValueError`` names the difference.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("export").parse_args()
+    from tasks.export import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import json
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -193,6 +202,3 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return cli.main("export", run_command, argv)
-
-if __name__ == "__main__":
-    sys.exit(main())

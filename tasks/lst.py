@@ -31,10 +31,19 @@ millions of faces; an unchanged stage (same source records, parameters, code) is
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("lst").parse_args()
+    from tasks.lst import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -307,6 +316,3 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return cli.main("lst", run_command, argv)
-
-if __name__ == "__main__":
-    sys.exit(main())

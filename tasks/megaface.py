@@ -35,13 +35,22 @@ sha256.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("megaface").parse_args()
+    from tasks.megaface import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import collections
 import itertools
 import json
 import math
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -457,6 +466,3 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return cli.main("megaface", run_command, argv)
-
-if __name__ == "__main__":
-    sys.exit(main())

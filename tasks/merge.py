@@ -38,10 +38,19 @@ with; ``stage.json`` last.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("merge").parse_args()
+    from tasks.merge import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import json
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,6 +486,3 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return cli.main("merge", run_command, argv)
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,13 +37,22 @@ bytes are synced.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("pack").parse_args()
+    from tasks.pack import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import hashlib
 import io
 import itertools
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -507,6 +516,3 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return cli.main("pack", run_command, argv)
-
-if __name__ == "__main__":
-    sys.exit(main())

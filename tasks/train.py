@@ -16,6 +16,16 @@ Options that do not change what is learned (``num_workers``, ``eval_batch_size``
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("train", "python -m tasks.train").parse_args()
+    from tasks.training.trainer import run_command
+
+    sys.exit(run_command(_args))
+
 import contextlib
 import hashlib
 import os
@@ -185,7 +195,3 @@ def main(argv: list[str] | None = None) -> int:
     return train_main(argv, prog="python -m tasks.train")
 
 
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -21,12 +21,21 @@ Output (``out_dir``):
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("evaluate").parse_args()
+    from tasks.verification import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import base64
 import io
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +247,3 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return cli.main("evaluate", run_command, argv, prog="python -m tasks.verification")
-
-if __name__ == "__main__":
-    sys.exit(main())

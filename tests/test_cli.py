@@ -32,6 +32,9 @@ from train_data import tiny_config, tiny_dataset
 
 COMMANDS = ["align", "lst", "pack", "merge", "bins", "train", "evaluate", "megaface", "export", "serve", "demo"]
 HEAVY = ("torch", "prefect", "cv2")
+#: ``python -m <module> --help`` parses before importing the stage's dependencies too.
+STAGE_MODULES = ["tasks.align", "tasks.lst", "tasks.pack", "tasks.merge", "tasks.bins", "tasks.verification",
+                 "tasks.megaface", "tasks.export", "tasks.train", "tasks.training"]
 
 
 @pytest.fixture
@@ -62,6 +65,14 @@ def test_building_every_parser_imports_neither_torch_nor_prefect_nor_opencv():
         "            main(argv)\n"
         "        except SystemExit as exc:\n"
         "            assert exc.code == 0, (argv, exc.code)\n"
+        "import runpy\n"
+        f"for module in {STAGE_MODULES!r}:\n"
+        "    sys.argv = [module, '--help']\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+        "        except SystemExit as exc:\n"
+        "            assert exc.code == 0, (module, exc.code)\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
         "import datasets.face_align  # the check itself can fail: this one imports OpenCV\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
