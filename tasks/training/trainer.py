@@ -527,8 +527,11 @@ def _install_stop_handlers(stop: threading.Event) -> None:
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt(f"signal {signum}")
         if not stop.is_set():
-            print(f"{signal.Signals(signum).name}: stopping at the next step with a checkpoint "
-                  f"(Ctrl-C again: stop now without one)", file=sys.stderr, flush=True)
+            try:
+                print(f"{signal.Signals(signum).name}: stopping at the next step with a checkpoint "
+                      f"(Ctrl-C again: stop now without one)", file=sys.stderr, flush=True)
+            except OSError:  # stderr is a pipe to a parent that is gone (the parent-death signal)
+                pass
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
