@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run = getattr(importlib.import_module(module), function)
         except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
             return cli.EXIT_INTERRUPTED
         if args.command == "train":  # the trainer sets up its own logging and stop handlers
             return run(args)

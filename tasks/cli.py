@@ -71,6 +71,7 @@ class _JoinedValues(argparse.Action):
         super().__init__(*args, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        values = [values] if isinstance(values, str) else values
         parts = [p for v in values for p in (_split(v) if self.item is not str else v.split(","))]
         try:
             setattr(namespace, self.dest, [self.item(p.strip()) for p in parts if p.strip()])
@@ -163,7 +164,11 @@ def add_config_arguments(parser: argparse.ArgumentParser | Any, model: type[Base
         elif origin in (list, tuple):
             item = typing.get_args(ann)[0] if typing.get_args(ann) else str
             item = item if item in (int, float, str) else str
-            kwargs.update(nargs="+", action=_JoinedValues, item=item, metavar="H,W" if field_name == "image_size" else "V")
+            if origin is tuple:  # --thresholds 0.6 0.7 0.7 as well as 0.6,0.7,0.7
+                kwargs.update(nargs="+", metavar="H,W" if field_name == "image_size" else "V")
+            else:  # one comma-separated value, so that a positional argument may follow
+                kwargs["metavar"] = "A,B"
+            kwargs.update(action=_JoinedValues, item=item)
         elif ann in (int, float, str):
             kwargs.update(type=ann, metavar=_METAVARS[ann])
         else:

@@ -109,6 +109,8 @@ def test_options_are_generated_from_the_config_models():
     assert cli.config_from_args(args, PackConfig) == PackConfig(jpeg_quality=80, shuffle=True, seed=3)
     args = cli.build_parser("lst").parse_args(["out", "a", "b", "--min-images", "1", "--no-fallback"])
     assert (args.sources, args.min_images, args.include_fallback) == (["a", "b"], 1, False)
+    args = cli.build_parser("evaluate").parse_args(["--far-targets", "0.1,0.01", "m.pt", "a.bin", "--out-dir", "o"])
+    assert (args.far_targets, args.model, args.targets) == ([0.1, 0.01], "m.pt", ["a.bin"])
     args = cli.build_parser("align").parse_args(["--already-aligned", "raw", "out", "--force"])
     assert (args.already_aligned, args.raw_dir, args.force) == (True, "raw", True)  # a flag before a positional
     help_text = cli.build_parser("lst").format_help()
