@@ -44,14 +44,22 @@ bytes are synced.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("pack").parse_args()
+    from tasks.pack import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import hashlib
 import io
 import itertools
 import json
-import logging
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +71,6 @@ import pyarrow as pa
 from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_write_bytes, remove_partials
 from datasets.errors import FormatError
@@ -75,6 +82,8 @@ from datasets.images import UnreadableImage, decode_image
 from datasets.lst import InsightFaceColumns, InsightFaceLine, read_lst_columns
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
 from datasets.rec_layout import IDX_FILE, LABELS_FILE, PROPERTY_FILE, REC_FILE, InsightFaceRecWriter
+from tasks import cli
+from tasks.configs import PackConfig
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
@@ -94,18 +103,6 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "line": pa.int64(),
     "aligned": pa.bool_(),
 }
-
-
-class PackConfig(BaseModel):
-    """Parameters of the pack stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    shuffle: bool = Field(False, description="shuffle identity order and order within identities (seeded)")
-    seed: int = Field(0, ge=0, description="seed of the shuffle")
-    label_format: Literal["array", "scalar"] = Field(
-        "array", description="image record label: [label, aligned] (face2rec2, flag 2) or the scalar label (flag 0)")
-    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of faces aligned here (aligned=0 lines only)")
 
 
 @dataclass
@@ -535,24 +532,14 @@ def pack_task(lst: str | os.PathLike, out_dir: str | os.PathLike, cfg: PackConfi
     return finished(run_pack(lst, out_dir, cfg, image_size=image_size, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.pack", description="Pack an InsightFace .lst into train.rec/train.idx/property.")
-    parser.add_argument("lst", help="a .lst file or an lst-stage folder")
-    parser.add_argument("out_dir")
-    parser.add_argument("--image-size", help="height,width (default: the lst stage's, or the first image's)")
-    parser.add_argument("--num-classes", type=int)
-    parser.add_argument("--shuffle", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label-format", choices=["array", "scalar"], default="array")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = PackConfig(shuffle=args.shuffle, seed=args.seed, label_format=args.label_format)
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe pack`` / ``python -m tasks.pack`` with parsed arguments."""
+    cfg = cli.config_from_args(args, PackConfig)
     result = run_pack(args.lst, args.out_dir, cfg, image_size=args.image_size, num_classes=args.num_classes, force=args.force)
     print(json.dumps({"rec": str(result.rec_path), "images": result.images, "identities": result.identities,
                       "num_classes": result.num_classes, "skipped": result.skipped}))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("pack", run_command, argv)

@@ -30,15 +30,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from datasets.errors import validation_message
 from datasets.image_size import ImageSize, parse_image_size
-from models.backbone import network_code
-from models.embedding import normalize_option
-from models.margins import HEADS, LOSS_TYPES, head_options
 
 __all__ = ["TrainConfig", "LOSS_NAMES", "CKPT_POLICIES", "ALIASES", "REPLACED", "load_config", "parse_args", "config_error"]
 
 TRIPLET = "triplet"
-LOSS_NAMES = (*HEADS, TRIPLET)
-LOSS_NUMBERS = {**LOSS_TYPES, 12: TRIPLET}
+# The tables of network codes, losses and embedding options live in models/ (which imports torch); they
+# are read when a value is validated, so that building a command line does not import torch.
+
+
+def _loss_names() -> tuple[str, ...]:
+    from models.margins import HEADS
+
+    return (*HEADS, TRIPLET)
+
+
+def _loss_numbers() -> dict[int, str]:
+    from models.margins import LOSS_TYPES
+
+    return {**LOSS_TYPES, 12: TRIPLET}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LOSS_NAMES":
+        return _loss_names()
+    if name == "LOSS_NUMBERS":
+        return _loss_numbers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 CKPT_POLICIES = {0: "none", 1: "best", 2: "all", 3: "last"}
 SPHEREFACE_OPTIONS = ("beta", "beta_min", "beta_freeze", "gamma", "power")
 # Old option names -> field names (after dashes became underscores).
@@ -185,11 +203,15 @@ class TrainConfig(BaseModel):
     @field_validator("network", mode="before")
     @classmethod
     def _network(cls, value: Any) -> str:
+        from models.backbone import network_code  # imported when validating: --help needs no torch
+
         return network_code(value)
 
     @field_validator("version_output", mode="before")
     @classmethod
     def _output(cls, value: Any) -> Any:
+        from models.embedding import normalize_option
+
         return None if value in (None, "") else normalize_option(str(value))
 
     @field_validator("image_size", mode="before")
@@ -201,6 +223,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _loss(cls, value: Any) -> str:
         key = str(value).strip().lower()
+        LOSS_NUMBERS, LOSS_NAMES = _loss_numbers(), _loss_names()  # noqa: N806
         if key.lstrip("-").isdigit():
             number = int(key)
             if number not in LOSS_NUMBERS:
@@ -303,6 +326,8 @@ class TrainConfig(BaseModel):
         """Keyword arguments of ``models.get_margin`` for this loss (:func:`models.margins.head_options`)."""
         if self.is_triplet:
             raise ValueError("the triplet loss has no margin head")
+        from models.margins import head_options
+
         return head_options(self.loss, strict=False, margin_s=self.margin_s, margin_m=self.margin_m,
                             loss_m1=self.margin_m1, loss_m2=self.margin_m2, loss_m3=self.margin_m3,
                             easy_margin=self.easy_margin or None,
@@ -363,21 +388,15 @@ def _option_names() -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m tasks.training") -> TrainConfig:
-    """``--config x.yaml`` plus any option as ``--per-batch-size 64`` or ``--per_batch_size=64``."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train a face-recognition model (see tasks/training/config.py).",
-                                     allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of options (configs/*.yaml)")
-    for name in _option_names():
-        field = TrainConfig.model_fields.get(ALIASES.get(name, name))
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        kind = field.annotation if field is not None else None
-        nargs = "?" if kind is bool or name in REPLACED else None
-        if field is not None:
-            text = field.description
-        else:
-            text = f"alias of {ALIASES[name]}" if name in ALIASES else f"not an option here: {REPLACED[name]}"
-        parser.add_argument(*flags, dest=f"opt_{name}", nargs=nargs, const="true" if kind is bool or name in REPLACED else None,
-                            default=None, metavar="VALUE", help=text)
-    args = parser.parse_args(argv)
-    overrides = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    """``--config x.yaml`` plus any option as ``--per-batch-size 64`` or ``--per_batch_size=64`` (the parser
+    is generated from :class:`TrainConfig` in :mod:`tasks.cli`)."""
+    from tasks import cli
+
+    return config_from_args(cli.build_parser("train", prog).parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``facepipe train`` arguments: ``--config`` with the options on top."""
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
+    overrides |= {k.removeprefix("replaced_"): v for k, v in vars(args).items() if k.startswith("replaced_") and v is not None}
     return load_config(args.config, overrides)

@@ -56,7 +56,7 @@ from tasks import checkpoint as ckpt_io
 from tasks.training.distributed import DistContext, distributed
 from tasks.training.objectives import Objective, make_objective, step_generator
 from tasks.runtime import logger
-from tasks.training.config import TrainConfig, parse_args
+from tasks.training.config import TrainConfig
 from tasks.training.validation import ValidationSets, resolve_val_targets
 from tasks.training.record import RunRecorder
 
@@ -147,8 +147,9 @@ class _Trainer:
         self.dataset = RecFaceDataset(cfg.dataset, normalize=None)
         if self.dataset.image_size is not None and tuple(self.dataset.image_size) != cfg.image_hw:
             h, w = self.dataset.image_size
-            raise ValueError(f"{cfg.dataset}: images are {h}x{w} (property), but option 'image_size' is "
-                             f"{cfg.image_size}; set image_size: {h},{w}")
+            raise ValueError(f"{cfg.dataset}: images are {h}x{w} (property), but the run's image size is "
+                             f"{cfg.image_size} (from the preset or --image-size); pass --image-size {h},{w} "
+                             f"(YAML: image-size: {h},{w}; flow: -p image_size={h},{w})")
         self.num_classes = self.dataset.num_classes
         self.val_sets = ValidationSets(resolve_val_targets(cfg.val_targets, cfg.dataset), cfg.image_hw,
                                        cfg.normalize, cfg.eval_batch_size,
@@ -203,6 +204,9 @@ class _Trainer:
             self.sampler.load_state_dict(state)
         planned = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+        if ctx.is_main:
+            for line in schedule_warnings(cfg, self.steps_per_epoch):
+                self.log.warning("%s", line)
         self.recorder = RunRecorder(self.output, enabled=ctx.is_main, total_steps=self.total_steps,
                                     world_size=ctx.world_size, resume_step=self.step if resume_path else None)
         self.recorder.status_fields.update(best=self.best, checkpoints=[str(p) for p in self.checkpoints])
@@ -433,6 +437,9 @@ class _Trainer:
                         if ctx.any(self.stop.is_set()):
                             state = "stopped"
                             break
+                    elif not ctx.active and self.stop.is_set():  # one process: stop at the next step
+                        state = "stopped"
+                        break
                     if self.step % cfg.verbose == 0:
                         self._checkpoint_point()
                         saved_at = self.step
@@ -503,16 +510,43 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> TrainResult:
         torch.use_deterministic_algorithms(deterministic)  # leave the caller's process as it was
 
 
+def schedule_warnings(cfg: TrainConfig, steps_per_epoch: int) -> list[str]:
+    """What of the schedule a run cannot reach: ``epochs`` x ``steps_per_epoch`` optimiser steps end
+    the run before ``max_steps`` or an ``lr_steps`` entry (a preset sized for another data set)."""
+    planned = cfg.epochs * steps_per_epoch
+    end = min(planned, cfg.max_steps) if cfg.max_steps else planned
+    need = max([cfg.max_steps, *cfg.lr_steps])
+    if planned >= need:
+        return []
+    epochs = -(-need // steps_per_epoch)
+    missed = [str(s) for s in cfg.lr_steps if s > end]
+    what = [f"max-steps {cfg.max_steps}"] if cfg.max_steps > planned else []
+    what += [f"lr-steps {','.join(missed)} (the learning rate never drops there)"] if missed else []
+    return [f"schedule: --epochs {cfg.epochs} x {steps_per_epoch} steps per epoch ends the run at step {end}, before "
+            f"{' and '.join(what)}; pass --epochs {epochs} to reach step {need}"]
+
+
 def _install_stop_handlers(stop: threading.Event) -> None:
-    """SIGTERM or SIGINT: stop at the next log point with a checkpoint; a second SIGINT (Ctrl-C): exit now.
+    """SIGTERM or SIGINT: stop at the next step (one process; the next log point on several ranks, which
+    must agree) with a checkpoint; a second SIGINT (Ctrl-C): exit now, without a traceback.
 
     Repeated SIGTERMs stay graceful: a parent-death signal arrives once per exiting thread of a
     multi-threaded parent, and the launcher escalates to SIGKILL after its grace period anyway.
     """
 
+    owner = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != owner:  # a forked DataLoader worker: the main process decides and stops it
+            return
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt(f"signal {signum}")
+        if not stop.is_set():
+            try:
+                print(f"{signal.Signals(signum).name}: stopping at the next step with a checkpoint "
+                      f"(Ctrl-C again: stop now without one)", file=sys.stderr, flush=True)
+            except OSError:  # stderr is a pipe to a parent that is gone (the parent-death signal)
+                pass
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -531,7 +565,12 @@ def _die_with_launcher() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(args) -> int:
+    """``facepipe train`` / ``python -m tasks.training`` with parsed arguments: one run, stopped cleanly by
+    SIGTERM or Ctrl-C (:func:`_install_stop_handlers`). Bad input: one ``error:`` line, exit status 2;
+    a second Ctrl-C: one line, exit status 130."""
+    from tasks.training.config import config_from_args
+
     rank = int(os.environ.get("RANK", "0"))
     _die_with_launcher()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
@@ -539,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     _install_stop_handlers(stop)
     try:
-        cfg = parse_args(argv)
+        cfg = config_from_args(args)
         result = train(cfg, stop)
     except (ValueError, FileNotFoundError, FormatError) as exc:  # bad input: one line, no traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -547,9 +586,21 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # another Ctrl-C during exit: no traceback from exit hooks
+        print("interrupted: stopped now; the last checkpoint written is kept (--resume auto continues from it)",
+              file=sys.stderr, flush=True)
+        return 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a Ctrl-C during exit must not interrupt exit hooks
     if rank == 0:
         print("result: " + json.dumps(result.to_dict(), default=str), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m tasks.training") -> int:
+    from tasks import cli
+
+    return run_command(cli.build_parser("train", prog).parse_args(argv))
 
 
 if __name__ == "__main__":
