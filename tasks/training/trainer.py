@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from datasets.atomic import remove_partials
+from datasets.atomic import PARTIAL_SUFFIX, remove_partials
 from datasets.errors import FormatError
 from datasets.locks import FolderBusy, folder_lock
 from datasets.rec_dataset import RecFaceDataset, normalize_batch
@@ -495,9 +495,16 @@ def _claim_output(cfg: TrainConfig) -> None:
             raise ValueError(
                 f"{output} already holds a run ({', '.join(found[:4])}); refusing to overwrite it: continue it with "
                 "--resume auto (resume: auto), or give another --output")
-    for folder in (output, output / CHECKPOINT_DIR):
-        for path in remove_partials(folder):
-            logger().info("removed %s, left by an interrupted write", path)
+    # the checkpoint folder is the trainer's alone; in the run folder only its own files' temporaries
+    # (a launcher may be writing config.yaml or the pid file there)
+    ours = tuple(f".{name}." for name in (METRICS_FILE, STATUS_FILE))
+    stale = remove_partials(output / CHECKPOINT_DIR)
+    for path in output.glob(f".*{PARTIAL_SUFFIX}"):
+        if path.name.startswith(ours):
+            path.unlink(missing_ok=True)
+            stale.append(path)
+    for path in stale:
+        logger().info("removed %s, left by an interrupted write", path)
 
 
 def train(cfg: TrainConfig, stop: threading.Event | None = None) -> TrainResult:
