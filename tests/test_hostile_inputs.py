@@ -2,6 +2,7 @@
 nothing lost and nothing half-written."""
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
@@ -32,6 +33,7 @@ from tasks.lst import run_lst
 from tasks.pack import run_pack
 from tasks.training.config import load_config
 from tasks.training.launcher import run_training
+from tasks.training.trainer import main as train_main
 from tasks.training.trainer import train
 from train_data import tiny_config
 
@@ -248,12 +250,25 @@ def test_a_failed_pack_leaves_no_manifest(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # no manifest.parquet, no .partial files
 
 
+def _command(argv: list[str]) -> int:
+    """``python -m tasks.training *argv`` in this process (its signal handlers and logging undone after)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        return train_main(argv)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        root.handlers[:], root.level = saved[0], saved[1]
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
             if p.is_file() and p.name != LOCK_FILE}
 
 
-def test_training_refuses_to_overwrite_a_run_and_its_checkpoints_are_independent_files(tmp_path):
+def test_training_refuses_to_overwrite_a_run_and_its_checkpoints_are_independent_files(tmp_path, capsys):
     cfg = tiny_config(tmp_path / "run", max_steps=2, verbose=2, ckpt=1)
     assert train(cfg).state == "finished"
     ckpt = tmp_path / "run" / "checkpoints"
@@ -264,10 +279,8 @@ def test_training_refuses_to_overwrite_a_run_and_its_checkpoints_are_independent
     # the command line without --resume, as after a finished run or a kill: refused, nothing touched
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    proc = subprocess.run([sys.executable, "-m", "tasks.training", "--config", str(config), "--max-steps", "3"],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    err = proc.stderr.strip()
+    assert _command(["--config", str(config), "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'run'} already holds a run (checkpoints/last.pt"), err
     assert "--resume auto" in err and "--output" in err and "\n" not in err
     assert _files(tmp_path / "run") == before
