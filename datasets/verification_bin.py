@@ -117,7 +117,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 self._array_bytes(call, shape, dtype)
                 return func(cls, shape, dtype, *rest)
             return reconstruct
-        if func in (bytes, bytearray, set, frozenset, _codecs.encode):
+        if func is _codecs.encode:  # Python 3's protocol-2 bytes: encode(<latin-1 text>, "latin1"), 1 byte a char
+            def encode(text: Any, encoding: Any = "utf-8", *rest: Any) -> Any:
+                if encoding not in ("latin1", "latin-1", b"latin1"):
+                    raise FormatError(self._path, f"pickle call {call} with encoding {encoding!r}",
+                                      "'latin1' (how Python 3 pickles bytes)")
+                self._spend(_count(text), call)
+                return func(text, "latin1", *rest)
+            return encode
+        if func in (bytes, bytearray, set, frozenset):
             def sized(*args: Any, **kwargs: Any) -> Any:
                 self._spend(_count(args[0]) if args else 0, call)
                 return func(*args, **kwargs)

@@ -118,6 +118,11 @@ def test_bin_pickles_cannot_allocate_beyond_a_budget(tmp_path):
     repeated.write_bytes(body)
     with pytest.raises(FormatError, match=r"_codecs.encode would allocate 200000 bytes"):
         load_bin(repeated)
+    # other codecs could multiply the size: only Python 3's latin1 form of bytes is taken
+    widened = tmp_path / "widened.bin"
+    widened.write_bytes(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x06\x00\x00\x00utf-32\x86R.")
+    with pytest.raises(FormatError, match=r"_codecs.encode with encoding 'utf-32' \(expected 'latin1'"):
+        load_bin(widened)
 
 
 # --- 8. text files and .idx records ------------------------------------------------------------------------------
