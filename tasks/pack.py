@@ -401,8 +401,9 @@ def run_pack(
                                 force=force)
 
 
-def _run_pack_locked(lst: str | os.PathLike, out: Path, cfg: PackConfig, *, image_size, num_classes, labels,
-                     force: bool) -> PackResult:
+def _run_pack_locked(lst: str | os.PathLike, out: Path, cfg: PackConfig, *,
+                     image_size: str | tuple[int, int] | None, num_classes: int | None,
+                     labels: str | os.PathLike | None, force: bool) -> PackResult:
     source = Path(lst).resolve()
     stage_info: dict = {}
     if source.is_dir():

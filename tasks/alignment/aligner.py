@@ -20,7 +20,9 @@ Output (``out_dir``):
 
 Statuses: ``ok`` (face aligned), ``fallback`` (no face; spec 5.3 centre crop written, when
 ``no_face="center_crop"``), ``no_face`` (no face; nothing written), ``unreadable`` (cannot be
-read or decoded; ``reason`` says why), ``duplicate`` (same bytes as an earlier file in sorted
+read or decoded, or a file or folder name that is not valid UTF-8, which Parquet and the output
+names cannot hold: its ``source_path`` shows the bad bytes as ``\\xNN`` and such a folder is not
+searched; ``reason`` says why), ``duplicate`` (same bytes as an earlier file in sorted
 order, named in ``reason``; not processed), ``ignored`` (hidden file or folder), ``error`` (an
 unexpected failure while processing the file; the message is in ``reason``, and the file is
 retried on the next run). Nothing ever raises out of a shard because of one file.
