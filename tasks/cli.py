@@ -28,12 +28,15 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
+from datasets.errors import validation_message
+from datasets.locks import FolderBusy
+
 __all__ = ["COMMANDS", "Command", "add_config_arguments", "build_parser", "config_from_args", "execute",
            "existing_model", "main", "setup_logging"]
 
 #: Exceptions that mean bad input (a file, a value, an option): one line, exit status 2.
 BAD_INPUT: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-                                              IsADirectoryError)
+                                              IsADirectoryError, FolderBusy)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -186,20 +189,7 @@ def config_from_args(args: argparse.Namespace, model: type[BaseModel], **base: A
     try:
         return model(**{**base, **config_values(args, model)})
     except ValidationError as exc:
-        raise ValueError(validation_message(exc)) from None
-
-
-def validation_message(exc: ValidationError) -> str:
-    """One line for a pydantic error, naming each option as a flag: ``--min-images: Input should be ...``."""
-    parts = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        where = f"--{loc[0].replace('_', '-')}" if loc else "options"
-        message = str(err["msg"]).removeprefix("Value error, ")
-        value = err.get("input")
-        shown = "" if isinstance(value, (dict, BaseModel)) or repr(value) in message else f" (got {value!r})"
-        parts.append(f"{where}: {message}{shown}")
-    return "; ".join(parts)
+        raise ValueError(validation_message(exc, flags=True)) from None
 
 
 def existing_model(path: str) -> str:
@@ -398,7 +388,7 @@ def execute(run: Callable[[argparse.Namespace], int | None], args: argparse.Name
     try:
         return int(run(args) or 0)
     except ValidationError as exc:
-        print(f"error: {validation_message(exc)}", file=sys.stderr, flush=True)
+        print(f"error: {validation_message(exc, flags=True)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except BAD_INPUT as exc:
         message = str(exc) or type(exc).__name__

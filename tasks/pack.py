@@ -72,13 +72,14 @@ from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from datasets.atomic import atomic_write_bytes, remove_partials
+from datasets.atomic import atomic_paths, atomic_write_bytes, remove_partials
 from datasets.errors import FormatError
 from datasets.face_codec import encode_jpeg
 from datasets.face_align import center_crop, warp_face
 from datasets.hashing import params_hash, sha256_file
 from datasets.image_size import parse_image_size
 from datasets.images import UnreadableImage, decode_image
+from datasets.locks import folder_lock
 from datasets.lst import InsightFaceColumns, InsightFaceLine, read_lst_columns
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
 from datasets.rec_layout import IDX_FILE, LABELS_FILE, PROPERTY_FILE, REC_FILE, InsightFaceRecWriter
@@ -396,11 +397,20 @@ def run_pack(
 
     ``image_size`` (height, width), ``num_classes`` and ``labels`` (a ``label,identity`` CSV)
     default to the lst stage's when ``lst`` is its folder; otherwise to the first aligned image's
-    size (112x112 when every line is a photo to align), the largest label + 1, and none. Skipped (``skipped=True``) when the stage record matches
-    (same list, image sizes and mtimes, parameters, code); ``force`` rebuilds.
+    size (112x112 when every line is a photo to align), the largest label + 1, and none. Skipped
+    (``skipped=True``) when the stage record matches (same list, image sizes and mtimes, parameters,
+    code); ``force`` rebuilds. Holds ``out_dir``'s lock (:func:`datasets.locks.folder_lock`) while it runs.
     """
     cfg = cfg or PackConfig()
     out = Path(out_dir).resolve()
+    with folder_lock(out, STAGE):  # a second pack into out_dir fails at once (FolderBusy)
+        return _run_pack_locked(lst, out, cfg, image_size=image_size, num_classes=num_classes, labels=labels,
+                                force=force)
+
+
+def _run_pack_locked(lst: str | os.PathLike, out: Path, cfg: PackConfig, *,
+                     image_size: str | tuple[int, int] | None, num_classes: int | None,
+                     labels: str | os.PathLike | None, force: bool) -> PackResult:
     source = Path(lst).resolve()
     stage_info: dict = {}
     if source.is_dir():
@@ -449,7 +459,11 @@ def run_pack(
     reader = _FaceReader(lst_rows, paths, size, cfg.jpeg_quality, source)
     sha256 = hashlib.sha256
     progress = Progress("pack", total=n, description="pack: copy faces into train.rec", log_every_s=30)
-    with ThreadPoolExecutor(1, thread_name_prefix="pack-manifest") as manifest_thread:
+    # The manifest goes to a temporary name and is renamed into place only after train.rec/.idx/
+    # property were: a pack that fails on the way (disk full) leaves no manifest of a set it did
+    # not write.
+    with atomic_paths(out / MANIFEST_FILE) as (manifest_tmp,), \
+            ThreadPoolExecutor(1, thread_name_prefix="pack-manifest") as manifest_thread:
         with InsightFaceRecWriter(out, image_size=size, label_format=cfg.label_format, num_classes=num_classes,
                                   background_writes=True) as writer:
             for start in range(0, n, _BATCH):
@@ -467,7 +481,7 @@ def run_pack(
                                  cropped)
             # written while the .rec is synced to disk and renamed into place (the stage record,
             # written last, commits both)
-            manifest_written = manifest_thread.submit(write_manifest, out / MANIFEST_FILE, manifest, stage=STAGE,
+            manifest_written = manifest_thread.submit(write_manifest, manifest_tmp, manifest, stage=STAGE,
                                                       extra=EXTRA_COLUMNS)
         manifest_written.result()
     progress.update(n)

@@ -20,7 +20,9 @@ Output (``out_dir``):
 
 Statuses: ``ok`` (face aligned), ``fallback`` (no face; spec 5.3 centre crop written, when
 ``no_face="center_crop"``), ``no_face`` (no face; nothing written), ``unreadable`` (cannot be
-read or decoded; ``reason`` says why), ``duplicate`` (same bytes as an earlier file in sorted
+read or decoded, or a file or folder name that is not valid UTF-8, which Parquet and the output
+names cannot hold: its ``source_path`` shows the bad bytes as ``\\xNN`` and such a folder is not
+searched; ``reason`` says why), ``duplicate`` (same bytes as an earlier file in sorted
 order, named in ``reason``; not processed), ``ignored`` (hidden file or folder), ``error`` (an
 unexpected failure while processing the file; the message is in ``reason``, and the file is
 retried on the next run). Nothing ever raises out of a shard because of one file.
@@ -93,6 +95,7 @@ from datasets.face_align import (
     warp_affine,
 )
 from datasets.hashing import params_hash, sha256_bytes, sha256_file
+from datasets.locks import folder_lock
 from datasets.images import DecodedImage, UnreadableImage, decode_image
 from datasets.manifest import MANIFEST_FILE, clear_parts, read_manifest, split_reusable, status_counts, write_manifest, write_part
 from models.face_detector import Detections, FaceDetector
@@ -277,6 +280,25 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+_NOT_UTF8 = "name is not valid UTF-8 (shown with \\x escapes); rename it to align it"
+
+
+def _is_utf8(rel: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (``os.fsdecode`` turns them into lone
+    surrogates, which Parquet, JSON and the output file names cannot hold)."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(rel: str) -> str:
+    """``rel`` as valid UTF-8 text: bytes that are not UTF-8 written as ``\\xNN``
+    (``b"caf\\xe9.jpg"`` -> ``"caf\\\\xe9.jpg"``), the form a manifest row can hold."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def _walk(raw: Path, exclude: Path | None) -> tuple[list[str], dict[str, str]]:
     """Relative POSIX paths of the files below ``raw`` (sorted), and ``{path: reason}`` for
     entries that are not searched (hidden or unlistable folders, hidden files)."""
@@ -286,7 +308,7 @@ def _walk(raw: Path, exclude: Path | None) -> tuple[list[str], dict[str, str]]:
 
     def on_error(exc: OSError) -> None:
         rel = Path(exc.filename).relative_to(raw).as_posix() if exc.filename else "."
-        skipped[rel + "/"] = f"unreadable:cannot list folder ({exc.strerror or exc})"
+        skipped[_printable(rel) + "/"] = f"unreadable:cannot list folder ({exc.strerror or exc})"
 
     for dirpath, dirnames, filenames in os.walk(raw, onerror=on_error, followlinks=True):
         here = Path(dirpath)
@@ -300,14 +322,18 @@ def _walk(raw: Path, exclude: Path | None) -> tuple[list[str], dict[str, str]]:
             rel = (here / name).relative_to(raw).as_posix()
             if exclude is not None and (here / name).resolve() == exclude:
                 continue
-            if _is_hidden(name):
+            if not _is_utf8(rel):
+                skipped[_printable(rel) + "/"] = f"unreadable:{_NOT_UTF8}; not searched"
+            elif _is_hidden(name):
                 skipped[rel + "/"] = "ignored:hidden folder (name starts with '.'); not searched"
             else:
                 keep.append(name)
         dirnames[:] = keep
         for name in filenames:
             rel = (here / name).relative_to(raw).as_posix()
-            if _is_hidden(name):
+            if not _is_utf8(rel):
+                skipped[_printable(rel)] = f"unreadable:{_NOT_UTF8}"
+            elif _is_hidden(name):
                 skipped[rel] = "ignored:hidden file (name starts with '.')"
             else:
                 files.append(rel)
@@ -852,9 +878,19 @@ def run_align(
     detector: FaceDetector | None = None,
 ) -> AlignResult:
     """Plan, align every shard in this process, finalize. Returns at once, marked ``skipped``,
-    when the stage record matches and no file needs work; ``force`` redoes every file."""
+    when the stage record matches and no file needs work; ``force`` redoes every file.
+
+    Holds ``out_dir``'s lock (:func:`datasets.locks.folder_lock`) throughout: a second run on the
+    same folder raises :class:`datasets.locks.FolderBusy` at once and leaves this one undisturbed.
+    """
     cfg = cfg or AlignConfig()
     out = Path(out_dir).resolve()
+    with folder_lock(out, STAGE):
+        return _run_align_locked(raw_dir, out, cfg, force=force, shard_size=shard_size, detector=detector)
+
+
+def _run_align_locked(raw_dir: str | os.PathLike, out: Path, cfg: AlignConfig, *, force: bool, shard_size: int,
+                      detector: FaceDetector | None) -> AlignResult:
     if force:
         invalidate(out)
     plan = plan_align(raw_dir, out, cfg, shard_size=shard_size, force=force)

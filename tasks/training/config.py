@@ -99,7 +99,8 @@ def _csv_list(value: Any) -> Any:
 class TrainConfig(BaseModel):
     """One training run. Defaults are the 2018 ``train_softmax.py`` defaults unless noted."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: 'lr inf', 'margin_s nan', ... are refused naming the option
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # --- data ---------------------------------------------------------------------------------------------
     dataset: str = Field("", description="training set folder: train.rec, train.idx, property (and .bin files)")
@@ -293,7 +294,52 @@ class TrainConfig(BaseModel):
         sphere = [n for n in SPHEREFACE_OPTIONS if getattr(self, n) is not None]
         if sphere and self.loss != "sphereface":
             raise ValueError(f"{', '.join(sphere)} apply to loss sphereface (loss type 1) only, not to {self.loss!r}")
+        self._check_margins()
         return self
+
+    def _check_margins(self) -> None:
+        """Refuse margins outside the range where the loss still asks for a margin, one line naming
+        the option, the loss and the valid range (checked before any data is read):
+
+        * angular margins (``arcface``, ``curricularface`` m; ``combined`` m2): ``[0, pi/2)``. The
+          target logit is ``cos(theta + m)``; m < 0 gives the target a bonus (the loss falls
+          towards 0 without separating classes), and from pi/2 on ``cos(theta + m) <= 0`` for every
+          theta in ``[0, pi/2]``: even a sample on its class centre scores below an orthogonal
+          negative, so the loss cannot be made small and the margin no longer ranks anything.
+        * additive cosine margins (``cosface`` m, ``combined`` m3, ``adaface`` m): ``[0, 1)``. The
+          target logit is ``cos(theta) - m``; m < 0 is a bonus as above (the probe's ``-1`` ran to
+          loss 0.0), and from 1 on a sample on its class centre (``cos = 1``) scores no higher than
+          an orthogonal negative (``cos = 0``). Published values are 0.35 (CosFace) and 0.2-0.4.
+        * ``combined`` m1 (multiplies the angle): ``(0, 2]``; the 2019 combinations use 0.9-1.0.
+        * ``sphereface`` m: a whole number from 1 to 8 (the 2018 operator's multiple-angle
+          polynomials; InsightFace uses 4).
+        """
+        import math
+
+        if self.is_triplet:
+            return
+        angular = (0.0, math.pi / 2, "[0, pi/2) (angular margin: cos(theta + m))")
+        additive = (0.0, 1.0, "[0, 1) (cosine margin: cos(theta) - m)")
+        m_ranges = {"arcface": angular, "curricularface": angular, "cosface": additive, "amsoftmax": additive,
+                    "adaface": additive}
+        checks: list[tuple[str, float | None, tuple[float, float, str]]] = []
+        if self.loss in m_ranges:
+            checks.append(("margin_m", self.margin_m, m_ranges[self.loss]))
+        if self.loss in ("combined", "margin_softmax"):
+            checks += [("margin_m" if self.margin_m is not None else "margin_m2",
+                        self.margin_m if self.margin_m is not None else self.margin_m2, angular),
+                       ("margin_m3", self.margin_m3, additive)]
+            m1 = self.margin_m1
+            if m1 is not None and not 0.0 < m1 <= 2.0:
+                raise ValueError(f"option 'margin_m1' {m1!r} is outside (0, 2] for loss {self.loss} "
+                                 "(it multiplies the angle: cos(m1 theta + m2) - m3; 0.9-1.0 in use)")
+        for name, value, (low, high, text) in checks:
+            if value is not None and not low <= value < high:
+                raise ValueError(f"option {name!r} {value!r} is outside {text} for loss {self.loss}")
+        if self.loss == "sphereface" and self.margin_m is not None \
+                and not (float(self.margin_m).is_integer() and 1 <= self.margin_m <= 8):
+            raise ValueError(f"option 'margin_m' {self.margin_m!r} must be a whole number from 1 to 8 for loss "
+                             "sphereface (the multiple of the angle; 4 in InsightFace)")
 
     # --- derived values -------------------------------------------------------------------------------------
     @property

@@ -31,6 +31,7 @@ the sampler continues after the images all ranks had consumed.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import json
 import logging
@@ -49,7 +50,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from datasets.atomic import PARTIAL_SUFFIX, remove_partials
 from datasets.errors import FormatError
+from datasets.locks import FolderBusy, folder_lock
 from datasets.normalization import normalize_batch
 from datasets.rec_dataset import RecFaceDataset
 from tasks import checkpoint as ckpt_io
@@ -58,7 +61,7 @@ from tasks.training.objectives import Objective, make_objective, step_generator
 from tasks.runtime import logger
 from tasks.training.config import TrainConfig
 from tasks.training.validation import ValidationSets, resolve_val_targets
-from tasks.training.record import RunRecorder
+from tasks.training.record import METRICS_FILE, STATUS_FILE, RunRecorder
 
 __all__ = ["TrainResult", "train", "main", "CHECKPOINT_DIR", "LAST", "BEST"]
 
@@ -322,11 +325,11 @@ class _Trainer:
             if self.ctx.is_main:
                 last = ckpt_io.save_checkpoint(self.ckpt_dir / LAST, state)
                 if numbered is not None:
-                    ckpt_io.link_checkpoint(last, numbered)
+                    ckpt_io.copy_checkpoint(last, numbered)
                 if improved and policy in ("best", "all"):
                     target = self.ckpt_dir / BEST if policy == "best" else numbered
                     if policy == "best":
-                        ckpt_io.link_checkpoint(last, target)
+                        ckpt_io.copy_checkpoint(last, target)
                     self.best["checkpoint"] = str(target)
                 self.log.info("step %d: checkpoint %s%s", self.step, numbered or last,
                               " (best)" if improved and policy in ("best", "all") else "")
@@ -492,12 +495,48 @@ class _Trainer:
         return rate, wait
 
 
+def _output(cfg: TrainConfig) -> Path:
+    if not cfg.output:
+        raise ValueError("option 'output' is empty: give the run folder for checkpoints and metrics")
+    return Path(cfg.output).resolve()
+
+
+#: Files whose presence means the output folder holds a run (finished, stopped or killed).
+_RUN_FILES = (f"{CHECKPOINT_DIR}/{LAST}", f"{CHECKPOINT_DIR}/{BEST}", METRICS_FILE, STATUS_FILE)
+
+
+def _claim_output(cfg: TrainConfig) -> None:
+    """Before a run writes into ``cfg.output`` (rank 0, holding the folder's lock): refuse to
+    overwrite an earlier run unless it is resumed, and sweep the temporary files a killed
+    checkpoint or metrics write left (``.last.pt.<pid>-<id>.partial``)."""
+    output = _output(cfg)
+    if cfg.resume is None:
+        found = [name for name in _RUN_FILES if (output / name).exists()]
+        found += sorted(p.relative_to(output).as_posix() for p in (output / CHECKPOINT_DIR).glob("model-*.pt"))
+        if found:
+            raise ValueError(
+                f"{output} already holds a run ({', '.join(found[:4])}); refusing to overwrite it: continue it with "
+                "--resume auto (resume: auto), or give another --output")
+    # the checkpoint folder is the trainer's alone; in the run folder only its own files' temporaries
+    # (a launcher may be writing config.yaml or the pid file there)
+    ours = tuple(f".{name}." for name in (METRICS_FILE, STATUS_FILE))
+    stale = remove_partials(output / CHECKPOINT_DIR)
+    for path in output.glob(f".*{PARTIAL_SUFFIX}"):
+        if path.name.startswith(ours):
+            path.unlink(missing_ok=True)
+            stale.append(path)
+    for path in stale:
+        logger().info("removed %s, left by an interrupted write", path)
+
+
 def train(cfg: TrainConfig, stop: threading.Event | None = None) -> TrainResult:
     """Run (or resume) training for ``cfg`` in this process: the whole run, or this rank's part under torchrun.
 
     ``stop``: set it (e.g. from a signal handler) to end at the next log point with a checkpoint.
-    Raises ``ValueError`` / ``FileNotFoundError`` / ``FormatError`` naming the option or file for bad input,
-    ``FloatingPointError`` after ``nan_max_consecutive`` non-finite steps.
+    Raises ``ValueError`` / ``FileNotFoundError`` / ``FormatError`` naming the option or file for bad input
+    (``ValueError`` too when ``output`` holds a run and ``resume`` is not set: nothing is overwritten),
+    ``FloatingPointError`` after ``nan_max_consecutive`` non-finite steps, and
+    :class:`datasets.locks.FolderBusy` when another run writes ``output`` (rank 0 holds its lock).
     """
     device = cfg.resolve_device()
     if cfg.deterministic and device == "cuda":
@@ -505,7 +544,10 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> TrainResult:
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         with distributed(device) as ctx:
-            return _Trainer(cfg, ctx, stop).run()
+            with folder_lock(_output(cfg), "training") if ctx.is_main else contextlib.nullcontext():
+                if ctx.is_main:
+                    _claim_output(cfg)
+                return _Trainer(cfg, ctx, stop).run()
     finally:
         torch.use_deterministic_algorithms(deterministic)  # leave the caller's process as it was
 
@@ -580,7 +622,7 @@ def run_command(args) -> int:
     try:
         cfg = config_from_args(args)
         result = train(cfg, stop)
-    except (ValueError, FileNotFoundError, FormatError) as exc:  # bad input: one line, no traceback
+    except (ValueError, FileNotFoundError, FormatError, FolderBusy) as exc:  # bad input, busy folder: one line
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except FloatingPointError as exc:
