@@ -46,7 +46,7 @@ from models.backbone import Backbone, get_backbone
 from models.partial_fc import gather_shards, shard_bounds
 from models.published import Imported, from_arcface_torch, from_mxnet, is_arcface_torch_state, mxnet_normalization
 
-__all__ = ["FORMAT", "VERSION", "resolve_checkpoint", "save_checkpoint", "link_checkpoint", "read_checkpoint",
+__all__ = ["FORMAT", "VERSION", "resolve_checkpoint", "save_checkpoint", "copy_checkpoint", "link_checkpoint", "read_checkpoint",
            "build_backbone", "load_embedder", "check_same_network", "gather_optimizer_state", "safe_torch_load",
            "model_files", "model_files_digest", "model_source_kind", "MODEL_KINDS", "load_published_into",
            "shard_optimizer_state", "rng_state", "set_rng_state"]
@@ -86,16 +86,32 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def link_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Make ``target`` hold the same bytes as ``source`` (hard link, else copy), atomically."""
+def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Make ``target`` an independent copy of ``source`` (its own file, not a hard link: damage to
+    one never reaches the other), written atomically."""
     import shutil
 
     with atomic_paths(target) as (tmp,):
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
+        shutil.copyfile(source, tmp)
     return Path(target)
+
+
+#: The former name (it used to hard-link); now makes an independent copy.
+link_checkpoint = copy_checkpoint
+
+
+#: The global named in torch's weights-only refusal ("... GLOBAL posix.system whose module ...",
+#: "Unsupported global: GLOBAL datetime.datetime was not ...").
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+#: Lines of torch's load errors that give advice (disable weights_only, allow-list globals, docs).
+_ADVICE = re.compile(r"weights_only|trusted source|trust the source|add_safe_globals|documentation", re.IGNORECASE)
+
+
+def _load_error_detail(exc: Exception) -> str:
+    """One line from a ``torch.load`` error: the first that states what is wrong, not torch's advice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    facts = [line for line in lines if not _ADVICE.search(line)] or lines
+    return (facts[0].split(". ")[0] if facts else type(exc).__name__)[:300]
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -106,9 +122,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # zip/pickle errors of a file that is not a torch checkpoint
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = next((line for line in lines if "error" in line.lower()), lines[0] if lines else type(exc).__name__)[:300]
-        raise FormatError(path, f"cannot be read as a torch checkpoint ({detail})", "a file written by tasks.training.trainer") from None
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused:
+            raise UnsafePickleError(path, f"refused: its pickle asks for the global {refused[1]}, which weights-only "
+                                          "loading does not allow (nothing was executed)",
+                                    "a file written by tasks.training.trainer") from None
+        raise FormatError(path, f"cannot be read as a torch checkpoint ({_load_error_detail(exc)})",
+                          "a file written by tasks.training.trainer") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise FormatError(path, f"format {found!r}", f"a facepipe training checkpoint (format {FORMAT!r})")
@@ -165,14 +185,12 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
     except Exception as exc:  # noqa: BLE001 - zip/pickle errors and the weights_only refusal
-        text = str(exc)
-        found = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported global" in line), None)
-        if found is not None:
-            raise UnsafePickleError(path, f"is refused: its pickle would load code, not only weights ({found[:200]})",
-                                    "a torch.save file of tensors (torch.load weights_only=True); nothing of it was run") from None
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        raise FormatError(path, f"cannot be read as a torch file ({(lines[0] if lines else type(exc).__name__)[:300]})",
-                          "a torch.save file") from None
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused:
+            raise UnsafePickleError(path, f"refused: its pickle asks for the global {refused[1]}, which weights-only "
+                                          "loading does not allow (nothing was executed)",
+                                    "a torch.save file of tensors") from None
+        raise FormatError(path, f"cannot be read as a torch file ({_load_error_detail(exc)})", "a torch.save file") from None
 
 
 def model_files(spec: str | os.PathLike) -> list[Path]:
@@ -260,6 +278,8 @@ def load_embedder(path: str | os.PathLike, *, image_size: tuple[int, int] | None
     path = resolve_checkpoint(path)
     try:
         state = read_checkpoint(path)
+    except UnsafePickleError:  # a pickle that would run code: refused, whatever else it holds
+        raise
     except FormatError as not_ours:
         try:
             inner = _unwrap_state_dict(safe_torch_load(path))
