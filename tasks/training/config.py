@@ -37,6 +37,7 @@ CKPT_POLICIES = {0: "none", 1: "best", 2: "all", 3: "last"}
 ALIASES = {
     "loss_type": "loss", "loss_m1": "margin_m1", "loss_m2": "margin_m2", "loss_m3": "margin_m3",
     "target": "val_targets", "data_dir": "dataset", "end_epoch": "epochs", "momentum": "mom",
+    "clip_grad": "grad_clip",
 }
 
 
@@ -100,7 +101,8 @@ class TrainConfig(BaseModel):
     per_batch_size: int = Field(128, ge=2, description="images per step on each rank (GPU)")
     max_steps: int = Field(0, ge=0, description="stop after this many steps (0: run all epochs)")
     epochs: int = Field(20, ge=1, description="passes over the training set")
-    grad_clip: float = Field(0.0, ge=0.0, description="clip the gradient norm to this (0 = off)")
+    grad_clip: float = Field(5.0, ge=0.0, description="clip the global gradient norm to this, as arcface_torch "
+                                                      "(clip_grad_norm_ max_norm 5; 0 = off)")
     nan_max_consecutive: int = Field(10, ge=1, description="stop after this many consecutive non-finite steps")
 
     # --- checkpoints, evaluation, logging -------------------------------------------------------------------
@@ -117,7 +119,7 @@ class TrainConfig(BaseModel):
         "auto", description="mixed precision: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler")
     tf32: bool = Field(True, description="TF32 matmuls/convolutions on Ampere+ GPUs")
     channels_last: bool = Field(True, description="NHWC memory format for the backbone and its input")
-    compile: bool = Field(False, description="torch.compile the backbone")
+    compile: bool | None = Field(None, description="torch.compile the backbone; None: on CUDA yes, on the CPU no")
     seed: int = Field(0, ge=0, description="seed of every random stream (order, mirror, init, Partial FC sampling)")
     deterministic: bool = Field(False, description="deterministic kernels (exact resume; slower on GPU)")
 
@@ -275,6 +277,10 @@ class TrainConfig(BaseModel):
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
         return self.device
 
+    def use_compile(self, device: str) -> bool:
+        """Whether the backbone is compiled on ``device`` (``compile: None`` -> CUDA only)."""
+        return (device == "cuda") if self.compile is None else self.compile
+
     def amp_dtype(self, device: str) -> str:
         """'bf16', 'fp16' or 'none' for ``device``."""
         if self.amp == "auto":
@@ -339,8 +345,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m tasks.train
         field = TrainConfig.model_fields.get(ALIASES.get(name, name))
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         kind = field.annotation if field is not None else None
-        nargs = "?" if kind is bool else None
-        parser.add_argument(*flags, dest=f"opt_{name}", nargs=nargs, const="true" if kind is bool else None,
+        flag = kind is bool or kind == (bool | None)
+        nargs = "?" if flag else None
+        parser.add_argument(*flags, dest=f"opt_{name}", nargs=nargs, const="true" if flag else None,
                             default=None, metavar="VALUE", help=(field.description if field else f"alias of {ALIASES[name]}"))
     args = parser.parse_args(argv)
     overrides = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
