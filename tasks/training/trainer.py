@@ -76,6 +76,8 @@ __all__ = ["TrainResult", "train", "main", "CHECKPOINT_DIR", "LAST", "BEST"]
 CHECKPOINT_DIR = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+#: Devices whose checkpoints are written by a background thread (the state was copied off the device first).
+_ASYNC_SAVE_DEVICES = ("cuda",)
 
 
 @dataclasses.dataclass
@@ -143,7 +145,7 @@ def _fused_sgd_ok(device: torch.device) -> bool:
 
 
 class _BufferGuard:
-    """The floating-point buffers of modules (batch-norm running statistics, margin statistics) re-pointed to
+    """The buffers of modules (batch-norm running statistics and counts, margin statistics) re-pointed to
     views of one flat tensor per dtype, so that a skipped step puts them back with two kernels, decided on
     the device: ``commit(ok)`` keeps this step's values where ``ok``, else restores the last committed ones."""
 
@@ -152,7 +154,7 @@ class _BufferGuard:
         for module in modules:
             for m in (module.modules() if module is not None else ()):
                 for name, buf in m._buffers.items():
-                    if buf is not None and buf.is_floating_point():
+                    if buf is not None and buf.numel():
                         groups.setdefault((buf.device, buf.dtype), []).append((m, name, buf))
         self.flats: list[tuple[torch.Tensor, torch.Tensor]] = []
         for (device, dtype), entries in groups.items():
@@ -261,6 +263,8 @@ class _Trainer:
                                     world_size=ctx.world_size, resume_step=self.step if resume_path else None)
         self.recorder.status_fields.update(best=self.best, checkpoints=[str(p) for p in self.checkpoints])
         self.flip_generator = torch.Generator()
+        self._save_thread: threading.Thread | None = None
+        self._save_error: BaseException | None = None
         # Restore the random states last: nothing above may draw from them after this point.
         if rng_states:
             ckpt_io.set_rng_state(rng_states[ctx.rank] if ctx.rank < len(rng_states) else rng_states[0])
@@ -376,23 +380,48 @@ class _Trainer:
                 self.saves += 1
                 numbered = self.ckpt_dir / f"model-{self.saves:04d}.pt"
                 self.checkpoints.append(numbered)
-            state = self._state(val)
+            best_link = None
+            if self.ctx.is_main and improved and policy in ("best", "all"):
+                best_link = self.ckpt_dir / BEST if policy == "best" else numbered
+                self.best["checkpoint"] = str(best_link)
+            state = self._state(val)  # on the CPU: copies of everything the next steps change (CUDA)
             if self.ctx.is_main:
-                last = ckpt_io.save_checkpoint(self.ckpt_dir / LAST, state)
-                if numbered is not None:
-                    ckpt_io.link_checkpoint(last, numbered)
-                if improved and policy in ("best", "all"):
-                    target = self.ckpt_dir / BEST if policy == "best" else numbered
-                    if policy == "best":
-                        ckpt_io.link_checkpoint(last, target)
-                    self.best["checkpoint"] = str(target)
-                self.log.info("step %d: checkpoint %s%s", self.step, numbered or last,
-                              " (best)" if improved and policy in ("best", "all") else "")
-                self.recorder.status(last_checkpoint=str(last), best=self.best,
-                                     checkpoints=[str(p) for p in self.checkpoints])
+                self._wait_save()
+                job = (state, numbered, best_link if policy == "best" else None, [str(p) for p in self.checkpoints],
+                       dict(self.best) if self.best else None)
+                if self.device.type in _ASYNC_SAVE_DEVICES:  # the device trains on while the file is written
+                    self._save_thread = threading.Thread(target=self._save_job, args=job, name="checkpoint", daemon=True)
+                    self._save_thread.start()
+                else:  # on the CPU the tensors in ``state`` are the live ones: write before the next step
+                    self._save_job(*job)
+                    self._wait_save()
         self.recorder.status(best=self.best)
         self.recorder.flush(force=True)
         self.ctx.barrier()
+
+    def _save_job(self, state: dict[str, Any], numbered: Path | None, best_link: Path | None,
+                  checkpoints: list[str], best: dict[str, Any] | None) -> None:
+        """Write ``last.pt`` (and its numbered or best link); errors are raised by :meth:`_wait_save`."""
+        try:
+            last = ckpt_io.save_checkpoint(self.ckpt_dir / LAST, state)
+            if numbered is not None:
+                ckpt_io.link_checkpoint(last, numbered)
+            if best_link is not None:
+                ckpt_io.link_checkpoint(last, best_link)
+            self.log.info("step %d: checkpoint %s%s", state["progress"]["step"], numbered or last,
+                          " (best)" if best and best.get("step") == state["progress"]["step"] else "")
+            self.recorder.status(last_checkpoint=str(last), best=best, checkpoints=checkpoints)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+            self._save_error = exc
+
+    def _wait_save(self) -> None:
+        """Wait for a checkpoint being written; raise its error, if any."""
+        thread, self._save_thread = self._save_thread, None
+        if thread is not None:
+            thread.join()
+        error, self._save_error = self._save_error, None
+        if error is not None:
+            raise error
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def _batch(self, images: torch.Tensor) -> torch.Tensor:
@@ -509,7 +538,12 @@ class _Trainer:
                 if state == "stopped":
                     self.log.warning("stop requested: saving step %d and leaving", self.step)
                 self._checkpoint_point(evaluate=state != "stopped")
+            self._wait_save()
         except BaseException as exc:
+            try:
+                self._wait_save()  # a checkpoint being written is finished (or its error reported) first
+            except BaseException as save_exc:  # noqa: BLE001
+                self.log.error("writing a checkpoint failed too: %s", save_exc)
             self.recorder.status(state="failed", step=self.step, message=f"{type(exc).__name__}: {exc}")
             self.recorder.close()
             raise
