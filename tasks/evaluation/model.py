@@ -46,7 +46,8 @@ class ExtractionConfig(BaseModel):
     batch_size: int = Field(256, ge=1, description="images per forward pass")
     flip: bool = Field(True, description="flip test: embed each image and its mirror, sum, L2-normalise")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where a torch model runs (auto: CUDA when present)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast for torch models (CUDA); fp32 otherwise")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="torch models: bf16 autocast or fp32; auto = bf16 on CUDA, fp32 on the CPU")
     normalize: Literal["arcface", "mxnet"] | None = Field(
         None, description="input normalisation; default: the checkpoint's, else arcface (x-127.5)/127.5")
     image_size: tuple[int, int] | None = Field(
@@ -73,7 +74,9 @@ class EvalModel:
     ) -> EmbeddingResult:
         """Flip-fused embeddings of ``(N, H, W, 3)`` uint8 RGB images (or an iterable of such batches)."""
         module = isinstance(self.embedder, nn.Module)
-        amp = torch.bfloat16 if cfg.precision == "bf16" and module else None
+        cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        amp = torch.bfloat16 if bf16 and module else None
         return extract_embeddings(self.embedder, images, batch_size=cfg.batch_size, flip=cfg.flip,
                                   device=cfg.device if module else "auto", normalize=self.normalize, amp_dtype=amp)
 
