@@ -26,6 +26,7 @@ import numpy as np
 
 from .atomic import atomic_write_bytes
 from .errors import FormatError, UnsafePickleError
+from .face_codec import encode_jpeg
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray
@@ -231,10 +232,7 @@ def _encode_image(img: Any, index: int, quality: int) -> bytes:
     if arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1):
         return arr.tobytes()  # already encoded, e.g. the (n, 1) array cv2.imencode returns
     if arr.ndim == 3 and arr.shape[2] == 3:
-        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(arr[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        if not ok:
-            raise ValueError(f"image {index}: OpenCV could not encode an array of shape {arr.shape}")
-        return buf.tobytes()
+        return encode_jpeg(arr, quality)
     raise ValueError(f"image {index}: shape {arr.shape} (expected encoded bytes or (H, W, 3) RGB uint8)")
 
 

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_write_text
 from datasets.errors import FormatError
-from datasets.face_align import crop_transform, estimate_similarities, parse_image_size, template_for
+from datasets.face_align import crop_size, crop_transform, estimate_similarities, template_for
 from datasets.hashing import params_hash
 from datasets.lst import InsightFaceLine, write_insightface_lst
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
@@ -141,7 +141,7 @@ def _sources(sources: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLi
         record = load_record(folder)
         if record is None or record.stage != alignment.STAGE:
             raise FormatError(folder, "no committed align stage record (stage.json)", "a finished align-stage folder")
-        out.append(_Source(name, folder, record.fingerprint, parse_image_size(record.params["image_size"])))
+        out.append(_Source(name, folder, record.fingerprint, crop_size(record.params["image_size"])))
     sizes = {s.image_size for s in out}
     if len(sizes) > 1:
         detail = ", ".join(f"{s.name}: {s.image_size[0]}x{s.image_size[1]}" for s in out)

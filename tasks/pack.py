@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -61,8 +60,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_write_bytes, remove_partials
 from datasets.errors import FormatError
+from datasets.face_codec import encode_jpeg
 from datasets.face_align import warp_face
 from datasets.hashing import params_hash, sha256_file
+from datasets.image_size import parse_image_size
 from datasets.images import UnreadableImage, decode_image
 from datasets.lst import InsightFaceColumns, InsightFaceLine, read_insightface_columns
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
@@ -130,18 +131,6 @@ def pack_order(labels: np.ndarray | list[int], shuffle: bool, seed: int) -> np.n
     rng = np.random.default_rng(seed)
     parts = [groups[g][rng.permutation(len(groups[g]))] for g in rng.permutation(len(groups))]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def _parse_size(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """``"112,112"``, ``"112x96"`` or ``(112, 96)`` -> ``(height, width)``."""
-    parts = value.replace("x", ",").split(",") if isinstance(value, str) else list(value)
-    try:
-        size = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        size = ()
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size {value!r} must be 'height,width' with two positive integers, e.g. 112,112")
-    return size  # type: ignore[return-value]
 
 
 def _resolve_all(paths: list[str], root: str) -> list[str]:
@@ -275,10 +264,7 @@ def _unaligned_payload(line: InsightFaceLine, path: str, size: tuple[int, int], 
     except UnreadableImage as exc:
         raise FormatError(lst, f"{where}: {exc.reason}", "a readable photo") from None
     face = warp_face(pixels, np.asarray(line.landmarks, dtype=np.float64), size)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(face, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
-        raise RuntimeError(f"{lst}: {where}: JPEG encoding failed")
-    return buf.tobytes()
+    return encode_jpeg(face, quality)
 
 
 #: List entries read, checked, hashed and written per batch (about 3 MB of 112x112 faces).
@@ -407,7 +393,7 @@ def run_pack(
         raise FormatError(source, "the list has no entries", "one line per image")
     n = len(lst_rows)
     paths = _resolve_all(lst_rows.paths, str(source.parent))
-    size = _parse_size(image_size) if image_size is not None else _image_size_of(paths[0], source)
+    size = parse_image_size(image_size) if image_size is not None else _image_size_of(paths[0], source)
     label_array = lst_rows.labels
     if num_classes is not None and int(num_classes) <= int(label_array.max()):
         raise ValueError(f"{source}: num_classes {num_classes} but labels go up to {int(label_array.max())}")

@@ -235,7 +235,7 @@ def verification_task(model: str, targets: list[str] | dict[str, str], out_dir: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.evaluation.pairs",
+    parser = argparse.ArgumentParser(prog="python -m tasks.verification",
                                      description="Verification accuracy of an embedding model on .bin packs.")
     parser.add_argument("model", help="a training checkpoint or a .onnx file")
     parser.add_argument("targets", nargs="+", help="verification packs (lfw.bin, cfp_fp.bin, ...)")

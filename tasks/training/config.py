@@ -23,9 +23,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.backbone import network_codes
+from datasets.errors import validation_message
+from datasets.image_size import ImageSize, parse_image_size
+from models.backbone import network_code
 from models.embedding import normalize_option
-from models.margins import HEADS, LOSS_TYPES
+from models.margins import HEADS, LOSS_TYPES, head_options
 
 __all__ = ["TrainConfig", "LOSS_NAMES", "CKPT_POLICIES", "load_config", "parse_args", "config_error"]
 
@@ -141,10 +143,7 @@ class TrainConfig(BaseModel):
     @field_validator("network", mode="before")
     @classmethod
     def _network(cls, value: Any) -> str:
-        code = str(value).strip().lower()
-        if code not in network_codes():
-            raise ValueError(f"network {value!r} is not a known code; valid codes: {', '.join(network_codes())}")
-        return code
+        return network_code(value)
 
     @field_validator("version_output", mode="before")
     @classmethod
@@ -154,14 +153,7 @@ class TrainConfig(BaseModel):
     @field_validator("image_size", mode="before")
     @classmethod
     def _image_size(cls, value: Any) -> str:
-        parts = [p.strip() for p in value.replace("x", ",").split(",")] if isinstance(value, str) else list(value)
-        try:
-            h, w = (int(p) for p in parts)
-        except (TypeError, ValueError):
-            raise ValueError(f"image_size {value!r} must be 'height,width', e.g. 112,112") from None
-        if min(h, w) < 16:
-            raise ValueError(f"image_size {value!r} must be at least 16x16")
-        return f"{h},{w}"
+        return parse_image_size(value, minimum=16).csv
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -229,9 +221,8 @@ class TrainConfig(BaseModel):
 
     # --- derived values -------------------------------------------------------------------------------------
     @property
-    def image_hw(self) -> tuple[int, int]:
-        h, w = self.image_size.split(",")
-        return int(h), int(w)
+    def image_hw(self) -> ImageSize:
+        return parse_image_size(self.image_size)
 
     @property
     def is_triplet(self) -> bool:
@@ -254,19 +245,12 @@ class TrainConfig(BaseModel):
         return args
 
     def margin_args(self) -> dict[str, Any]:
-        """Keyword arguments of ``models.get_margin`` for this loss (InsightFace option names)."""
+        """Keyword arguments of ``models.get_margin`` for this loss (:func:`models.margins.head_options`)."""
         if self.is_triplet:
             raise ValueError("the triplet loss has no margin head")
-        cls, _ = HEADS[self.loss]
-        import inspect
-
-        accepted = set(inspect.signature(cls.__init__).parameters)
-        m_name = "m2" if "m" not in accepted and "m2" in accepted else "m"  # combined: margin_m is m2
-        options = {"s": self.margin_s, m_name: self.margin_m, "m1": self.margin_m1, "easy_margin": self.easy_margin or None}
-        for name in ("m2", "m3"):
-            if getattr(self, f"margin_{name}") is not None:
-                options[name] = getattr(self, f"margin_{name}")
-        return {k: v for k, v in options.items() if v is not None and k in accepted}
+        return head_options(self.loss, strict=False, margin_s=self.margin_s, margin_m=self.margin_m,
+                            loss_m1=self.margin_m1, loss_m2=self.margin_m2, loss_m3=self.margin_m3,
+                            easy_margin=self.easy_margin or None)
 
     def resolve_device(self) -> str:
         import torch
@@ -290,19 +274,7 @@ class TrainConfig(BaseModel):
 
 def config_error(exc: ValidationError, source: str = "config") -> ValueError:
     """One readable line per problem: ``option 'network': network 'r7' is not a known code; valid codes: ...``."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        message = str(err["msg"]).removeprefix("Value error, ")
-        value = err.get("input")
-        if err["type"] == "extra_forbidden":
-            import difflib
-
-            close = difflib.get_close_matches(str(where), _option_names(), n=3)
-            message = "is not an option" + (f"; did you mean {', '.join(close)}?" if close else "")
-        shown = "" if isinstance(value, dict) or "given" in message or repr(value) in message else f" (got {value!r})"
-        lines.append(f"option {where!r}: {message}{shown}" if where != "config" else message)
-    return ValueError(f"{source}: " + "; ".join(lines))
+    return ValueError(f"{source}: " + validation_message(exc, _option_names()))
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

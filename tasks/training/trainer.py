@@ -62,7 +62,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from datasets.errors import FormatError
-from datasets.rec_dataset import RecFaceDataset, normalize_batch
+from datasets.normalization import normalize_batch
+from datasets.rec_dataset import RecFaceDataset
 from tasks import checkpoint as ckpt_io
 from tasks.training.distributed import DistContext, distributed
 from tasks.training.objectives import Objective, make_objective, step_generator
