@@ -146,33 +146,25 @@ def _fused_sgd_ok(device: torch.device) -> bool:
 
 
 class _BufferGuard:
-    """The buffers of modules (batch-norm running statistics and counts, margin statistics) re-pointed to
-    views of one flat tensor per dtype, so that a skipped step puts them back with two kernels, decided on
-    the device: ``commit(ok)`` keeps this step's values where ``ok``, else restores the last committed ones."""
+    """Puts the buffers of modules (batch-norm running statistics and counts, margin statistics) back after a
+    skipped step, decided on the device: ``commit(ok)`` keeps this step's values where ``ok``, else restores
+    the last committed ones. Per dtype: one ``cat``, one ``where``, one multi-tensor copy back (the
+    module's own buffer tensors stay as they are, so ``torch.compile`` sees no aliased inputs)."""
 
     def __init__(self, *modules: nn.Module | None):
-        groups: dict[tuple[torch.device, torch.dtype], list[tuple[nn.Module, str, torch.Tensor]]] = {}
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for module in modules:
-            for m in (module.modules() if module is not None else ()):
-                for name, buf in m._buffers.items():
-                    if buf is not None and buf.numel():
-                        groups.setdefault((buf.device, buf.dtype), []).append((m, name, buf))
-        self.flats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for (device, dtype), entries in groups.items():
-            flat = torch.empty(sum(b.numel() for _, _, b in entries), dtype=dtype, device=device)
-            offset = 0
-            for m, name, buf in entries:
-                view = flat[offset:offset + buf.numel()].view(buf.shape)
-                view.copy_(buf)
-                m._buffers[name] = view
-                offset += buf.numel()
-            self.flats.append((flat, flat.clone()))
+            for buf in (module.buffers() if module is not None else ()):
+                if buf.numel():
+                    groups.setdefault((buf.device, buf.dtype), []).append(buf)
+        self.groups = [(bufs, torch.cat([b.detach().reshape(-1) for b in bufs])) for bufs in groups.values()]
 
     @torch.no_grad()
     def commit(self, ok: torch.Tensor) -> None:
-        for flat, saved in self.flats:
-            flat.copy_(torch.where(ok, flat, saved))
-            saved.copy_(flat)
+        for bufs, saved in self.groups:
+            kept = torch.where(ok, torch.cat([b.reshape(-1) for b in bufs]), saved)
+            saved.copy_(kept)
+            torch._foreach_copy_(bufs, [part.view_as(b) for part, b in zip(kept.split([b.numel() for b in bufs]), bufs)])
 
 
 def _median(values: list[float]) -> float | None:
