@@ -15,6 +15,8 @@ Parts (in this order; caps in seconds on the GPU):
 * ``env`` (40): GPU, driver, SM clock, torch, CUDA, cuDNN, CPU cores, /dev/shm; bf16 matmul peak
   (:func:`bench.train.matmul_peak_tflops`) and copy bandwidth (pinned host->device, device->host,
   device->device).
+* ``sync-check`` (40): r50 batch 128 training steps 3-8 under ``torch.cuda.set_sync_debug_mode("warn")``:
+  the number of synchronising calls inside the training step (want 0).
 * ``train-eager`` (70) / ``train-compiled`` (130): the real trainer (:func:`tasks.training.trainer.train`)
   for r50 and r100, bf16, per-GPU batch 128 and 512, on a synthetic on-GPU batch (one uint8 batch
   resident on the device, so the loader is out of the picture) with Partial FC over 93,431 classes:
@@ -61,8 +63,8 @@ PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16 (NVIDIA data sheet)
 CLASSES = 93_431  # MS1M-RetinaFace identities
 SMOKE_CLASSES = 64
 TARGETS = {"r50_samples_per_s": 4000, "r100_samples_per_s": 2200, "r100_extract_images_per_s": 3000,
-           "three_sets_s": 15.0, "align_speedup": 5.0}
-PARTS: dict[str, int] = {"env": 40, "train-eager": 70, "train-compiled": 130, "extract": 60, "align": 60,
+           "three_sets_s": 15.0, "align_speedup": 5.0, "step_host_syncs": 0}
+PARTS: dict[str, int] = {"env": 40, "sync-check": 40, "train-eager": 70, "train-compiled": 130, "extract": 60, "align": 60,
                          "partial-fc": 40, "loader": 30, "train-loader": 50}
 SMOKE_CAP = 60
 
@@ -290,6 +292,41 @@ def _batches(part: Part) -> list[int]:
     return [8] if part.smoke else [512, 128]
 
 
+def part_sync_check(part: Part) -> None:
+    """Count host synchronisations inside the trainer's step (CUDA: sync debug mode; CPU: nothing to count)."""
+    import warnings
+
+    import torch
+
+    from tasks.training import trainer as trainer_mod
+
+    if part.device != "cuda":
+        part.save(sync_warnings=None, note="no CUDA: see tests/test_train_step_sync.py for the CPU count")
+        return
+    step = trainer_mod._Trainer._train_step
+    messages: list[str] = []
+
+    def strict(self, images, labels):
+        if self.step < 2:  # first steps: allocations, cuDNN autotuning
+            return step(self, images, labels)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return step(self, images, labels)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            messages.extend(str(w.message).splitlines()[0] for w in caught)
+
+    trainer_mod._Trainer._train_step = strict
+    try:
+        row = train_one(part, "r50", 128, compiled=False, workers=0, synthetic=True, sample_rate=0.3)
+    finally:
+        trainer_mod._Trainer._train_step = step
+    part.save(sync_warnings=len(messages), first=sorted(set(messages))[:10], steps_checked=row["steps"] - 2)
+    _print(f"sync-check: {len(messages)} synchronising calls in {row['steps'] - 2} steps")
+
+
 def part_train_eager(part: Part) -> None:
     _train_rows(part, [dict(network=n, batch=b, compiled=False, workers=0, synthetic=True)
                        for n in _nets(part) for b in _batches(part)])
@@ -434,7 +471,7 @@ def part_align(part: Part) -> None:
 
 
 RUNNERS: dict[str, Callable[[Part], None]] = {
-    "env": part_env, "train-eager": part_train_eager, "train-compiled": part_train_compiled,
+    "env": part_env, "sync-check": part_sync_check, "train-eager": part_train_eager, "train-compiled": part_train_compiled,
     "train-loader": part_train_loader, "partial-fc": part_partial_fc, "loader": part_loader,
     "extract": part_extract, "align": part_align,
 }
@@ -516,6 +553,9 @@ def verdicts(parts: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                     "limit": "host (.bin decode)" if decode > total / 2 else "compute (extraction)"})
     else:
         out.append({"target": "three_sets_s", "value": None, "verdict": "not measured"})
+    syncs = parts.get("sync-check", {}).get("sync_warnings")
+    out.append({"target": "step_host_syncs", "value": syncs, "want": 0, "pass": None if syncs is None else syncs == 0,
+                "limit": "host (the step waits for the GPU)" if syncs else "none"})
     align = parts.get("align", {})
     if align.get("speedup") is not None:
         out.append({"target": "align_speedup", "value": align["speedup"], "want": TARGETS["align_speedup"],
@@ -584,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
             _print(f"  {v['target']}: not measured")
         else:
             mark = "PASS" if v.get("pass") else "FAIL"
-            _print(f"  {v['target']}: {v['value']} (want {'<=' if v['target'] == 'three_sets_s' else '>='} "
+            want = "<=" if v["target"] in ("three_sets_s", "step_host_syncs") else ">="
+            _print(f"  {v['target']}: {v['value']} (want {want} "
                    f"{v['want']}) {mark}; limited by {v.get('limit')}" + (f"; {v['config']}" if v.get("config") else ""))
     failed = [n for n, p in summary["parts"].items() if p["status"] != "ok"]
     _print(f"parts not ok: {', '.join(failed)}" if failed else "all parts ok")

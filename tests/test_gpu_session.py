@@ -33,7 +33,7 @@ def test_smoke_env_part_prints_the_header_and_writes_json(tmp_path: Path):
     assert env["status"] == "ok" and env["env"]["cores"] == os.cpu_count() and env["matmul_bf16_tflops"] > 0
     assert "dev_shm_gib" in env["env"] and env["bandwidth_gb_s"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["parts"]["env"]["status"] == "ok" and len(summary["verdicts"]) == 5
+    assert summary["parts"]["env"]["status"] == "ok" and len(summary["verdicts"]) == 6
     assert "env: bf16 matmul peak" in proc.stdout and "smoke run on the CPU: not a speed claim" in proc.stdout
 
 
@@ -69,4 +69,4 @@ def test_verdicts_name_the_figure_the_target_and_the_limit():
     assert by["r100_samples_per_s"]["pass"] is False and by["r100_samples_per_s"]["limit"] == "loader"
     assert by["r100_extract_images_per_s"]["pass"] is True
     assert by["three_sets_s"]["pass"] is False and by["three_sets_s"]["limit"].startswith("host")
-    assert by["align_speedup"]["verdict"] == "not measured"
+    assert by["align_speedup"]["verdict"] == "not measured" and by["step_host_syncs"]["value"] is None
