@@ -499,14 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--far", type=float, default=1e-6)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models; already the default on CUDA)")
     parser.add_argument("--decode-threads", type=int, default=4)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = MegaFaceConfig(algo=args.algo, sizes=args.sizes, far=args.far, probe_noise=args.probe_noise,
                          distractor_noise=args.distractor_noise, devkit_dir=args.devkit_dir, batch_size=args.batch_size,
-                         device=args.device, precision="bf16" if args.bf16 else "fp32", decode_threads=args.decode_threads)
+                         device=args.device, precision="bf16" if args.bf16 else "auto", decode_threads=args.decode_threads)
     result = run_megaface(args.model, ImageSet(path=args.probes, root=args.probe_root),
                           ImageSet(path=args.distractors, root=args.distractor_root), args.out_dir, cfg, force=args.force)
     print(json.dumps({"metrics": str(result.metrics_path), "skipped": result.skipped,

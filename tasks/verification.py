@@ -242,14 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models; already the default on CUDA)")
     parser.add_argument("--no-flip", action="store_true")
     parser.add_argument("--normalize", choices=["arcface", "mxnet"])
     parser.add_argument("--nfolds", type=int, default=10)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = VerificationConfig(batch_size=args.batch_size, device=args.device, precision="bf16" if args.bf16 else "fp32",
+    cfg = VerificationConfig(batch_size=args.batch_size, device=args.device, precision="bf16" if args.bf16 else "auto",
                              flip=not args.no_flip, normalize=args.normalize, nfolds=args.nfolds)
     result = run_verification(args.model, args.targets, args.out_dir, cfg, force=args.force)
     print("\n".join(result.summary_lines()))
