@@ -139,3 +139,19 @@ def _clone(value):
     if isinstance(value, list):
         return [_clone(v) for v in value]
     return value
+
+
+def test_an_exploding_loss_is_warned_once_with_the_likely_causes(caplog):
+    from types import SimpleNamespace
+
+    from tasks.training.config import TrainConfig
+
+    caplog.set_level(logging.WARNING, logger="facepipe")
+    cfg = TrainConfig(dataset="d", output="o", lr=0.2, loss="arcface", margin_m=0.5)
+    watcher = SimpleNamespace(log=logging.getLogger("facepipe"), _loss_floor=None, _exploding=False, step=0, cfg=cfg)
+    for step, loss in enumerate([40.0, 20.0, 10.0, 9.0, 25.0, 30.0, 9.5, 8.0, 19.0]):
+        watcher.step = step
+        trainer_mod._Trainer._watch_loss(watcher, loss)
+    warned = [r.getMessage() for r in caplog.records if "exploding" in r.getMessage()]
+    assert len(warned) == 2, warned  # steps 4 (25 > 2 x 9) and 8 (19 > 2 x 8); step 5 continues the first
+    assert "lr 0.2" in warned[0] and "grad_clip 5" in warned[0] and "margin arcface s=64 m=0.5" in warned[0]
