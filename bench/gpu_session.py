@@ -280,6 +280,7 @@ def _free() -> None:
     import torch
 
     gc.collect()
+    torch._dynamo.reset()  # compiled graphs of the last configuration are not reused (and not counted)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

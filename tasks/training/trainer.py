@@ -255,7 +255,7 @@ class _Trainer:
         self.recorder = RunRecorder(self.output, enabled=ctx.is_main, total_steps=self.total_steps,
                                     world_size=ctx.world_size, resume_step=self.step if resume_path else None)
         self.recorder.status_fields.update(best=self.best, checkpoints=[str(p) for p in self.checkpoints])
-        self.flip_generator = torch.Generator()
+        self.flip_generator = torch.Generator(device=self.device)  # the mirror mask is drawn where it is used
         self._save_thread: threading.Thread | None = None
         self._save_error: BaseException | None = None
         # Restore the random states last: nothing above may draw from them after this point.
@@ -421,7 +421,7 @@ class _Trainer:
         x = normalize_batch(images.to(self.device, non_blocking=True), self.cfg.normalize)
         if self.cfg.flip:
             gen = step_generator(self.flip_generator, self.cfg.seed, self.step, self.ctx.rank, stream=1)
-            mirror = (torch.rand(x.shape[0], generator=gen) < 0.5).to(self.device, non_blocking=True)
+            mirror = torch.rand(x.shape[0], generator=gen, device=self.device) < 0.5
             x = torch.where(mirror[:, None, None, None], x.flip(3), x)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
