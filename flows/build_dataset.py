@@ -8,7 +8,9 @@ unchanged, shown as Skipped in the UI):
    tasks, run by ``task_runner`` in a subflow ``align-<source>``; only new or changed photos are
    processed.
 2. **lst** (:mod:`tasks.lst`): ``train.lst`` and ``labels.csv`` (stable labels).
-3. **pack** (:mod:`tasks.pack`): ``train.rec``, ``train.idx``, ``property``.
+3. **pack** (:mod:`tasks.pack`): ``train.rec``, ``train.idx``, ``property``. With ``lst_file`` (a
+   user's ``.lst`` in the InsightFace or the im2rec form) stages 1 and 2 are left out and that list is
+   packed (``aligned=0`` lines aligned on their landmarks or cropped from their bbox).
 4. **merge** (:mod:`tasks.merge`, when ``merge_with`` or ``merge.exclude`` is given): this set
    and the others merged, relabelled, optionally de-duplicated with an embedding model.
 5. **bins** (:mod:`tasks.bins`): one verification ``<name>.bin`` per ``pairs`` entry.
@@ -32,6 +34,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from datasets.locks import folder_lock
 from datasets.rec_layout import read_rec_index
 from flows.params import AlignConfig, BuildDatasetParams, DatasetLayout
 from flows.runs import make_task_runner, parameters_from, result_of, validated
@@ -77,7 +80,13 @@ def _torch_threads(p: BuildDatasetParams) -> int:
 
 
 def _align_source(label: str, raw: Path, out: Path, cfg: AlignConfig, p: BuildDatasetParams) -> AlignResult:
-    """Plan, align the shards (subflow on the chosen runner), finalize; or the Skipped result."""
+    """Plan, align the shards (subflow on the chosen runner), finalize; or the Skipped result.
+    Holds ``out``'s lock throughout (a second run on the folder fails at once: FolderBusy)."""
+    with folder_lock(out, "align"):
+        return _align_source_locked(label, raw, out, cfg, p)
+
+
+def _align_source_locked(label: str, raw: Path, out: Path, cfg: AlignConfig, p: BuildDatasetParams) -> AlignResult:
     planned = result_of(plan_align_task.with_options(task_run_name=f"align-plan-{label}"),
                         str(raw), str(out), cfg, p.shard_size, p.force)
     if isinstance(planned, AlignResult):
@@ -118,18 +127,22 @@ def build(p: BuildDatasetParams) -> dict[str, Any]:
     counts: list[dict[str, Any]] = []
     stages: dict[str, str] = {}
 
-    aligned: dict[str, AlignResult] = {}
-    for label, (folder, cfg) in p.sources().items():
-        res = _align_source(label, folder, layout.align / label, cfg, p)
-        aligned[label] = res
-        counts += _count_rows(f"align/{label}", res.counts, res.skipped)
-        stages[f"align/{label}"] = "skipped" if res.skipped else "ran"
+    if p.lst_file:  # the user's list is packed as it is: no align or lst stage
+        pack = result_of(pack_task, str(Path(p.lst_file).resolve()), str(layout.pack), p.pack, p.force,
+                         p.pack_image_size())
+    else:
+        aligned: dict[str, AlignResult] = {}
+        for label, (folder, cfg) in p.sources().items():
+            res = _align_source(label, folder, layout.align / label, cfg, p)
+            aligned[label] = res
+            counts += _count_rows(f"align/{label}", res.counts, res.skipped)
+            stages[f"align/{label}"] = "skipped" if res.skipped else "ran"
 
-    lst = result_of(lst_task, {label: str(r.out_dir) for label, r in aligned.items()}, str(layout.lst), p.lst, p.force)
-    counts += _count_rows("lst", lst.counts, lst.skipped)
-    stages["lst"] = "skipped" if lst.skipped else "ran"
+        lst = result_of(lst_task, {label: str(r.out_dir) for label, r in aligned.items()}, str(layout.lst), p.lst, p.force)
+        counts += _count_rows("lst", lst.counts, lst.skipped)
+        stages["lst"] = "skipped" if lst.skipped else "ran"
 
-    pack = result_of(pack_task, str(layout.lst), str(layout.pack), p.pack, p.force)
+        pack = result_of(pack_task, str(layout.lst), str(layout.pack), p.pack, p.force)
     counts += _count_rows("pack", pack.counts, pack.skipped)
     stages["pack"] = "skipped" if pack.skipped else "ran"
     train_dir = pack.out_dir
@@ -155,6 +168,7 @@ def build(p: BuildDatasetParams) -> dict[str, Any]:
 
     info = {"name": p.name, "train_from": train_dir.name,
             "sources": {label: str(folder) for label, (folder, _cfg) in p.sources().items()},
+            **({"lst_file": str(Path(p.lst_file).resolve())} if p.lst_file else {}),
             "merge_with": [str(Path(d).resolve()) for d in p.merge_with]}
     dataset: DatasetResult = result_of(gather_dataset_task, str(layout.root), str(train_dir),
                                        {name: str(r.bin_path) for name, r in bins.items()}, info, p.force)

@@ -8,9 +8,18 @@ record (skip when up to date), the Prefect task and the command line.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("export").parse_args()
+    from tasks.export import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 
 from datasets.hashing import sha256_file
 from tasks.evaluation.onnx_export import ExportResult, check_onnx, export_onnx
+from tasks import cli
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate
 
@@ -67,19 +77,10 @@ def export_task(checkpoint: str, out_dir: str, opset: int = 17, force: bool = Fa
     return finished(run_export_stage(checkpoint, out_dir, opset=opset, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="training checkpoint (.pt) or 'prefix,epoch'")
-    parser.add_argument("out", help="ONNX file to write")
-    parser.add_argument("--opset", type=int, default=17)
-    parser.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto")
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed |onnxruntime - torch| of the L2-normalised embeddings")
-    args = parser.parse_args(argv)
-    try:
-        result = export_onnx(args.checkpoint, args.out, opset=args.opset, exporter=args.exporter, atol=args.atol)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe export`` / ``python -m tasks.export`` with parsed arguments."""
+    result = export_onnx(cli.existing_model(args.checkpoint), args.out, opset=args.opset, exporter=args.exporter,
+                         atol=args.atol)
     summary = asdict(result)
     summary["path"] = str(result.path)
     summary["meta"] = {k: result.meta[k] for k in ("network", "emb_size", "image_size", "normalize", "step")}
@@ -87,5 +88,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("export", run_command, argv)

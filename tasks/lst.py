@@ -31,11 +31,19 @@ millions of faces; an unchanged stage (same source records, parameters, code) is
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("lst").parse_args()
+    from tasks.lst import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import json
-import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,16 +53,17 @@ import pandas as pd
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_write_text
 from datasets.errors import FormatError
-from datasets.face_align import crop_size, crop_transform, estimate_similarities, template_for
+from datasets.face_align import crop_size
 from datasets.hashing import params_hash
 from datasets.lst import InsightFaceLine, write_insightface_lst
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
 from datasets.rec_layout import LABELS_FILE, read_labels, write_labels
 from tasks import alignment
+from tasks import cli
+from tasks.configs import LstConfig
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
@@ -62,7 +71,7 @@ __all__ = ["LIST_FILE", "STAGE", "EXTRA_COLUMNS", "LstConfig", "LstResult", "run
 
 STAGE = "lst"
 LIST_FILE = "train.lst"
-_CODE_MODULES = ("tasks.lst", "datasets.lst")
+_CODE_MODULES = ("tasks.lst", "datasets.lst", "tasks.alignment.aligner")
 _UNSTORABLE = ("\t", "\n", "\r")
 
 EXTRA_COLUMNS: dict[str, pa.DataType] = {
@@ -73,16 +82,6 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "image_path": pa.string(),
     "fallback": pa.bool_(),
 }
-
-
-class LstConfig(BaseModel):
-    """Parameters of the ``.lst`` stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_images: int = Field(2, ge=1, description="identities with fewer aligned faces are dropped (dir2lst keeps >= 2)")
-    include_fallback: bool = Field(
-        True, description="list the centre-crop fallbacks of photos without a detected face (align no_face=center_crop)")
 
 
 @dataclass
@@ -147,40 +146,6 @@ def _sources(sources: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLi
         detail = ", ".join(f"{s.name}: {s.image_size[0]}x{s.image_size[1]}" for s in out)
         raise ValueError(f"lst: sources have different image sizes ({detail}); align them to one size")
     return out
-
-
-# --- geometry in the aligned image ----------------------------------------------------------------
-
-
-def _box_in(matrices: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Integer boxes ``(K, 4)``: the bounds of ``boxes`` ``(K, 4)`` mapped by ``matrices`` ``(K, 2, 3)``."""
-    x1, y1, x2, y2 = boxes.T
-    corners = np.stack([np.stack([x1, y1], 1), np.stack([x2, y1], 1), np.stack([x1, y2], 1), np.stack([x2, y2], 1)], 1)
-    mapped = np.einsum("kij,kcj->kci", matrices[:, :, :2], corners) + matrices[:, None, :, 2]
-    return np.concatenate([np.rint(mapped.min(axis=1)), np.rint(mapped.max(axis=1))], axis=1).astype(np.int64)
-
-
-def _geometry(faces: pd.DataFrame, size: tuple[int, int]) -> tuple[list, list]:
-    """Per face, its box and landmarks in its aligned image (``None`` when unknown): detected faces
-    through their alignment similarity (vectorised), fallbacks through their crop."""
-    boxes: list = [None] * len(faces)
-    points: list = [None] * len(faces)
-    bbox_col, landmark_col, status = faces["bbox"].to_numpy(), faces["landmarks"].to_numpy(), faces["status"].to_numpy()
-    has_box = np.array([b is not None and len(b) == 4 for b in bbox_col], dtype=bool)
-    has_points = np.array([p is not None and len(p) == 10 for p in landmark_col], dtype=bool)
-    detected = np.flatnonzero((status == "ok") & has_box & has_points)
-    if len(detected):
-        src = np.stack(landmark_col[detected]).astype(np.float64).reshape(-1, 5, 2)
-        matrices = estimate_similarities(src, template_for(size))
-        warped = np.round(np.einsum("kij,knj->kni", matrices[:, :, :2], src) + matrices[:, None, :, 2], 3)
-        box = _box_in(matrices, np.stack(bbox_col[detected]).astype(np.float64))
-        for i, b, w in zip(detected.tolist(), box.tolist(), warped.tolist()):
-            boxes[i] = tuple(b)
-            points[i] = tuple(map(tuple, w))
-    for i in np.flatnonzero((status == "fallback") & has_box):
-        bbox = np.asarray(bbox_col[i], np.float64)
-        boxes[i] = tuple(int(v) for v in _box_in(crop_transform(bbox, size)[None], bbox[None])[0])
-    return boxes, points
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -278,7 +243,7 @@ def run_lst(
     faces.loc[faces["label"] >= 0, "line"] = np.arange(int((faces["label"] >= 0).sum()))
 
     listed_faces = faces[faces["label"] >= 0]
-    boxes, points = _geometry(listed_faces, size)
+    boxes, points = alignment.aligned_geometry(listed_faces, size)
     lines = [InsightFaceLine(True, path, int(label), box, pts)
              for path, label, box, pts in zip(listed_faces["image_path"], listed_faces["label"], boxes, points)]
     if not lines:
@@ -307,21 +272,13 @@ def lst_task(sources: Mapping[str, str] | Sequence[str], out_dir: str | os.PathL
     return finished(run_lst(sources, out_dir, cfg, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.lst", description="Write train.lst and labels.csv from align-stage folders.")
-    parser.add_argument("out_dir")
-    parser.add_argument("sources", nargs="+", help="align-stage folders (source name = folder name)")
-    parser.add_argument("--min-images", type=int, default=2)
-    parser.add_argument("--no-fallback", action="store_true", help="do not list centre-crop fallbacks")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run_lst(args.sources, args.out_dir, LstConfig(min_images=args.min_images, include_fallback=not args.no_fallback),
-                     force=args.force)
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe lst`` / ``python -m tasks.lst`` with parsed arguments."""
+    result = run_lst(args.sources, args.out_dir, cli.config_from_args(args, LstConfig), force=args.force)
     print(json.dumps({"lst": str(result.lst_path), "images": result.images, "identities": result.identities,
                       "num_classes": result.num_classes, "counts": result.counts, "skipped": result.skipped}))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("lst", run_command, argv)

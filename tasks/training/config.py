@@ -5,7 +5,12 @@ run in the Prefect UI.
 Spellings: fields are snake_case (``per_batch_size``); YAML files and the command line also accept
 the seeds' dashed spelling (``per-batch-size``, ``--margin-m``, ``--lr-steps 100000,140000``) and the
 old aliases ``loss_type`` (-> ``loss``), ``loss_m1..3`` (-> ``margin_m1..3``), ``target``
-(-> ``val_targets``), ``data_dir`` (-> ``dataset``), ``end_epoch`` (-> ``epochs``).
+(-> ``val_targets``), ``data_dir`` (-> ``dataset``), ``end_epoch`` (-> ``epochs``), ``prefix``
+(-> ``output``: the run folder, where 2018 wrote ``<prefix>-0001.params``), ``rand_mirror``
+(-> ``flip``), ``margin_a``/``margin_b`` (-> ``margin_m1``/``margin_m3``), and the 2019
+``config.py`` names (``net_output``, ``net_se``, ``loss_s``, ``data_rand_mirror``, ...; :data:`ALIASES`).
+2018 options that have no counterpart in a training run are refused with one line that says what
+replaces them (:data:`REPLACED`, e.g. ``--images-filter`` -> the build-dataset ``lst.min_images``).
 
 ``loss``: a name (``arcface``, ``cosface``, ``softmax``, ``sphereface``, ``combined``, ``nsoftmax``,
 ``curricularface``, ``adaface``, ``triplet``) or a 2018 loss-type number (0 softmax, 1 sphereface,
@@ -25,21 +30,59 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from datasets.errors import validation_message
 from datasets.image_size import ImageSize, parse_image_size
-from models.backbone import network_code
-from models.embedding import normalize_option
-from models.margins import HEADS, LOSS_TYPES, head_options
 
-__all__ = ["TrainConfig", "LOSS_NAMES", "CKPT_POLICIES", "load_config", "parse_args", "config_error"]
+__all__ = ["TrainConfig", "LOSS_NAMES", "CKPT_POLICIES", "ALIASES", "REPLACED", "load_config", "parse_args", "config_error"]
 
 TRIPLET = "triplet"
-LOSS_NAMES = (*HEADS, TRIPLET)
-LOSS_NUMBERS = {**LOSS_TYPES, 12: TRIPLET}
+# The tables of network codes, losses and embedding options live in models/ (which imports torch); they
+# are read when a value is validated, so that building a command line does not import torch.
+
+
+def _loss_names() -> tuple[str, ...]:
+    from models.margins import HEADS
+
+    return (*HEADS, TRIPLET)
+
+
+def _loss_numbers() -> dict[int, str]:
+    from models.margins import LOSS_TYPES
+
+    return {**LOSS_TYPES, 12: TRIPLET}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LOSS_NAMES":
+        return _loss_names()
+    if name == "LOSS_NUMBERS":
+        return _loss_numbers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 CKPT_POLICIES = {0: "none", 1: "best", 2: "all", 3: "last"}
+SPHEREFACE_OPTIONS = ("beta", "beta_min", "beta_freeze", "gamma", "power")
 # Old option names -> field names (after dashes became underscores).
 ALIASES = {
     "loss_type": "loss", "loss_m1": "margin_m1", "loss_m2": "margin_m2", "loss_m3": "margin_m3",
     "target": "val_targets", "data_dir": "dataset", "end_epoch": "epochs", "momentum": "mom",
     "clip_grad": "grad_clip",
+    # 2018 train_softmax.py
+    "prefix": "output", "rand_mirror": "flip", "margin_a": "margin_m1", "margin_b": "margin_m3",
+    # 2019 config.py
+    "net_output": "version_output", "net_se": "version_se", "net_input": "version_input", "net_unit": "version_unit",
+    "net_act": "version_act", "net_multiplier": "version_multiplier", "loss_s": "margin_s",
+    "data_rand_mirror": "flip", "dataset_path": "dataset",
+}
+# 2018/2019 options without a counterpart here -> what replaces them (one line, raised as the error).
+REPLACED = {
+    "images_filter": "identities with fewer images are dropped when the set is built: build-dataset "
+                     "lst.min_images=N (python -m tasks.lst --min-images N)",
+    "data_images_filter": "identities with fewer images are dropped when the set is built: build-dataset "
+                          "lst.min_images=N (python -m tasks.lst --min-images N)",
+    "margin": "the SphereFace margin is margin_m (an integer, default 4) with loss sphereface / 1",
+    "scale": "SphereFace's beta follows beta, beta_min, beta_freeze, gamma and power (the LSoftmax 'scale' is not used)",
+    "use_deformable": "deformable convolutions are not available; choose another network",
+    "ce_loss": "the cross-entropy loss is logged as 'loss' in metrics.parquet in every run",
+    "kvstore": "gradients are reduced by torch.distributed (DDP); use nproc / torchrun",
+    "ctx_num": "the number of GPUs is the number of processes: nproc (flow) or torchrun --nproc-per-node",
 }
 
 
@@ -57,7 +100,8 @@ def _csv_list(value: Any) -> Any:
 class TrainConfig(BaseModel):
     """One training run. Defaults are the 2018 ``train_softmax.py`` defaults unless noted."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: 'lr inf', 'margin_s nan', ... are refused naming the option
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # --- data ---------------------------------------------------------------------------------------------
     dataset: str = Field("", description="training set folder: train.rec, train.idx, property (and .bin files)")
@@ -68,6 +112,9 @@ class TrainConfig(BaseModel):
     normalize: Literal["arcface", "mxnet"] = Field(
         "arcface", description="input normalisation: arcface (x-127.5)/127.5, mxnet (x-127.5)/128")
     flip: bool = Field(True, description="random horizontal mirror of training images (rand_mirror)")
+    val_shuffle_folds: bool = Field(
+        False, description="verification: split a permutation of the pairs (seeded by seed) into folds, for pair lists "
+                           "not laid out in LFW's balanced blocks")
     num_workers: int = Field(4, ge=0, description="data loader processes per rank")
 
     # --- network ------------------------------------------------------------------------------------------
@@ -80,6 +127,10 @@ class TrainConfig(BaseModel):
     emb_size: int | None = Field(None, ge=1, description="embedding size; None: the network's default (512; y1 128)")
     image_size: str = Field("112,112", description="input 'height,width' in pixels; must match the dataset")
     dropout: float = Field(0.4, ge=0.0, lt=1.0, description="dropout of embedding options E and F")
+    version_multiplier: float | None = Field(
+        None, gt=0.0, description="width multiplier of MobileNet codes (m1 1.0, m05 0.5); None: the code's")
+    bn_mom: float = Field(0.9, ge=0.0, lt=1.0, description="BatchNorm momentum as in MXNet: weight of the old "
+                                                             "running statistics (PyTorch momentum = 1 - bn_mom)")
 
     # --- loss ---------------------------------------------------------------------------------------------
     loss: str = Field("arcface", description="loss name or 2018 loss-type number (0, 1, 2, 4, 5; 12 = triplet)")
@@ -89,6 +140,16 @@ class TrainConfig(BaseModel):
     margin_m2: float | None = Field(None, description="combined margin m2 (additive angle)")
     margin_m3: float | None = Field(None, description="combined margin m3 (additive cosine)")
     easy_margin: bool = Field(False, description="ArcFace easy margin")
+    fc7_lr_mult: float = Field(1.0, ge=0.0, description="learning-rate multiplier of the classifier (fc7) weights")
+    fc7_wd_mult: float = Field(1.0, ge=0.0, description="weight-decay multiplier of the classifier (fc7) weights")
+    fc7_no_bias: bool = Field(False, description="softmax (loss 0): classifier without bias (the other losses have none)")
+    beta: float | None = Field(None, gt=0.0, description="SphereFace: initial blend weight beta (default 1000)")
+    beta_min: float | None = Field(None, ge=0.0, description="SphereFace: lower bound of beta (default 5)")
+    beta_freeze: int | None = Field(
+        None, ge=0, description="SphereFace: steps beta stays at its start (default 0; 5000 above 20000 classes)")
+    gamma: float | None = Field(None, ge=0.0, description="SphereFace: beta = beta0 (1 + gamma t)^-power (default 0.12; "
+                                                          "0.06 above 20000 classes)")
+    power: float | None = Field(None, ge=0.0, description="SphereFace: exponent of the beta decay (default 1)")
     sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="Partial FC: share of negative class centres used per step")
     triplet_alpha: float = Field(0.3, gt=0.0, description="triplet margin alpha (squared distances)")
     triplet_max_ap: float = Field(0.0, ge=0.0, description="triplet: drop pairs with d(a,p) above this (0 = off)")
@@ -134,6 +195,8 @@ class TrainConfig(BaseModel):
         out: dict[str, Any] = {}
         for key, value in data.items():
             name = str(key).strip().lstrip("-").replace("-", "_")
+            if name in REPLACED:
+                raise ValueError(f"option {key!r} is not a training option here: {REPLACED[name]}")
             name = ALIASES.get(name, name)
             if name in out:
                 raise ValueError(f"option {name!r} is given twice (as {key!r} and another spelling)")
@@ -143,11 +206,15 @@ class TrainConfig(BaseModel):
     @field_validator("network", mode="before")
     @classmethod
     def _network(cls, value: Any) -> str:
+        from models.backbone import network_code  # imported when validating: --help needs no torch
+
         return network_code(value)
 
     @field_validator("version_output", mode="before")
     @classmethod
     def _output(cls, value: Any) -> Any:
+        from models.embedding import normalize_option
+
         return None if value in (None, "") else normalize_option(str(value))
 
     @field_validator("image_size", mode="before")
@@ -159,6 +226,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _loss(cls, value: Any) -> str:
         key = str(value).strip().lower()
+        LOSS_NUMBERS, LOSS_NAMES = _loss_numbers(), _loss_names()  # noqa: N806
         if key.lstrip("-").isdigit():
             number = int(key)
             if number not in LOSS_NUMBERS:
@@ -185,6 +253,12 @@ class TrainConfig(BaseModel):
     @field_validator("val_targets", mode="before")
     @classmethod
     def _targets(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the command line: 'lfw,cfp_fp', '[]' (no evaluation), '[lfw, cfp_fp]'
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                value = [v.strip().strip("'\"") for v in text[1:-1].split(",") if v.strip().strip("'\"")]
+            elif text.lower() in ("none", "null", "all"):
+                return None
         return None if value is None else _csv_list(value)
 
     @field_validator("ckpt", mode="before")
@@ -217,7 +291,57 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"sample_rate {self.sample_rate} applies to classifier losses, not to the triplet loss")
         if self.version_se and not self.network.startswith("r"):
             raise ValueError(f"version_se applies to ResNet codes only, not to network {self.network!r}")
+        if self.version_multiplier is not None and not self.network.startswith("m"):
+            raise ValueError(f"version_multiplier applies to MobileNet codes (m1, m05) only, not to network {self.network!r}")
+        sphere = [n for n in SPHEREFACE_OPTIONS if getattr(self, n) is not None]
+        if sphere and self.loss != "sphereface":
+            raise ValueError(f"{', '.join(sphere)} apply to loss sphereface (loss type 1) only, not to {self.loss!r}")
+        self._check_margins()
         return self
+
+    def _check_margins(self) -> None:
+        """Refuse margins outside the range where the loss still asks for a margin, one line naming
+        the option, the loss and the valid range (checked before any data is read):
+
+        * angular margins (``arcface``, ``curricularface`` m; ``combined`` m2): ``[0, pi/2)``. The
+          target logit is ``cos(theta + m)``; m < 0 gives the target a bonus (the loss falls
+          towards 0 without separating classes), and from pi/2 on ``cos(theta + m) <= 0`` for every
+          theta in ``[0, pi/2]``: even a sample on its class centre scores below an orthogonal
+          negative, so the loss cannot be made small and the margin no longer ranks anything.
+        * additive cosine margins (``cosface`` m, ``combined`` m3, ``adaface`` m): ``[0, 1)``. The
+          target logit is ``cos(theta) - m``; m < 0 is a bonus as above (the probe's ``-1`` ran to
+          loss 0.0), and from 1 on a sample on its class centre (``cos = 1``) scores no higher than
+          an orthogonal negative (``cos = 0``). Published values are 0.35 (CosFace) and 0.2-0.4.
+        * ``combined`` m1 (multiplies the angle): ``(0, 2]``; the 2019 combinations use 0.9-1.0.
+        * ``sphereface`` m: a whole number from 1 to 8 (the 2018 operator's multiple-angle
+          polynomials; InsightFace uses 4).
+        """
+        import math
+
+        if self.is_triplet:
+            return
+        angular = (0.0, math.pi / 2, "[0, pi/2) (angular margin: cos(theta + m))")
+        additive = (0.0, 1.0, "[0, 1) (cosine margin: cos(theta) - m)")
+        m_ranges = {"arcface": angular, "curricularface": angular, "cosface": additive, "amsoftmax": additive,
+                    "adaface": additive}
+        checks: list[tuple[str, float | None, tuple[float, float, str]]] = []
+        if self.loss in m_ranges:
+            checks.append(("margin_m", self.margin_m, m_ranges[self.loss]))
+        if self.loss in ("combined", "margin_softmax"):
+            checks += [("margin_m" if self.margin_m is not None else "margin_m2",
+                        self.margin_m if self.margin_m is not None else self.margin_m2, angular),
+                       ("margin_m3", self.margin_m3, additive)]
+            m1 = self.margin_m1
+            if m1 is not None and not 0.0 < m1 <= 2.0:
+                raise ValueError(f"option 'margin_m1' {m1!r} is outside (0, 2] for loss {self.loss} "
+                                 "(it multiplies the angle: cos(m1 theta + m2) - m3; 0.9-1.0 in use)")
+        for name, value, (low, high, text) in checks:
+            if value is not None and not low <= value < high:
+                raise ValueError(f"option {name!r} {value!r} is outside {text} for loss {self.loss}")
+        if self.loss == "sphereface" and self.margin_m is not None \
+                and not (float(self.margin_m).is_integer() and 1 <= self.margin_m <= 8):
+            raise ValueError(f"option 'margin_m' {self.margin_m!r} must be a whole number from 1 to 8 for loss "
+                             "sphereface (the multiple of the angle; 4 in InsightFace)")
 
     # --- derived values -------------------------------------------------------------------------------------
     @property
@@ -242,15 +366,22 @@ class TrainConfig(BaseModel):
             args["emb_size"] = self.emb_size
         if self.version_output is not None:
             args["version_output"] = self.version_output
+        if self.version_multiplier is not None:
+            args["multiplier"] = self.version_multiplier
         return args
 
     def margin_args(self) -> dict[str, Any]:
         """Keyword arguments of ``models.get_margin`` for this loss (:func:`models.margins.head_options`)."""
         if self.is_triplet:
             raise ValueError("the triplet loss has no margin head")
+        from models.margins import head_options
+
         return head_options(self.loss, strict=False, margin_s=self.margin_s, margin_m=self.margin_m,
                             loss_m1=self.margin_m1, loss_m2=self.margin_m2, loss_m3=self.margin_m3,
-                            easy_margin=self.easy_margin or None)
+                            easy_margin=self.easy_margin or None,
+                            # SphereFace's beta annealing (2018 LSoftmax options; beta is the head's base)
+                            beta=self.beta, beta_min=self.beta_min, beta_freeze=self.beta_freeze,
+                            gamma=self.gamma, power=self.power)
 
     def resolve_device(self) -> str:
         import torch
@@ -305,22 +436,19 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def _option_names() -> list[str]:
-    return [*TrainConfig.model_fields, *ALIASES]
+    return [*TrainConfig.model_fields, *ALIASES, *REPLACED]
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m tasks.training") -> TrainConfig:
-    """``--config x.yaml`` plus any option as ``--per-batch-size 64`` or ``--per_batch_size=64``."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train a face-recognition model (see tasks/training/config.py).",
-                                     allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of options (configs/*.yaml)")
-    for name in _option_names():
-        field = TrainConfig.model_fields.get(ALIASES.get(name, name))
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        kind = field.annotation if field is not None else None
-        flag = kind is bool or kind == (bool | None)
-        nargs = "?" if flag else None
-        parser.add_argument(*flags, dest=f"opt_{name}", nargs=nargs, const="true" if flag else None,
-                            default=None, metavar="VALUE", help=(field.description if field else f"alias of {ALIASES[name]}"))
-    args = parser.parse_args(argv)
-    overrides = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    """``--config x.yaml`` plus any option as ``--per-batch-size 64`` or ``--per_batch_size=64`` (the parser
+    is generated from :class:`TrainConfig` in :mod:`tasks.cli`)."""
+    from tasks import cli
+
+    return config_from_args(cli.build_parser("train", prog).parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``facepipe train`` arguments: ``--config`` with the options on top."""
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
+    overrides |= {k.removeprefix("replaced_"): v for k, v in vars(args).items() if k.startswith("replaced_") and v is not None}
     return load_config(args.config, overrides)

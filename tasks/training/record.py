@@ -5,7 +5,8 @@ Files in the run folder:
 * ``metrics.parquet``: one row per logged step (``kind = "train"``: loss, lr, samples_per_s,
   data_wait = share of wall time spent waiting for the loader, memory_gib, non_finite) and one row
   per verification (``kind = "val"``, ``target``: accuracy, accuracy_std, val@far=1e-03, xnorm,
-  tar@far=...). Rewritten atomically (at most every ``flush_every_s`` seconds, at every evaluation
+  tar@far=..., ``notes``; or only ``error`` for a target that could not be evaluated).
+  Rewritten atomically (at most every ``flush_every_s`` seconds, at every evaluation
   and at the end); a resumed run first drops the rows written after its checkpoint.
 * ``tensorboard/``: the same scalars as ``train/<name>`` and ``val/<target>/<name>``.
 * ``status.json``: ``state`` (starting, running, evaluating, finished, stopped, failed), ``step``,
@@ -111,7 +112,8 @@ class RunRecorder:
         if not self.enabled:
             return
         scalars = {k: _clean(float(v)) for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
-        self.rows.append({"step": step, "epoch": epoch, "kind": "val", "target": target, **scalars})
+        texts = {k: row[k] for k in ("notes", "error") if isinstance(row.get(k), str) and row[k]}
+        self.rows.append({"step": step, "epoch": epoch, "kind": "val", "target": target, **scalars, **texts})
         if self._writer is not None:
             for name, value in scalars.items():
                 if value is not None and name not in ("n_pairs", "n_same", "n_diff", "nfolds"):

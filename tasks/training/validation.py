@@ -1,14 +1,20 @@
 """Verification during training: the ``val_targets`` of a run (InsightFace ``--target lfw,cfp_fp,agedb_30``).
 
 Each target is a verification ``.bin`` (``datasets.verification_bin``), decoded once at the run's
-image size and kept in memory as ``(2P, H, W, 3)`` uint8; every evaluation extracts flip-fused
-embeddings (``tasks.evaluation.embed``) and applies the InsightFace 10-fold protocol (``tasks.evaluation.pairs``).
+image size (112x112 or 112x96) and kept in memory as ``(2P, H, W, 3)`` uint8; every evaluation extracts
+flip-fused embeddings (``tasks.evaluation.embed``) and applies the InsightFace 10-fold protocol
+(``tasks.evaluation.pairs``; a set with fewer pairs than folds gets one fold per pair and a note).
+
+A target that cannot be evaluated (a malformed pack, images of another size, non-finite embeddings)
+gives a :class:`TargetError` in its place; the other targets are evaluated as usual, and training
+goes on.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +24,7 @@ from datasets.verification_bin import decode_bin
 from tasks.evaluation.embed import extract_embeddings
 from tasks.evaluation.pairs import VerificationResult, evaluate_verification
 
-__all__ = ["resolve_val_targets", "ValidationSets"]
+__all__ = ["resolve_val_targets", "ValidationSets", "TargetError"]
 
 
 def resolve_val_targets(targets: Sequence[str] | None, dataset: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -46,11 +52,28 @@ def resolve_val_targets(targets: Sequence[str] | None, dataset: str | os.PathLik
     return out
 
 
+@dataclass(frozen=True)
+class TargetError:
+    """A target that could not be evaluated: its pack and the one-line reason."""
+
+    target: str
+    path: Path
+    message: str
+
+    def to_row(self) -> dict[str, Any]:
+        """The target's metrics row: no metrics, ``error`` set."""
+        return {"error": self.message}
+
+    def summary(self, name: str = "") -> str:
+        return f"[{name or self.target}]error: {self.message}"
+
+
 class ValidationSets:
     """Decoded verification sets; :meth:`evaluate` runs a model over all of them."""
 
     def __init__(self, targets: Sequence[tuple[str, Path]], image_size: tuple[int, int], normalize: str,
-                 batch_size: int = 256):
+                 batch_size: int = 256, fold_seed: int | None = None):
+        self.fold_seed = fold_seed
         self.targets = list(targets)
         self.image_size = tuple(image_size)
         self.normalize = normalize
@@ -68,12 +91,20 @@ class ValidationSets:
         return self._data[name]
 
     def evaluate(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None
-                 ) -> dict[str, VerificationResult]:
-        """Verification results per target, in target order (the model is left in its former mode)."""
-        results = {}
+                 ) -> dict[str, VerificationResult | TargetError]:
+        """Verification result per target, in target order, or a :class:`TargetError` for a target that
+        failed (the model is left in its former mode)."""
+        results: dict[str, VerificationResult | TargetError] = {}
         for name, path in self.targets:
-            images, issame = self.data(name, path)
-            emb = extract_embeddings(model, images, batch_size=self.batch_size, flip=True, device=device,
-                                     normalize=self.normalize, amp_dtype=amp_dtype)
-            results[name] = evaluate_verification(emb.fused, issame, raw_norms=emb.raw_norms)
+            try:
+                images, issame = self.data(name, path)
+                emb = extract_embeddings(model, images, batch_size=self.batch_size, flip=True, device=device,
+                                         normalize=self.normalize, amp_dtype=amp_dtype)
+                results[name] = evaluate_verification(emb.fused, issame, raw_norms=emb.raw_norms,
+                                                      fold_seed=self.fold_seed)
+            except Exception as exc:  # noqa: BLE001 - one target's failure must not lose the others (or the run)
+                text = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+                if str(path) not in text:
+                    text = f"{path}: {text}"
+                results[name] = TargetError(name, Path(path), text.replace("\n", " "))
         return results
