@@ -11,6 +11,12 @@ Margins and cosines are computed in float32 even under bf16/fp16 autocast (float
 with cosines clamped away from +-1 wherever a square root or arccos would have an infinite slope.
 Heads with per-step state: ``SphereFace`` (call ``step()`` after each optimiser step), and
 ``CurricularFace`` / ``AdaFace`` (running statistics as buffers, updated in training mode only).
+
+Heads with ``target_only = True`` (CosFace, ArcFace, CombinedMargin) change nothing but the target
+cosine, elementwise (``target(c)``), and scale by ``s``; :class:`models.PartialFC` fuses them with the
+cross-entropy (one float32 ``(N, C)`` buffer). No head reads a tensor value on the host during a
+step, except the label range check of CPU tensors (``check_labels``; a trainer that has checked its
+data set once turns it off).
 """
 from __future__ import annotations
 
@@ -29,10 +35,14 @@ class MarginHead(nn.Module):
     needs_norms = False
     needs_target_logit = False
     normalized = True
+    #: True when ``margin`` only replaces the target cosine by ``target(c)`` and multiplies by ``s``
+    target_only = False
+    #: check label values of CPU tensors (a host read); False once the caller has checked its data
+    check_labels = True
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None,
                 target_logit: torch.Tensor | None = None) -> torch.Tensor:
-        _check_inputs(type(self).__name__, logits, labels, norms, self.needs_norms)
+        _check_inputs(type(self).__name__, logits, labels, norms, self.needs_norms, self.check_labels)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits = _full_precision(logits)
             if norms is not None:
@@ -52,14 +62,14 @@ def _full_precision(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _check_inputs(name: str, logits, labels, norms, needs_norms: bool) -> None:
+def _check_inputs(name: str, logits, labels, norms, needs_norms: bool, values: bool = True) -> None:
     """Shapes and dtypes always; label values only for CPU tensors (no host sync per step on a GPU)."""
     if logits.dim() != 2:
         raise ValueError(f"{name}: logits must be (N, C), got shape {tuple(logits.shape)}")
     if labels.shape != logits.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{name}: labels must be int64 of shape ({logits.shape[0]},), "
                          f"got {labels.dtype} {tuple(labels.shape)}")
-    if labels.device.type == "cpu" and labels.numel():
+    if values and labels.device.type == "cpu" and labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < -1 or hi >= logits.shape[1]:
             bad = lo if lo < -1 else hi
@@ -148,12 +158,17 @@ class SphereFace(MarginHead):
 class CosFace(MarginHead):
     """Loss 2 (CosFace / AM-softmax): target ``s (cos θ - m)``, others ``s cos θ``."""
 
+    target_only = True
+
     def __init__(self, s: float = 64.0, m: float = 0.35):
         super().__init__()
         self.s, self.m = float(s), float(m)
 
+    def target(self, c: torch.Tensor) -> torch.Tensor:
+        return c - self.m
+
     def margin(self, logits, labels, norms, target_logit):
-        return _replace_target(logits, labels, lambda c: c - self.m) * self.s
+        return _replace_target(logits, labels, self.target) * self.s
 
 
 class ArcFace(MarginHead):
@@ -161,6 +176,8 @@ class ArcFace(MarginHead):
 
     ``easy_margin``: apply ``cos(θ + m)`` only where ``cos θ > 0`` and leave the target unchanged elsewhere.
     """
+
+    target_only = True
 
     def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False):
         super().__init__()
@@ -180,6 +197,9 @@ class ArcFace(MarginHead):
             return torch.where(c > 0, self.cos_theta_plus_m(c), c)
         return torch.where(c > self.threshold, self.cos_theta_plus_m(c), c - self.fallback)
 
+    def target(self, c: torch.Tensor) -> torch.Tensor:
+        return self._target(c)
+
     def margin(self, logits, labels, norms, target_logit):
         return _replace_target(logits, labels, self._target) * self.s
 
@@ -191,6 +211,8 @@ class CombinedMargin(MarginHead):
     nsoftmax (1, 0, 0) = normalised softmax.
     """
 
+    target_only = True
+
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.3, m3: float = 0.2):
         super().__init__()
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
@@ -199,6 +221,9 @@ class CombinedMargin(MarginHead):
         if self.m1 == 1.0 and self.m2 == 0.0:
             return c - self.m3
         return torch.cos(self.m1 * torch.acos(_clamped(c)) + self.m2) - self.m3
+
+    def target(self, c: torch.Tensor) -> torch.Tensor:
+        return self._target(c)
 
     def margin(self, logits, labels, norms, target_logit):
         return _replace_target(logits, labels, self._target) * self.s
@@ -229,9 +254,11 @@ class CurricularFace(MarginHead):
             else:
                 known = torch.ones_like(valid)
             threshold = self.arc.cos_theta_plus_m(target_logit)
-            if self.training and bool(known.any()):
-                batch_mean = target_logit[known].mean()
-                self.t.mul_(1.0 - self.momentum).add_(self.momentum * batch_mean.to(self.t.dtype))
+            if self.training:  # running mean of the known target cosines, without a host read
+                count = known.sum()
+                batch_mean = torch.where(known, target_logit, torch.zeros_like(target_logit)).sum() / count.clamp_min(1)
+                updated = self.t * (1.0 - self.momentum) + self.momentum * batch_mean.to(self.t.dtype)
+                self.t.copy_(torch.where(count > 0, updated, self.t))
             is_target = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, index, valid.unsqueeze(1))
             hard = (logits > threshold.unsqueeze(1)) & known.unsqueeze(1) & ~is_target
         t = self.t.to(logits.dtype)

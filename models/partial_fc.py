@@ -7,6 +7,15 @@ the margin head (labels of classes outside the shard are -1); softmax cross-entr
 denominator are all-reduced over ranks. The loss is the mean over the global batch, the same value
 on every rank, and equals the un-sharded, un-sampled margin-softmax loss at ``sample_rate=1``.
 
+Speed on a GPU: a step reads nothing on the host (no ``.item()``): labels are range-checked only
+while ``check_labels`` is on (a trainer checks its data set once and turns it off), centre sampling
+keeps ``min(C_local, max(sample_rate * C_local, N_global))`` centres (a fixed count: it holds every
+positive of the batch, so no ``torch.unique``), and with ``same_batch_size`` the ranks' batch sizes
+are not exchanged. Heads that only change the target (``MarginHead.target_only``: ArcFace, CosFace,
+combined) run fused with the cross-entropy: one float32 ``(N, C)`` buffer holds logits, then
+probabilities, then their gradient; the cosine GEMM runs in ``gemm_dtype`` (bf16 under a bf16
+trainer, float32 otherwise), margin and softmax in float32. Other heads take the plain path.
+
 Gradient convention (as arcface_torch): the gradient returned to each rank's *local* embeddings is
 ``world_size * dL/de``, because DDP averages the backbone's gradients over ranks; the class centres get
 ``dL/dW`` of their own shard (they are not wrapped in DDP). World size 1, or torch.distributed not
@@ -100,6 +109,64 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         return grad * (grad_loss / prob.shape[0]), None, None, None
 
 
+class _FusedMarginSoftmax(torch.autograd.Function):
+    """Cosine GEMM + target-only margin + (sharded) softmax cross-entropy with one float32 ``(N, C)`` buffer.
+
+    ``forward(xn (N, D), wn (C, D) L2-normalised, labels (N,) in [-1, C), head, world_size, group, gemm_dtype)``
+    -> mean loss (0-d float32). The buffer holds the scaled logits, then the softmax probabilities
+    (saved), and in backward their gradient, all in place. Rows' max, denominator and target term
+    are all-reduced over ranks as in :class:`_ShardedCrossEntropy`. The clamp of the cosines to
+    [-1, 1] passes the gradient through (it only trims rounding).
+    """
+
+    @staticmethod
+    def forward(ctx, xn, wn, labels, head, world_size, group, gemm_dtype):
+        with torch.no_grad():
+            xg, wg = xn.to(gemm_dtype), wn.to(gemm_dtype)
+            logits = F.linear(xg, wg)
+            if logits.dtype != torch.float32:
+                logits = logits.float()
+            logits.clamp_(-1.0, 1.0)
+            valid = labels >= 0
+            index = labels.clamp_min(0).unsqueeze(1)
+            cos_t = logits.gather(1, index).squeeze(1)
+        with torch.enable_grad():
+            t = cos_t.detach().requires_grad_()
+            new = head.target(t)
+            (slope,) = torch.autograd.grad(new.sum(), t)
+        with torch.no_grad():
+            new = torch.where(valid, new.detach(), cos_t)
+            slope = torch.where(valid, slope, torch.ones_like(slope))
+            logits.scatter_(1, index, new.unsqueeze(1))
+            logits.mul_(head.s)
+            row_max = logits.max(dim=1).values
+            if world_size > 1:
+                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+            logits.sub_(row_max.unsqueeze(1)).exp_()
+            denom = logits.sum(dim=1)
+            target = torch.where(valid, new * head.s - row_max, torch.zeros_like(row_max))
+            if world_size > 1:
+                dist.all_reduce(denom, op=dist.ReduceOp.SUM, group=group)
+                dist.all_reduce(target, op=dist.ReduceOp.SUM, group=group)
+            logits.div_(denom.unsqueeze(1))
+        ctx.save_for_backward(logits, xg, wg, labels, slope)
+        ctx.scale, ctx.dtypes = head.s, (xn.dtype, wn.dtype)
+        return (denom.log() - target).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad, xg, wg, labels, slope = ctx.saved_tensors  # grad: the probabilities, turned into dL/dcos in place
+        valid = labels >= 0
+        index = labels.clamp_min(0).unsqueeze(1)
+        grad.scatter_add_(1, index, -valid.to(grad.dtype).unsqueeze(1))
+        grad.mul_(grad_loss * (ctx.scale / grad.shape[0]))
+        grad.scatter_(1, index, (grad.gather(1, index).squeeze(1) * slope).unsqueeze(1))
+        g = grad.to(xg.dtype)
+        grad_x = (g @ wg).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_w = (g.t() @ xg).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None, None, None, None, None
+
+
 def gather_shards(local: torch.Tensor, num_classes: int, group=None) -> torch.Tensor:
     """The full ``(C, ...)`` tensor from every rank's shard rows (weights, biases, optimizer state)."""
     rank, world = _world(group)
@@ -151,10 +218,14 @@ class PartialFC(nn.Module):
     the ``Softmax`` head (plain FC with bias, not normalised), unless ``bias=False`` (2018 ``--fc7-no-bias``).
     ``last_sample_index`` holds the shard rows
     used by the last step. The margin head's per-step state (``step()``) is the caller's to advance.
+    ``check_labels`` (default True): check label values every step (a host read); ``same_batch_size``:
+    every rank passes the same ``N`` (no exchange of batch sizes); ``gemm_dtype``: dtype of the cosine
+    GEMM of the fused path (None: float32).
     """
 
     def __init__(self, margin: MarginHead, emb_size: int, num_classes: int, sample_rate: float = 1.0, *,
-                 process_group=None, generator: torch.Generator | None = None, bias: bool | None = None):
+                 process_group=None, generator: torch.Generator | None = None, bias: bool | None = None,
+                 check_labels: bool = True, same_batch_size: bool = False, gemm_dtype: torch.dtype | None = None):
         super().__init__()
         if not isinstance(margin, MarginHead):
             raise TypeError(f"margin must be a models.margins.MarginHead (see get_margin), got {type(margin).__name__}")
@@ -173,6 +244,17 @@ class PartialFC(nn.Module):
         has_bias = (not margin.normalized) if bias is None else bool(bias)
         self.bias = nn.Parameter(torch.zeros(self.num_local)) if has_bias else None
         self.last_sample_index: torch.Tensor | None = None
+        self.same_batch_size, self.gemm_dtype = bool(same_batch_size), gemm_dtype
+        self.check_labels = check_labels
+
+    @property
+    def check_labels(self) -> bool:
+        return self._check_labels
+
+    @check_labels.setter
+    def check_labels(self, value: bool) -> None:
+        self._check_labels = bool(value)
+        self.margin.check_labels = bool(value)
 
     def extra_repr(self) -> str:
         return (f"classes={self.num_classes} shard=[{self.start}, {self.stop}) rank={self.rank}/{self.world_size} "
@@ -180,18 +262,18 @@ class PartialFC(nn.Module):
 
     @torch.no_grad()
     def _sample(self, local: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Shard rows to use (positives always) and the labels re-indexed into them."""
-        valid = local >= 0
-        positive = torch.unique(local[valid])
-        count = max(self.num_sample, positive.numel())
+        """Shard rows to use (every positive, plus random others; a count fixed by the shapes) and the
+        labels re-indexed into them. No host read: positives get key 2 (random keys are < 1) by a scatter."""
+        count = min(self.num_local, max(self.num_sample, local.shape[0]))
         if count >= self.num_local:
             return None, local
+        valid = local >= 0
         device = self.weight.device if self.generator is None else self.generator.device
         keys = torch.rand(self.num_local, generator=self.generator, device=device).to(self.weight.device)
-        keys[positive] = 2.0
-        index = keys.topk(count).indices.sort().values
-        remapped = local.clone()
-        remapped[valid] = torch.searchsorted(index, local[valid])
+        keys = torch.cat([keys, keys.new_zeros(1)])  # slot num_local takes the rows of other shards
+        keys.scatter_(0, torch.where(valid, local, torch.full_like(local, self.num_local)), 2.0)
+        index = keys[: self.num_local].topk(count).indices.sort().values
+        remapped = torch.where(valid, torch.searchsorted(index, local.clamp_min(0)), local)
         return index, remapped
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -203,18 +285,22 @@ class PartialFC(nn.Module):
                              f"got {labels.dtype} {tuple(labels.shape)}")
         labels = labels.long()
         if self.world_size > 1:
-            count = torch.tensor([embeddings.shape[0]], device=embeddings.device)
-            counts = [torch.zeros_like(count) for _ in range(self.world_size)]
-            dist.all_gather(counts, count, group=self.group)
-            sizes = [int(c) for c in counts]
+            if self.same_batch_size:
+                sizes = [embeddings.shape[0]] * self.world_size
+            else:
+                count = torch.tensor([embeddings.shape[0]], device=embeddings.device)
+                counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+                dist.all_gather(counts, count, group=self.group)
+                sizes = [int(c) for c in counts]
             all_embeddings = _GatherEmbeddings.apply(embeddings, sizes, self.rank, self.group)
             all_labels = _all_gather_rows(labels, sizes, self.group)
         else:
             all_embeddings, all_labels = embeddings, labels
-        bad = (all_labels < 0) | (all_labels >= self.num_classes)
-        if bool(bad.any()):  # one host sync per step; out-of-range labels would otherwise train silently
-            value = int(all_labels[bad][0])
-            raise ValueError(f"PartialFC: label {value} is out of range (expected 0..{self.num_classes - 1})")
+        if self.check_labels:  # a host read; a trainer checks its data set once instead
+            bad = (all_labels < 0) | (all_labels >= self.num_classes)
+            if bool(bad.any()):
+                value = int(all_labels[bad][0])
+                raise ValueError(f"PartialFC: label {value} is out of range (expected 0..{self.num_classes - 1})")
         local = all_labels - self.start
         local = torch.where((local >= 0) & (local < self.num_local), local, torch.full_like(local, -1))
         weight, bias = self.weight, self.bias
@@ -226,6 +312,10 @@ class PartialFC(nn.Module):
             self.last_sample_index = index
         with torch.autocast(device_type=all_embeddings.device.type, enabled=False):
             x, w = all_embeddings.float(), weight.float()
+            margin = self.margin
+            if margin.target_only and margin.normalized and not margin.needs_norms and not margin.needs_target_logit:
+                return _FusedMarginSoftmax.apply(F.normalize(x, dim=1), F.normalize(w, dim=1), local, margin,
+                                                 self.world_size, self.group, self.gemm_dtype or torch.float32)
             norms = target_logit = None
             if self.margin.normalized:
                 logits = F.linear(F.normalize(x, dim=1), F.normalize(w, dim=1)).clamp(-1.0, 1.0)

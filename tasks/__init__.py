@@ -19,7 +19,7 @@ export             :mod:`tasks.export`             checkpoint -> ONNX, checked a
 Engines (plain functions, no Prefect; stages use them, they never use a stage):
 :mod:`tasks.alignment` (detection and alignment), :mod:`tasks.training` (the trainer, its config,
 objectives and run records; ``python -m tasks.training``), :mod:`tasks.evaluation` (model loading,
-embedding extraction, pair and MegaFace metrics).
+embedding extraction, pair and MegaFace metrics, ONNX export).
 
 Shared by every stage: :mod:`tasks.runtime` (logging, progress and artifacts with or without a
 Prefect run), :mod:`tasks.stage` (``stage.json`` records), :mod:`tasks.checkpoint` (the training

@@ -90,7 +90,7 @@ def test_sampling_keeps_positives_and_equals_the_loss_over_the_sampled_classes()
     loss.backward()
     index = pfc.last_sample_index
     positives = torch.unique(data["labels"])
-    assert index.numel() == max(20, positives.numel())
+    assert index.numel() == max(20, data["labels"].numel())  # int(0.1 * 200), at least the batch
     assert torch.isin(positives, index).all() and torch.equal(index, index.sort().values)
     classes = torch.zeros(200, dtype=torch.bool)
     classes[index] = True
@@ -212,7 +212,9 @@ def test_two_gloo_ranks_equal_full_margin_softmax(tmp_path: Path):
     assert torch.isin(data["labels"], classes.nonzero().squeeze(1)).all()
     for (lo, hi), res in zip([(0, 50), (50, 100)], results):
         in_shard = data["labels"][(data["labels"] >= lo) & (data["labels"] < hi)]
-        assert res["sampled"]["count"] == max(15, torch.unique(in_shard).numel())  # int(0.3 * 50) or positives
+        assert torch.unique(in_shard).numel() <= res["sampled"]["count"]
+        # int(0.3 * 50), raised to the global batch (16 rows) so that every positive fits without a host read
+        assert res["sampled"]["count"] == max(15, data["labels"].numel())
     ref_loss, ref_e, ref_w, _ = _reference("arcface", data, classes)
     for rank, res in enumerate(results):
         torch.testing.assert_close(res["sampled"]["loss"], ref_loss, rtol=1e-5, atol=1e-5)

@@ -31,7 +31,8 @@ class ExtractionConfig(BaseModel):
     batch_size: int = Field(256, ge=1, description="images per forward pass")
     flip: bool = Field(True, description="flip test: embed each image and its mirror, sum, L2-normalise")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where a torch model runs (auto: CUDA when present)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast for torch models (CUDA); fp32 otherwise")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="torch models: bf16 autocast or fp32; auto = bf16 on CUDA, fp32 on the CPU")
     normalize: Normalization | None = Field(
         None, description="input normalisation: arcface (x-127.5)/127.5, mxnet (x-127.5)/128, none (pixels 0..255, "
                           "for graphs that normalise inside); default: the model's own (checkpoint meta, ONNX graph)")

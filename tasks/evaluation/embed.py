@@ -172,6 +172,9 @@ def extract_embeddings(
         batches = _read_ahead(batches)
     fused_parts: list[torch.Tensor] = []
     norm_parts: list[torch.Tensor] = []
+    benchmark = torch.backends.cudnn.benchmark
+    if cuda:  # fixed batch shapes: let cuDNN pick its fastest kernels (restored afterwards)
+        torch.backends.cudnn.benchmark = True
     try:
         with torch.inference_mode():
             for batch in batches:
@@ -192,6 +195,7 @@ def extract_embeddings(
         if cuda:
             torch.cuda.synchronize(dev)
     finally:
+        torch.backends.cudnn.benchmark = benchmark
         if module is not None:
             module.train(was_training)
 

@@ -66,7 +66,9 @@ class EvalModel:
     ) -> EmbeddingResult:
         """Flip-fused embeddings of ``(N, H, W, 3)`` uint8 RGB images (or an iterable of such batches)."""
         module = isinstance(self.embedder, nn.Module)
-        amp = torch.bfloat16 if cfg.precision == "bf16" and module else None
+        cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        amp = torch.bfloat16 if bf16 and module else None
         return extract_embeddings(self.embedder, images, batch_size=cfg.batch_size, flip=cfg.flip,
                                   device=cfg.device if module else "auto", normalize=self.normalize, amp_dtype=amp,
                                   bgr=self.channel_order == "bgr")

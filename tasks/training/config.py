@@ -63,6 +63,7 @@ SPHEREFACE_OPTIONS = ("beta", "beta_min", "beta_freeze", "gamma", "power")
 ALIASES = {
     "loss_type": "loss", "loss_m1": "margin_m1", "loss_m2": "margin_m2", "loss_m3": "margin_m3",
     "target": "val_targets", "data_dir": "dataset", "end_epoch": "epochs", "momentum": "mom",
+    "clip_grad": "grad_clip",
     # 2018 train_softmax.py
     "prefix": "output", "rand_mirror": "flip", "margin_a": "margin_m1", "margin_b": "margin_m3",
     # 2019 config.py
@@ -166,7 +167,8 @@ class TrainConfig(BaseModel):
     per_batch_size: int = Field(128, ge=2, description="images per step on each rank (GPU)")
     max_steps: int = Field(0, ge=0, description="stop after this many steps (0: run all epochs)")
     epochs: int = Field(20, ge=1, description="passes over the training set")
-    grad_clip: float = Field(0.0, ge=0.0, description="clip the gradient norm to this (0 = off)")
+    grad_clip: float = Field(5.0, ge=0.0, description="clip the global gradient norm to this, as arcface_torch "
+                                                      "(clip_grad_norm_ max_norm 5; 0 = off)")
     nan_max_consecutive: int = Field(10, ge=1, description="stop after this many consecutive non-finite steps")
 
     # --- checkpoints, evaluation, logging -------------------------------------------------------------------
@@ -184,7 +186,7 @@ class TrainConfig(BaseModel):
         "auto", description="mixed precision: auto = bf16 on CUDA, none on CPU; fp16 uses a GradScaler")
     tf32: bool = Field(True, description="TF32 matmuls/convolutions on Ampere+ GPUs")
     channels_last: bool = Field(True, description="NHWC memory format for the backbone and its input")
-    compile: bool = Field(False, description="torch.compile the backbone")
+    compile: bool | None = Field(None, description="torch.compile the backbone; None: on CUDA yes, on the CPU no")
     seed: int = Field(0, ge=0, description="seed of every random stream (order, mirror, init, Partial FC sampling)")
     deterministic: bool = Field(False, description="deterministic kernels (exact resume; slower on GPU)")
 
@@ -395,6 +397,10 @@ class TrainConfig(BaseModel):
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
         return self.device
+
+    def use_compile(self, device: str) -> bool:
+        """Whether the backbone is compiled on ``device`` (``compile: None`` -> CUDA only)."""
+        return (device == "cuda") if self.compile is None else self.compile
 
     def amp_dtype(self, device: str) -> str:
         """'bf16', 'fp16' or 'none' for ``device``."""

@@ -25,7 +25,7 @@ from models.partial_fc import PartialFC
 from models.triplet import TripletLoss
 from tasks.training.config import TrainConfig
 
-__all__ = ["Objective", "ClassifierObjective", "TripletObjective", "TRIPLET_DEFAULTS", "make_objective", "step_seed",
+__all__ = ["Objective", "ClassifierObjective", "TripletObjective", "TRIPLET_DEFAULTS", "make_objective", "check_labels", "step_seed",
            "step_generator"]
 
 
@@ -59,8 +59,9 @@ class Objective:
     def loss(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def after_step(self) -> None:
-        """Advance per-step state (SphereFace's annealing)."""
+    def after_step(self, ok: torch.Tensor) -> None:
+        """Advance per-step state (SphereFace's annealing) where ``ok`` (0-d bool tensor on the device:
+        the optimiser step was taken); never reads it on the host."""
 
     def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
         return []
@@ -87,8 +88,10 @@ class ClassifierObjective(Objective):
         self.seed = cfg.seed
         self.margin = get_margin(cfg.loss, num_classes=num_classes, **cfg.margin_args())
         self.generator = torch.Generator(device=device)
-        self.pfc = PartialFC(self.margin, emb_size, num_classes, sample_rate=cfg.sample_rate,
-                             generator=self.generator, bias=False if cfg.fc7_no_bias else None).to(device)
+        amp = cfg.amp_dtype(torch.device(device).type)
+        self.pfc = PartialFC(self.margin, emb_size, num_classes, sample_rate=cfg.sample_rate, generator=self.generator,
+                             bias=False if cfg.fc7_no_bias else None,
+                             gemm_dtype=torch.bfloat16 if amp == "bf16" else None).to(device)
         self.module = self.pfc
         self.sharded = {self.pfc.weight: num_classes}
         if self.pfc.bias is not None:
@@ -97,6 +100,10 @@ class ClassifierObjective(Objective):
         self.num_classes = num_classes
 
     def make_sampler(self, dataset, seed: int, rank: int, world_size: int) -> Sampler:
+        index = getattr(dataset, "index", None)
+        check_labels(dataset.labels, self.num_classes, getattr(index, "rec_path", "the training set"))
+        self.pfc.check_labels = False  # checked once for the whole set: no host read per step
+        self.pfc.same_batch_size = True  # drop_last batches: every rank passes per_batch_size rows
         return ShuffleSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
 
     def loader_args(self, sampler: Sampler, per_batch_size: int) -> dict[str, Any]:
@@ -106,8 +113,11 @@ class ClassifierObjective(Objective):
         step_generator(self.generator, self.seed, step, self.pfc.rank, stream=2)
         return self.pfc(embeddings, labels)
 
-    def after_step(self) -> None:
-        self.margin.step()
+    def after_step(self, ok: torch.Tensor) -> None:
+        if hasattr(self.margin, "iteration"):  # SphereFace anneals by optimiser steps taken
+            self.margin.iteration += ok.to(self.margin.iteration.dtype)
+        else:
+            self.margin.step()
 
     def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
         groups = [{"params": [self.pfc.weight], "lr": cfg.lr * cfg.fc7_lr_mult, "weight_decay": cfg.wd * cfg.fc7_wd_mult,
@@ -185,6 +195,15 @@ class TripletObjective(Objective):
 
     def step_metrics(self) -> dict[str, float]:
         return {"triplets": float(self.criterion.last_triplet_count)}
+
+
+def check_labels(labels: np.ndarray, num_classes: int, source: object) -> None:
+    """Every label of a training set in ``[0, num_classes)``; ValueError naming the first bad one."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))[0]
+        raise ValueError(f"{source}: image {bad} has label {int(labels[bad])}, outside 0..{num_classes - 1} "
+                         f"(num_classes from the property file)")
 
 
 def make_objective(cfg: TrainConfig, emb_size: int, num_classes: int, device: torch.device) -> Objective:

@@ -12,13 +12,16 @@ Files in the run folder:
 * ``status.json``: ``state`` (starting, running, evaluating, finished, stopped, failed), ``step``,
   ``total_steps``, ``epoch``, last ``loss``/``lr``/``samples_per_s``, ``eta_s``, ``best``,
   ``last_checkpoint``, ``checkpoints``, ``pid``, ``world_size``, ``updated`` (unix time), ``message``.
-  Rewritten atomically at every log line, so a reader never sees a torn file.
+  Rewritten atomically at every log line, so a reader never sees a torn file; the write (with its
+  fsyncs) happens on a background thread, the newest state wins, and ``close()`` waits for it, so the
+  training loop never waits for the disk.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,11 @@ class RunRecorder:
                                               "last_checkpoint": None, "checkpoints": []}
         self._last_flush = time.monotonic()
         self._writer = None
+        self._status_cond = threading.Condition()
+        self._status_text: str | None = None  # newest status not yet on disk
+        self._status_busy = False
+        self._status_thread: threading.Thread | None = None
+        self._status_error: OSError | None = None
         if not enabled:
             return
         self.output.mkdir(parents=True, exist_ok=True)
@@ -118,7 +126,39 @@ class RunRecorder:
             return
         self.status_fields.update({k: _clean(v) for k, v in fields.items()})
         self.status_fields["updated"] = time.time()
-        atomic_write_text(self.output / STATUS_FILE, json.dumps(self.status_fields, indent=1, default=str))
+        text = json.dumps(self.status_fields, indent=1, default=str)
+        with self._status_cond:
+            self._status_text = text
+            if self._status_thread is None:
+                self._status_thread = threading.Thread(target=self._status_loop, name="status.json", daemon=True)
+                self._status_thread.start()
+            self._status_cond.notify_all()
+
+    def _status_loop(self) -> None:
+        while True:
+            with self._status_cond:
+                while self._status_text is None:
+                    self._status_cond.wait()
+                text, self._status_text = self._status_text, None
+                self._status_busy = True
+            try:
+                atomic_write_text(self.output / STATUS_FILE, text)
+            except OSError as exc:  # reported by wait_status(); training goes on
+                self._status_error = exc
+            with self._status_cond:
+                self._status_busy = False
+                self._status_cond.notify_all()
+
+    def wait_status(self) -> None:
+        """Block until the newest status is on disk; OSError if a write failed."""
+        if not self.enabled:
+            return
+        with self._status_cond:
+            while self._status_text is not None or self._status_busy:
+                self._status_cond.wait()
+        error, self._status_error = self._status_error, None
+        if error is not None:
+            raise error
 
     # --- files ---------------------------------------------------------------------------------------------------
     def flush(self, force: bool = False) -> None:
@@ -144,6 +184,7 @@ class RunRecorder:
     def close(self) -> None:
         if not self.enabled:
             return
+        self.wait_status()
         self.flush(force=True)
         if self._writer is not None:
             self._writer.close()

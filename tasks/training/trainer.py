@@ -11,8 +11,20 @@ maps them to ``(B, emb)`` embeddings, and the objective (:mod:`tasks.training.ob
 softmax; :mod:`tasks.training.objectives`) gives the loss. SGD with momentum; the learning rate warms up linearly
 for ``warmup`` steps and is multiplied by 0.1 at each of ``lr_steps``.
 
-Guard: a step whose loss or gradient norm is not finite is skipped (no optimiser update) and logged;
-after ``nan_max_consecutive`` such steps in a row the run stops with an error.
+The step reads nothing back to the host (no ``.item()``, ``bool()`` or ``float()`` of a tensor): the
+gradient norm is clipped to ``grad_clip`` (default 5, as arcface_torch; 0 = off), a step whose loss or
+gradient norm is not finite is skipped on the device (the fused SGD kernel's ``found_inf``: no update of
+weights or momentum), and the loss, gradient norm and skip counts stay on the device until the next
+log point (every ``frequent`` steps), where they are read once. Partial FC checks the labels once per
+data set and samples centres without host reads (:mod:`models.partial_fc`). ``compile`` is on by
+default on CUDA (off on the CPU).
+
+Divergence: skipped steps are logged at the log point; after ``nan_max_consecutive`` such steps in a
+row the run stops with ``FloatingPointError`` naming the likely causes (lr, margin, clipping); a
+window whose mean loss has more than doubled over the lowest so far logs a warning, and weights or
+batch-norm statistics that are no longer finite stop the run before an evaluation or checkpoint (a
+skipped step restores the batch-norm statistics its forward pass changed, so one bad batch does not
+poison the model).
 
 Every ``verbose`` steps and at the end, rank 0 evaluates the ``val_targets`` (the others wait) and
 checkpoints are written by the ``ckpt`` policy (:mod:`tasks.checkpoint`): 0 none; 1 ``best.pt``
@@ -68,6 +80,8 @@ __all__ = ["TrainResult", "train", "main", "CHECKPOINT_DIR", "LAST", "BEST"]
 CHECKPOINT_DIR = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+#: Devices whose checkpoints are written by a background thread (the state was copied off the device first).
+_ASYNC_SAVE_DEVICES = ("cuda",)
 
 
 @dataclasses.dataclass
@@ -119,6 +133,43 @@ def _memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
 
 
+def divergence_hint(cfg: TrainConfig) -> str:
+    """Likely causes of a diverging run, with this run's values (for errors and warnings)."""
+    margin = "" if cfg.is_triplet else f", margin {cfg.loss} s={cfg.margin_s:g} m={cfg.margin_m if cfg.margin_m is not None else 'default'}"
+    return (f"likely causes: a learning rate too high for this batch (lr {cfg.lr:g}, warmup {cfg.warmup} steps, "
+            f"per_batch_size {cfg.per_batch_size}), gradient clipping off or loose (grad_clip "
+            f"{cfg.grad_clip:g}{'' if cfg.grad_clip else ' = off'}; arcface_torch uses 5){margin} too large for "
+            f"the data; or bad input images")
+
+
+def _fused_sgd_ok(device: torch.device) -> bool:
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return device.type in _get_fused_kernels_supported_devices()
+
+
+class _BufferGuard:
+    """Puts the buffers of modules (batch-norm running statistics and counts, margin statistics) back after a
+    skipped step, decided on the device: ``commit(ok)`` keeps this step's values where ``ok``, else restores
+    the last committed ones. Per dtype: one ``cat``, one ``where``, one multi-tensor copy back (the
+    module's own buffer tensors stay as they are, so ``torch.compile`` sees no aliased inputs)."""
+
+    def __init__(self, *modules: nn.Module | None):
+        groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for module in modules:
+            for buf in (module.buffers() if module is not None else ()):
+                if buf.numel():
+                    groups.setdefault((buf.device, buf.dtype), []).append(buf)
+        self.groups = [(bufs, torch.cat([b.detach().reshape(-1) for b in bufs])) for bufs in groups.values()]
+
+    @torch.no_grad()
+    def commit(self, ok: torch.Tensor) -> None:
+        for bufs, saved in self.groups:
+            kept = torch.where(ok, torch.cat([b.reshape(-1) for b in bufs]), saved)
+            saved.copy_(kept)
+            torch._foreach_copy_(bufs, [part.view_as(b) for part, b in zip(kept.split([b.numel() for b in bufs]), bufs)])
+
+
 def _median(values: list[float]) -> float | None:
     values = sorted(v for v in values if v is not None and math.isfinite(v))
     return values[len(values) // 2] if values else None
@@ -167,7 +218,11 @@ class _Trainer:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         groups = [{"params": list(self.backbone.parameters()), "lr": cfg.lr, "weight_decay": cfg.wd, "name": "backbone"}]
         groups += self.objective.param_groups(cfg)
-        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.mom, weight_decay=cfg.wd)
+        # Fused SGD where torch has it: one kernel per device and dtype, and its ``found_inf`` skips a step
+        # on the device (used by _train_step); foreach otherwise (then a skip decision is read on the host).
+        self.fused = _fused_sgd_ok(self.device)
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.mom, weight_decay=cfg.wd,
+                                         **({"fused": True} if self.fused else {"foreach": True}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.lr_steps))
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
@@ -188,7 +243,11 @@ class _Trainer:
         if ctx.active:
             self.model = DistributedDataParallel(self.backbone, device_ids=[ctx.local_rank] if self.device.type == "cuda" else None,
                                                  broadcast_buffers=False)
-        if cfg.compile:
+        self._init_momentum()
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.buffers = _BufferGuard(self.backbone, self.objective.module)
+        self.compiled = cfg.use_compile(self.device.type)
+        if self.compiled:
             self.model = torch.compile(self.model)
 
         self.sampler = self.objective.make_sampler(self.dataset, cfg.seed, ctx.rank, ctx.world_size)
@@ -213,12 +272,26 @@ class _Trainer:
         self.recorder = RunRecorder(self.output, enabled=ctx.is_main, total_steps=self.total_steps,
                                     world_size=ctx.world_size, resume_step=self.step if resume_path else None)
         self.recorder.status_fields.update(best=self.best, checkpoints=[str(p) for p in self.checkpoints])
-        self.flip_generator = torch.Generator()
+        self.flip_generator = torch.Generator(device=self.device)  # the mirror mask is drawn where it is used
+        self._save_thread: threading.Thread | None = None
+        self._save_error: BaseException | None = None
         # Restore the random states last: nothing above may draw from them after this point.
         if rng_states:
             ckpt_io.set_rng_state(rng_states[ctx.rank] if ctx.rank < len(rng_states) else rng_states[0])
         else:
             torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)  # per-rank dropout streams
+
+    def _init_momentum(self) -> None:
+        """Zero momentum buffers for parameters without one (a new run, or an old checkpoint). With
+        dampening 0 the first update is then ``buf = grad`` exactly as torch's first step, and a step
+        skipped by ``found_inf`` before any update leaves no uninitialised buffer behind."""
+        for group in self.optimizer.param_groups:
+            if group["momentum"] == 0:
+                continue
+            for p in group["params"]:
+                state = self.optimizer.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     # --- starting points ----------------------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
@@ -325,36 +398,67 @@ class _Trainer:
                 self.saves += 1
                 numbered = self.ckpt_dir / f"model-{self.saves:04d}.pt"
                 self.checkpoints.append(numbered)
-            state = self._state(val)
+            best_link = None
+            if self.ctx.is_main and improved and policy in ("best", "all"):
+                best_link = self.ckpt_dir / BEST if policy == "best" else numbered
+                self.best["checkpoint"] = str(best_link)
+            state = self._state(val)  # on the CPU: copies of everything the next steps change (CUDA)
             if self.ctx.is_main:
-                last = ckpt_io.save_checkpoint(self.ckpt_dir / LAST, state)
-                if numbered is not None:
-                    ckpt_io.copy_checkpoint(last, numbered)
-                if improved and policy in ("best", "all"):
-                    target = self.ckpt_dir / BEST if policy == "best" else numbered
-                    if policy == "best":
-                        ckpt_io.copy_checkpoint(last, target)
-                    self.best["checkpoint"] = str(target)
-                self.log.info("step %d: checkpoint %s%s", self.step, numbered or last,
-                              " (best)" if improved and policy in ("best", "all") else "")
-                self.recorder.status(last_checkpoint=str(last), best=self.best,
-                                     checkpoints=[str(p) for p in self.checkpoints])
+                self._wait_save()
+                job = (state, numbered, best_link if policy == "best" else None, [str(p) for p in self.checkpoints],
+                       dict(self.best) if self.best else None)
+                if self.device.type in _ASYNC_SAVE_DEVICES:  # the device trains on while the file is written
+                    self._save_thread = threading.Thread(target=self._save_job, args=job, name="checkpoint", daemon=True)
+                    self._save_thread.start()
+                else:  # on the CPU the tensors in ``state`` are the live ones: write before the next step
+                    self._save_job(*job)
+                    self._wait_save()
         self.recorder.status(best=self.best)
         self.recorder.flush(force=True)
         self.ctx.barrier()
+
+    def _save_job(self, state: dict[str, Any], numbered: Path | None, best_link: Path | None,
+                  checkpoints: list[str], best: dict[str, Any] | None) -> None:
+        """Write ``last.pt`` (and its numbered or best link); errors are raised by :meth:`_wait_save`."""
+        try:
+            last = ckpt_io.save_checkpoint(self.ckpt_dir / LAST, state)
+            if numbered is not None:
+                ckpt_io.copy_checkpoint(last, numbered)
+            if best_link is not None:
+                ckpt_io.copy_checkpoint(last, best_link)
+            self.log.info("step %d: checkpoint %s%s", state["progress"]["step"], numbered or last,
+                          " (best)" if best and best.get("step") == state["progress"]["step"] else "")
+            self.recorder.status(last_checkpoint=str(last), best=best, checkpoints=checkpoints)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+            self._save_error = exc
+
+    def _wait_save(self) -> None:
+        """Wait for a checkpoint being written; raise its error, if any."""
+        thread, self._save_thread = self._save_thread, None
+        if thread is not None:
+            thread.join()
+        error, self._save_error = self._save_error, None
+        if error is not None:
+            raise error
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def _batch(self, images: torch.Tensor) -> torch.Tensor:
         x = normalize_batch(images.to(self.device, non_blocking=True), self.cfg.normalize)
         if self.cfg.flip:
             gen = step_generator(self.flip_generator, self.cfg.seed, self.step, self.ctx.rank, stream=1)
-            mirror = (torch.rand(x.shape[0], generator=gen) < 0.5).to(self.device, non_blocking=True)
+            mirror = torch.rand(x.shape[0], generator=gen, device=self.device) < 0.5
             x = torch.where(mirror[:, None, None, None], x.flip(3), x)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[bool, float]:
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimiser step; returns 0-d device tensors ``(ok, loss, grad_norm)`` and reads none of them.
+
+        ``ok``: loss and (pre-clip) gradient norm finite on every rank; otherwise the optimiser leaves
+        weights and momentum as they were (fused SGD ``found_inf``), buffers are restored
+        (:class:`_BufferGuard`), the scheduler still advances.
+        """
         cfg = self.cfg
         x = self._batch(images)
         y = labels.to(self.device, non_blocking=True)
@@ -364,27 +468,29 @@ class _Trainer:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for p in self.params if p.grad is not None]
         if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        check = (torch.isfinite(loss.detach()) & torch.isfinite(norm)).to(torch.int32).reshape(1)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        loss = loss.detach()
+        ok = torch.isfinite(loss) & torch.isfinite(norm)
         if self.ctx.active:
+            check = ok.to(torch.int32).reshape(1)
             torch.distributed.all_reduce(check, op=torch.distributed.ReduceOp.MIN)
-        ok = bool(check.item())
-        value = float(loss.detach())
-        if ok:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-            else:
-                self.optimizer.step()
-            self.objective.after_step()
+            ok = check[0].bool()
+        if self.fused:
+            self.optimizer.found_inf = (~ok).to(torch.float32)
+            self.optimizer.step()
+        elif bool(ok):  # pragma: no cover - only where torch has no fused SGD for the device (a host read)
+            self.optimizer.step()
+        self.objective.after_step(ok)
+        self.buffers.commit(ok)  # a skipped step leaves batch-norm statistics as they were, too
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return ok, value
+        return ok, loss, norm.detach()
 
     def run(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
@@ -396,11 +502,13 @@ class _Trainer:
                           "x".join(map(str, cfg.image_hw)), self.device.type, ctx.world_size, len(self.dataset),
                           self.num_classes, self.steps_per_epoch, cfg.per_batch_size, self.amp,
                           ",".join(self.val_sets.names) or "none")
-        window = {"steps": 0, "wait": 0.0, "time": 0.0, "loss": 0.0, "bad": 0}
+        window = self._new_window()
         rates: list[float] = []
         waits: list[float] = []
-        consecutive_bad = 0
-        last_loss: float | None = None
+        self._consecutive_bad = 0
+        self._last_loss: float | None = None
+        self._loss_floor: float | None = None
+        self._exploding = False
         state = "finished"
         saved_at = self.step
         try:
@@ -416,31 +524,16 @@ class _Trainer:
                     except StopIteration:
                         break
                     t1 = time.perf_counter()
-                    ok, value = self._train_step(images, labels)
+                    window["steps"].append(self._train_step(images, labels))  # device tensors, not read here
                     self.step += 1
                     steps_in_epoch += 1
                     self.consumed = steps_in_epoch * self.objective.units_per_step * ctx.world_size
                     t2 = time.perf_counter()
-                    window["steps"] += 1
                     window["wait"] += t1 - t0
                     window["time"] += t2 - t0
-                    if ok:
-                        consecutive_bad = 0
-                        window["loss"] += value
-                        last_loss = value
-                    else:
-                        consecutive_bad += 1
-                        window["bad"] += 1
-                        self.log.warning("step %d: non-finite loss or gradient (loss %s); optimiser step skipped "
-                                         "(%d in a row)", self.step, value, consecutive_bad)
-                        if consecutive_bad >= cfg.nan_max_consecutive:
-                            raise FloatingPointError(
-                                f"training stopped at step {self.step}: {consecutive_bad} consecutive steps had a "
-                                f"non-finite loss or gradient (nan_max_consecutive={cfg.nan_max_consecutive}); "
-                                f"lower lr, add warmup or grad_clip, or check the data")
                     if self.step % cfg.frequent == 0 or self.step == self.total_steps:
-                        rate, wait = self._log_window(window, rates, waits)
-                        window = {"steps": 0, "wait": 0.0, "time": 0.0, "loss": 0.0, "bad": 0}
+                        self._log_window(window, rates, waits)  # the one host read of the window
+                        window = self._new_window()
                         if ctx.any(self.stop.is_set()):
                             state = "stopped"
                             break
@@ -448,6 +541,10 @@ class _Trainer:
                         state = "stopped"
                         break
                     if self.step % cfg.verbose == 0:
+                        if window["steps"]:
+                            self._log_window(window, rates, waits)
+                            window = self._new_window()
+                        self._check_weights()
                         self._checkpoint_point()
                         saved_at = self.step
                 if state == "stopped":
@@ -455,11 +552,19 @@ class _Trainer:
                 if not (cfg.max_steps and self.step >= cfg.max_steps):
                     self.epoch += 1
                     self.consumed = 0
+            if window["steps"]:
+                self._log_window(window, rates, waits)
             if self.step != saved_at:
+                self._check_weights()
                 if state == "stopped":
                     self.log.warning("stop requested: saving step %d and leaving", self.step)
                 self._checkpoint_point(evaluate=state != "stopped")
+            self._wait_save()
         except BaseException as exc:
+            try:
+                self._wait_save()  # a checkpoint being written is finished (or its error reported) first
+            except BaseException as save_exc:  # noqa: BLE001
+                self.log.error("writing a checkpoint failed too: %s", save_exc)
             self.recorder.status(state="failed", step=self.step, message=f"{type(exc).__name__}: {exc}")
             self.recorder.close()
             raise
@@ -470,24 +575,94 @@ class _Trainer:
         best = Path(self.best["checkpoint"]) if self.best and self.best.get("checkpoint") else None
         if ctx.is_main:
             self.log.info("%s at step %d (epoch %d) in %.1f s; last loss %s", state, self.step, self.epoch, wall,
-                          "n/a" if last_loss is None else f"{last_loss:.4f}")
-        return TrainResult(output=self.output, step=self.step, epoch=self.epoch, state=state, final_loss=last_loss,
+                          "n/a" if self._last_loss is None else f"{self._last_loss:.4f}")
+        return TrainResult(output=self.output, step=self.step, epoch=self.epoch, state=state, final_loss=self._last_loss,
                            last_checkpoint=last, best_checkpoint=best, best=self.best, checkpoints=list(self.checkpoints),
                            val=self.last_val, samples_per_s=_median(rates[1:] or rates), data_wait=_median(waits[1:] or waits),
                            wall_s=wall)
 
-    def _log_window(self, window: dict[str, float], rates: list[float], waits: list[float]) -> tuple[float, float]:
-        steps = max(1, window["steps"])
-        good = steps - window["bad"]
+    @staticmethod
+    def _new_window() -> dict[str, Any]:
+        return {"steps": [], "wait": 0.0, "time": 0.0}
+
+    def _read_window(self, steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[float, int, float]:
+        """Read a window's per-step ``(ok, loss, grad_norm)`` with one transfer; log skipped steps and stop
+        after ``nan_max_consecutive`` in a row. Returns (mean loss of the good steps, bad steps, mean norm)."""
+        cfg = self.cfg
+        table = torch.stack([torch.stack([ok.float(), loss.float(), norm.float()]) for ok, loss, norm in steps])
+        rows = table.cpu().tolist()
+        first = self.step - len(rows) + 1
+        good_losses, norms, bad = [], [], 0
+        for i, (ok, loss, norm) in enumerate(rows):
+            if ok:
+                self._consecutive_bad = 0
+                good_losses.append(loss)
+                norms.append(norm)
+                self._last_loss = loss
+                continue
+            bad += 1
+            self._consecutive_bad += 1
+            self.log.warning("step %d: non-finite loss or gradient (loss %s, gradient norm %s); optimiser step "
+                             "skipped (%d in a row)", first + i, loss, norm, self._consecutive_bad)
+            if self._consecutive_bad >= cfg.nan_max_consecutive:
+                raise FloatingPointError(
+                    f"training stopped at step {self.step}: {self._consecutive_bad} consecutive steps had a "
+                    f"non-finite loss or gradient (nan_max_consecutive={cfg.nan_max_consecutive}), the last at step "
+                    f"{first + i}; "
+                    f"{divergence_hint(cfg)}")
+        mean = sum(good_losses) / len(good_losses) if good_losses else float("nan")
+        return mean, bad, (sum(norms) / len(norms) if norms else float("nan"))
+
+    def _watch_loss(self, loss: float) -> None:
+        """Warn (once per excursion) when a window's mean loss is more than twice the lowest so far."""
+        if not math.isfinite(loss):
+            return
+        floor = self._loss_floor
+        if floor is not None and loss > 2.0 * floor and loss - floor > 1.0:
+            if not self._exploding:
+                self.log.warning("step %d: the loss is exploding (%.4f, the lowest so far was %.4f); the run may be "
+                                 "diverging: %s", self.step, loss, floor, divergence_hint(self.cfg))
+            self._exploding = True
+        else:
+            self._exploding = False
+        self._loss_floor = loss if floor is None else min(floor, loss)
+
+    @torch.no_grad()
+    def _check_weights(self) -> None:
+        """Stop with FloatingPointError if a weight or batch-norm statistic is no longer finite (a host read;
+        before evaluations and checkpoints only), so that a diverged model is neither evaluated nor saved."""
+        tensors = [t for t in (*self.params, *self.backbone.buffers()) if t.is_floating_point()]
+        if not tensors:
+            return
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf"))).float())  # max |x|
+        all_finite = finite.all().to(torch.int32).reshape(1)
+        if self.ctx.active:  # every rank stops together
+            torch.distributed.all_reduce(all_finite, op=torch.distributed.ReduceOp.MIN)
+        if bool(all_finite[0]):
+            return
+        if bool(finite.all()):
+            raise FloatingPointError(f"training stopped at step {self.step}: another rank's weights are no longer "
+                                     f"finite (the model diverged); {divergence_hint(self.cfg)}")
+        names = {id(t): n for n, t in [*self.backbone.named_parameters(), *self.backbone.named_buffers()]}
+        names.update({id(t): f"classifier.{n}" for n, t in (self.objective.module.named_parameters()
+                                                           if self.objective.module is not None else [])})
+        first = tensors[int((~finite).nonzero()[0])]
+        raise FloatingPointError(
+            f"training stopped at step {self.step}: {names.get(id(first), 'a parameter')} is no longer finite "
+            f"(the model diverged; the last checkpoint is kept); {divergence_hint(self.cfg)}")
+
+    def _log_window(self, window: dict[str, Any], rates: list[float], waits: list[float]) -> tuple[float, float]:
+        steps = max(1, len(window["steps"]))
+        loss, bad, grad_norm = self._read_window(window["steps"])
         rate = steps * self.cfg.per_batch_size * self.ctx.world_size / max(window["time"], 1e-9)
         wait = window["wait"] / max(window["time"], 1e-9)
         rates.append(rate)
         waits.append(wait)
-        loss = window["loss"] / good if good else float("nan")
+        self._watch_loss(loss)
         lr = self.optimizer.param_groups[0]["lr"]
         memory = _memory_gib(self.device)
         values = {"loss": loss, "lr": lr, "samples_per_s": rate, "data_wait": wait, "memory_gib": memory,
-                  "non_finite": float(window["bad"]), **self.objective.step_metrics()}
+                  "non_finite": float(bad), "grad_norm": grad_norm, **self.objective.step_metrics()}
         self.recorder.train_point(self.step, self.epoch, values)
         remaining = max(0, self.total_steps - self.step) * window["time"] / steps
         self.recorder.status(state="running", step=self.step, epoch=self.epoch, loss=loss, lr=lr,
