@@ -52,7 +52,7 @@ from pydantic import Field
 
 from datasets.atomic import atomic_paths, atomic_write_text, remove_partials
 from datasets.hashing import params_hash, sha256_file
-from datasets.ijb import TARGETS, IjbMeta, load_meta, read_aligned_face, target_dir
+from datasets.ijb import TARGETS, IjbMeta, load_meta, meta_file, read_aligned_face, target_dir
 from tasks.evaluation.ijb import (FAR_TARGETS, FPIR_TARGETS, RANKS, identification, image_features, pair_scores,
                                   pool_templates, roc_auc, roc_curve, tar_at_far)
 from tasks.evaluation.model import EvalModel, ExtractionConfig, ModelSource, load_eval_model, model_digest, rows_table
@@ -108,17 +108,16 @@ class IjbResult:
 
 
 def available_targets(root: str | os.PathLike) -> list[str]:
-    """The targets whose ``meta/`` folder exists under ``root``."""
+    """The targets whose ``meta/<target>_face_tid_mid.txt`` exists under ``root`` (``root/<TARGET>/meta`` or
+    ``root/meta``)."""
     out = []
     for target in TARGETS:
         try:
-            target_dir(root, target)
+            folder = target_dir(root, target)
         except FileNotFoundError:
             continue
-        out.append(target)
-    if Path(root, "meta").is_dir() and len(out) > 1:  # root is one target's folder: its name says which
-        name = Path(root).resolve().name.upper()
-        out = [name] if name in TARGETS else out
+        if meta_file(folder, target, "face_tid_mid.txt").is_file():
+            out.append(target)
     return out
 
 

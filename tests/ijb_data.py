@@ -64,17 +64,18 @@ def template_ids() -> dict[str, int]:
     return {name: 1000 + 7 * i for i, (name, _, _) in enumerate(_templates())}
 
 
-def _direction(medias: list[list[tuple[int, float]]]) -> np.ndarray:
+def _direction(medias: list[list[tuple[int, float]]], detector_score: bool = True) -> np.ndarray:
     """The pooled template as weights over the (orthonormal) subject codes."""
     w = np.zeros(SUBJECTS)
     for media in medias:
         for code, score in media:
-            w[code] += score / len(media)
+            w[code] += (score if detector_score else 1.0) / len(media)
     return w / np.linalg.norm(w)
 
 
-def expected_scores() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(t1, t2, labels, scores)`` of the pair file, the scores from the construction."""
+def expected_scores(detector_score: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(t1, t2, labels, scores)`` of the pair file, the scores from the construction (images weighted
+    by their detector score or not)."""
     templates = _templates()
     ids = template_ids()
     t1, t2, labels, scores = [], [], [], []
@@ -82,7 +83,7 @@ def expected_scores() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         t1.append(ids[na])
         t2.append(ids[nb])
         labels.append(int(sa == sb))
-        scores.append(float(_direction(ma) @ _direction(mb)))
+        scores.append(float(_direction(ma, detector_score) @ _direction(mb, detector_score)))
     return np.array(t1), np.array(t2), np.array(labels), np.array(scores)
 
 

@@ -63,6 +63,21 @@ def image_features(raw: np.ndarray, scores: np.ndarray | None = None, *, flip: b
     return feats
 
 
+def _group_sums(rows: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Sum of each group of consecutive ``rows`` (group ``g``: ``starts[g]``, ``counts[g]`` rows), added
+    one row after the other in row order, as ``np.sum(axis=0)`` adds (``np.add.reduceat`` adds in
+    another order), vectorised over the groups: step ``k`` adds row ``k`` of every group longer than ``k``."""
+    by_size = np.argsort(-counts, kind="stable")
+    sizes = counts[by_size]
+    acc = rows[starts[by_size]].copy()
+    for k in range(1, int(sizes[0]) if len(sizes) else 0):
+        active = int(np.searchsorted(-sizes, -k, side="left"))  # groups with more than k rows come first
+        acc[:active] += rows[starts[by_size[:active]] + k]
+    out = np.empty_like(acc)
+    out[by_size] = acc
+    return out
+
+
 def pool_templates(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Template features from image features ``(N, D)`` and each image's template and media id ``(N,)``.
 
@@ -74,14 +89,12 @@ def pool_templates(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray)
         raise ValueError(f"{len(feats)} features, {len(templates)} template ids, {len(medias)} media ids")
     order = np.lexsort((medias, templates))  # stable: file order within one (template, media)
     t_sorted, m_sorted = templates[order], medias[order]
-    new_media = np.r_[True, (t_sorted[1:] != t_sorted[:-1]) | (m_sorted[1:] != m_sorted[:-1])]
-    starts = np.flatnonzero(new_media)
+    starts = np.flatnonzero(np.r_[True, (t_sorted[1:] != t_sorted[:-1]) | (m_sorted[1:] != m_sorted[:-1])])
     counts = np.diff(np.r_[starts, len(order)])
-    media_sum = np.add.reduceat(feats[order], starts, axis=0)
-    media_mean = media_sum / counts.astype(feats.dtype)[:, np.newaxis]  # x / 1 is x: single images unchanged
+    media_mean = _group_sums(feats[order], starts, counts) / counts.astype(feats.dtype)[:, np.newaxis]
     media_template = t_sorted[starts]
     t_starts = np.flatnonzero(np.r_[True, media_template[1:] != media_template[:-1]])
-    pooled = np.add.reduceat(media_mean, t_starts, axis=0).astype(np.float64)
+    pooled = _group_sums(media_mean, t_starts, np.diff(np.r_[t_starts, len(starts)])).astype(np.float64)
     norms = np.sqrt(np.einsum("ij,ij->i", pooled, pooled))
     norms[norms == 0] = 1.0  # as sklearn.preprocessing.normalize: a zero row stays zero
     return media_template[t_starts], pooled / norms[:, np.newaxis]
@@ -103,7 +116,7 @@ def pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, t1: np.nda
     for lo in range(0, len(out), batch):
         a = template_feats[idx[0][lo:lo + batch]]
         b = template_feats[idx[1][lo:lo + batch]]
-        out[lo:lo + batch] = np.einsum("ij,ij->i", a, b)
+        out[lo:lo + batch] = np.sum(a * b, -1)
     return out
 
 
