@@ -11,7 +11,9 @@ Steps, on ``raw`` ``(N, 2D)`` float32 image features ``[embedding | embedding of
    sum over its medias, then L2 normalisation (a zero template stays zero). The float32 sums run in
    the script's order (images in file order within a media, medias in ascending id), so they are
    the script's bit for bit; normalisation in float64.
-3. :func:`pair_scores`: cosine of the two templates of each pair, in batches of 100,000 pairs.
+3. :func:`pair_scores`: cosine of the two templates of each pair, in batches of pairs, summed as
+   the script sums them (``np.sum(a * b, -1)``): another summation order moves scores by an ulp,
+   which splits or merges exactly tied scores and so changes the ROC's points.
 4. :func:`roc_curve`: scikit-learn's ``roc_curve(labels, scores)`` with its default
    ``drop_intermediate=True``, restated (see there); :func:`tar_at_far`: the script's pick of the
    point whose FPR is *nearest* the target (``argmin |fpr - far|``, which can be above the target),
@@ -36,7 +38,7 @@ __all__ = ["FAR_TARGETS", "FPIR_TARGETS", "RANKS", "image_features", "pool_templ
 FAR_TARGETS: tuple[float, ...] = tuple(10 ** -k for k in range(6, 0, -1))
 FPIR_TARGETS: tuple[float, ...] = (0.01, 0.1)
 RANKS: tuple[int, ...] = (1, 5, 10)
-_PAIR_BATCH = 100_000
+_PAIR_BATCH = 4096  # pairs per step: two (4096, D) float64 gathers stay in cache
 _PROBE_BATCH = 4096
 
 
@@ -116,7 +118,7 @@ def pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, t1: np.nda
     for lo in range(0, len(out), batch):
         a = template_feats[idx[0][lo:lo + batch]]
         b = template_feats[idx[1][lo:lo + batch]]
-        out[lo:lo + batch] = np.sum(a * b, -1)
+        out[lo:lo + batch] = np.sum(a * b, -1)  # the script's expression: its exact ties stay ties
     return out
 
 
