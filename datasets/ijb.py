@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from .errors import FormatError
-from .face_align import warp_face
+from .face_align import TEMPLATE_112x96, estimate_similarity, warp_affine
 
 __all__ = ["TARGETS", "IjbMeta", "IdentificationMeta", "target_dir", "meta_file", "read_face_tid_mid",
            "read_name_5pts_score", "read_template_pair_label", "read_template_subjects", "load_meta",
@@ -38,7 +38,10 @@ __all__ = ["TARGETS", "IjbMeta", "IdentificationMeta", "target_dir", "meta_file"
 
 TARGETS = ("IJBB", "IJBC")
 _GALLERIES = {"IJBB": ("S1", "S2"), "IJBC": ("G1", "G2")}
-_PROTOCOL_SIZES = {(112, 112), (112, 96)}
+_T96 = TEMPLATE_112x96.astype(np.float32)
+#: eval_ijbc.py's reference points: the 112x96 ones as a float32 array, x + 8.0 in float32 for 112x112.
+_TEMPLATES = {(112, 96): _T96.astype(np.float64),
+              (112, 112): (_T96 + np.array([8.0, 0.0], np.float32)).astype(np.float64)}
 
 
 def _check_target(target: str) -> str:
@@ -251,7 +254,8 @@ def load_meta(root: str | os.PathLike, target: str) -> IjbMeta:
 def read_aligned_face(path: str | os.PathLike, landmarks: np.ndarray, size: tuple[int, int] = (112, 112)) -> np.ndarray:
     """The loose crop at ``path`` aligned from its five ``landmarks`` to the ArcFace template,
     ``(H, W, 3) uint8 RGB``, as ``eval_ijbc.py`` does it (OpenCV decode, least-squares similarity,
-    bilinear ``warpAffine`` with a black border; :func:`datasets.face_align.warp_face`).
+    bilinear ``warpAffine`` with a black border: :func:`datasets.face_align.estimate_similarity` and
+    :func:`~datasets.face_align.warp_affine`, onto the script's float32 reference points).
 
     ``size`` ``(H, W)``: ``(112, 112)`` or ``(112, 96)`` warp to that template; any other size gets the
     112x112 crop resized to it (``cv2.INTER_AREA``), for models with another input size.
@@ -265,7 +269,9 @@ def read_aligned_face(path: str | os.PathLike, landmarks: np.ndarray, size: tupl
     if bgr is None:
         raise FormatError(path, "not a decodable image", "a JPEG/PNG loose crop")
     size = (int(size[0]), int(size[1]))
-    aligned = warp_face(bgr, landmarks, size if size in _PROTOCOL_SIZES else (112, 112))
-    if size not in _PROTOCOL_SIZES:
+    warp_size = size if size in _TEMPLATES else (112, 112)
+    matrix = estimate_similarity(np.asarray(landmarks, np.float64).reshape(5, 2), _TEMPLATES[warp_size])
+    aligned = warp_affine(bgr, matrix, warp_size)
+    if size not in _TEMPLATES:
         aligned = cv2.resize(aligned, (size[1], size[0]), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(aligned[:, :, ::-1])
