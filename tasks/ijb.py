@@ -3,7 +3,7 @@
 Per target (``IJBB``, ``IJBC``; files as :mod:`datasets.ijb` describes them under ``<root>/<TARGET>/``):
 read the protocol files; align every ``loose_crop`` image from its five landmarks to the ArcFace
 112x112 template (decoding and warping on threads); embed the aligned faces and their mirrors
-(:meth:`tasks.evaluation.model.EvalModel.embed`, one forward pass per image and per mirror); keep the
+(:meth:`tasks.evaluation.model.EvalModel.embed`, a batch of images and their mirrors in one forward pass); keep the
 raw embeddings ``(N, 2D)`` float32 ``[image | mirror]`` as features; then, with
 :mod:`tasks.evaluation.ijb`: flip sum, feature norm and detector-score weighting, media then template
 pooling, cosine scores of the template pairs, the ROC with TAR at FAR 1e-6 ... 1e-1, and, when the
