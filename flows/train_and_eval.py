@@ -10,11 +10,14 @@ unchanged, each switched off by its parameter):
 3. **verification** (:mod:`tasks.verification`): accuracy, VAL@FAR, TAR@FAR and ROC on the ``.bin`` sets.
 4. **megaface** (:mod:`tasks.megaface`, when ``megaface`` is given): rank-1 identification
    and TAR@FAR=1e-6 with noise removal.
-5. **export** (:mod:`tasks.export`): ``model.onnx``, checked against torch with onnxruntime.
+5. **ijb** (:mod:`tasks.ijb`, when ``ijb`` is given): IJB-B/IJB-C TAR at FAR 1e-6 ... 1e-1 (template
+   verification as arcface_torch's ``eval_ijbc.py``), CMC and TPIR@FPIR when the 1:N files are there.
+6. **export** (:mod:`tasks.export`): ``model.onnx``, checked against torch with onnxruntime.
 
-Layout: ``<data_root>/runs/<name>/{train,triplet,verification,megaface,export}/``. Artifacts:
+Layout: ``<data_root>/runs/<name>/{train,triplet,verification,megaface,ijb,export}/``. Artifacts:
 ``train-metrics-*``/``train-summary-*`` (training), ``verification-metrics`` and
-``verification-roc`` (a table and a ROC plot), ``megaface-metrics``, and ``train-and-eval-summary``.
+``verification-roc`` (a table and a ROC plot), ``megaface-metrics``, ``ijb-metrics`` and ``ijb-roc``,
+and ``train-and-eval-summary``.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runs import parameters_from, result_of, validated
-from flows.train_params import MegaFaceSpec, TrainAndEvalParams
+from flows.train_params import IjbSpec, MegaFaceSpec, TrainAndEvalParams
+from tasks.ijb import ijb_task
 from tasks.verification import row_text, verification_task
 from tasks.export import export_task
 from tasks.megaface import megaface_task
@@ -101,6 +105,13 @@ def run(p: TrainAndEvalParams) -> dict[str, Any]:
                      ", ".join(f"{r['distractors']}: rank-1 {r.get('rank_1', float('nan')):.4f}" for r in mega.rows)))
         out["megaface"] = {int(r["distractors"]): r.get("rank_1") for r in mega.rows}
 
+    if p.ijb is not None:
+        ijb: IjbSpec = p.ijb
+        res = result_of(ijb_task.with_options(task_run_name="ijb"), model, ijb.root, str(layout.ijb), ijb.targets, ijb.config, p.force)
+        rows.append(("ijb", _state(res.skipped),
+                     ", ".join(f"{r['target']} TAR@FAR=1e-4 {r['tar@far=1e-04']:.4f}" for r in res.rows)))
+        out["ijb"] = {r["target"]: {k: v for k, v in r.items() if k.startswith(("tar@", "rank_", "tpir@"))} for r in res.rows}
+
     if p.export:
         if model.lower().endswith(".onnx"):
             rows.append(("export", "off", "the model is already ONNX"))
@@ -128,6 +139,6 @@ def _flow_run_name() -> str:
 @parameters_from(TrainAndEvalParams)
 def train_and_eval(**values: Any) -> dict[str, Any]:
     """Train a face-recognition model on a packed dataset, fine-tune it with triplets, evaluate it
-    (verification .bin sets, MegaFace) and export it to ONNX. Returns the checkpoint, the ONNX path,
+    (verification .bin sets, MegaFace, IJB-B/IJB-C) and export it to ONNX. Returns the checkpoint, the ONNX path,
     the accuracies and what each stage did. Parameters: :class:`flows.train_params.TrainAndEvalParams`."""
     return run(validated(TrainAndEvalParams, **values))

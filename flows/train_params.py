@@ -11,7 +11,7 @@ the path or option for input that cannot work, before anything runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,11 +19,12 @@ from flows.local import default_data_root
 from datasets.rec_layout import REC_FILES
 from flows.params import check_name
 from tasks.verification import VerificationConfig
+from tasks.ijb import IjbConfig, available_targets
 from tasks.megaface import ImageSet, MegaFaceConfig
 from tasks.training.config import TrainConfig, load_config
 from tasks.training.validation import resolve_val_targets
 
-__all__ = ["TrainAndEvalParams", "MegaFaceSpec", "RunLayout", "PRESETS_DIR", "preset_path"]
+__all__ = ["TrainAndEvalParams", "MegaFaceSpec", "IjbSpec", "RunLayout", "PRESETS_DIR", "preset_path"]
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 #: Options with their own flow parameter (None = the preset's value).
@@ -55,13 +56,24 @@ class MegaFaceSpec(BaseModel):
     config: MegaFaceConfig = Field(default_factory=MegaFaceConfig, description="protocol and extraction settings")
 
 
+class IjbSpec(BaseModel):
+    """The IJB stage: the folder holding IJBB/ and/or IJBC/ (meta/ + loose_crop/ each) and the settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field(description="folder holding IJBB/ and/or IJBC/, each with meta/ and loose_crop/ (as eval_ijbc.py reads them)")
+    targets: list[Literal["IJBB", "IJBC"]] | None = Field(None, description="IJBB and/or IJBC (default: every one under root)")
+    config: IjbConfig = Field(default_factory=IjbConfig, description="pooling, scoring and extraction settings")
+
+
 class RunLayout:
-    """Folders of one run: ``<data_root>/runs/<name>/{train,triplet,verification,megaface,export}``."""
+    """Folders of one run: ``<data_root>/runs/<name>/{train,triplet,verification,megaface,ijb,export}``."""
 
     def __init__(self, data_root: str | Path, name: str):
         self.root = Path(data_root).resolve() / "runs" / name
         self.train, self.triplet, self.export = self.root / "train", self.root / "triplet", self.root / "export"
         self.verification, self.megaface = self.root / "verification", self.root / "megaface"
+        self.ijb = self.root / "ijb"
 
 
 class TrainAndEvalParams(BaseModel):
@@ -102,6 +114,7 @@ class TrainAndEvalParams(BaseModel):
     targets: list[str] | None = Field(None, description=".bin sets: names in the dataset folder or paths (default: every .bin there)")
     verification_config: VerificationConfig = Field(default_factory=VerificationConfig, description="verification settings")
     megaface: MegaFaceSpec | None = Field(None, description="MegaFace identification with noise removal (off when empty)")
+    ijb: IjbSpec | None = Field(None, description="IJB-B/IJB-C 1:1 verification (TAR@FAR) and 1:N identification (off when empty)")
     export: bool = Field(True, description="export the final model to ONNX (checked with onnxruntime)")
     force: bool = Field(False, description="redo every stage (an earlier run with other options is moved aside, not deleted)")
 
@@ -194,6 +207,12 @@ class TrainAndEvalParams(BaseModel):
             for what, spec in (("probes", self.megaface.probes), ("distractors", self.megaface.distractors)):
                 if not Path(spec.path).exists():
                     raise FileNotFoundError(f"megaface {what} {spec.path}: not found (an image list or a .rec set)")
+        if self.ijb is not None:
+            found = available_targets(self.ijb.root)
+            missing = [t for t in (self.ijb.targets or found or ["IJBB or IJBC"]) if t not in found]
+            if missing:
+                raise FileNotFoundError(f"ijb root {self.ijb.root}: no {', '.join(missing)} folder with meta/ "
+                                        f"(expected <root>/IJBC/meta and <root>/IJBC/loose_crop)")
         return cfg
 
     def verification_targets(self, cfg: TrainConfig | None) -> dict[str, str]:

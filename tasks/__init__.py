@@ -13,13 +13,14 @@ gather             :mod:`tasks.gather`             the finished data set folder
 train              :mod:`tasks.train`              a training run (margin softmax or triplet)
 verification       :mod:`tasks.verification`       ``.bin`` verification (10-fold protocol)
 megaface           :mod:`tasks.megaface`           MegaFace identification + noise removal
+ijb                :mod:`tasks.ijb`                IJB-B/IJB-C template verification + 1:N search
 export             :mod:`tasks.export`             checkpoint -> ONNX, checked against torch
 =================  ==============================  ===========================================
 
 Engines (plain functions, no Prefect; stages use them, they never use a stage):
 :mod:`tasks.alignment` (detection and alignment), :mod:`tasks.training` (the trainer, its config,
 objectives and run records; ``python -m tasks.training``), :mod:`tasks.evaluation` (model loading,
-embedding extraction, pair and MegaFace metrics, ONNX export).
+embedding extraction, pair, MegaFace and IJB metrics, ONNX export).
 
 Shared by every stage: :mod:`tasks.runtime` (logging, progress and artifacts with or without a
 Prefect run), :mod:`tasks.stage` (``stage.json`` records), :mod:`tasks.checkpoint` (the training

@@ -43,7 +43,6 @@ if __name__ == "__main__":  # parse first: --help and bad options answer before 
 
 import argparse
 import base64
-import io
 import json
 import os
 import time
@@ -57,12 +56,13 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from datasets.atomic import atomic_paths, atomic_write_bytes, remove_partials
+from datasets.atomic import atomic_paths, remove_partials
 from datasets.errors import FormatError
 from datasets.hashing import sha256_file
 from datasets.verification_bin import decode_bin
 from tasks.evaluation.config import ExtractionConfig, VerificationConfig
 from tasks.evaluation.model import EvalModel, ModelSource, load_eval_model, model_digest, rows_table
+from tasks.evaluation.plots import plot_roc
 from tasks import cli
 from tasks.runtime import finished, logger, publish_markdown, publish_table
 from tasks.stage import code_version, commit_record, current_record, invalidate
@@ -167,39 +167,6 @@ def _metrics_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
 def _write_parquet(path: Path, table: pa.Table) -> None:
     with atomic_paths(path) as (tmp,):
         pq.write_table(table, tmp)
-
-
-def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, title: str = "") -> Path:
-    """PNG of TAR against FAR (log axis, 1e-6 ... 1), one step curve per ``{name: (far, tar)}``.
-    Points with FAR 0 cannot be drawn on the log axis and are left out. Written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    lowest = 1.0
-    for name, (far, tar) in curves.items():
-        far, tar = np.asarray(far, np.float64), np.asarray(tar, np.float64)
-        keep = far > 0
-        if keep.any():
-            lowest = min(lowest, float(far[keep].min()))
-            ax.step(far[keep], tar[keep], where="post", label=name, linewidth=1.5)
-    ax.set_xscale("log")
-    ax.set_xlim(min(1e-6, lowest), 1.0)
-    ax.set_ylim(0.0, 1.01)
-    ax.set_xlabel("FAR (false accept rate)")
-    ax.set_ylabel("TAR (true accept rate)")
-    ax.grid(True, which="major", alpha=0.35)
-    if title:
-        ax.set_title(title, fontsize=10)
-    if curves:
-        ax.legend(loc="lower right", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
 
 
 def _evaluate_target(model: EvalModel, name: str, path: Path, digest: str, cfg: VerificationConfig) -> tuple[dict, pa.Table]:

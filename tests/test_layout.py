@@ -81,7 +81,7 @@ def _first_party_imports(py: Path, module_level: bool = False) -> set[str]:
 
 def test_tasks_holds_the_stages_and_the_known_shared_modules():
     expected = {"tasks.align", "tasks.lst", "tasks.pack", "tasks.merge", "tasks.bins", "tasks.gather",
-                "tasks.train", "tasks.verification", "tasks.megaface", "tasks.export"}
+                "tasks.train", "tasks.verification", "tasks.megaface", "tasks.ijb", "tasks.export"}
     assert STAGES == expected, f"tasks/ should hold only stages and {sorted(SHARED)}: {sorted(STAGES ^ expected)}"
     assert {p.name for p in TASKS.iterdir() if p.is_dir() and p.name != "__pycache__"} == {
         e.split(".")[1] for e in ENGINES}

@@ -1,5 +1,5 @@
 """The train-and-eval flow on a real Prefect server: training (child process), triplet fine-tuning,
-verification, MegaFace and ONNX export on a tiny packed set; a second run that skips every stage;
+verification, MegaFace, IJB and ONNX export on a tiny packed set; a second run that skips every stage;
 another configuration under the same run name refused, then moved aside with force; bad input
 failing fast with a one-line reason."""
 from __future__ import annotations
@@ -13,12 +13,14 @@ import pytest
 import prefect_api as api
 from flows.train_and_eval import train_and_eval
 from flows.train_params import TrainAndEvalParams
+from ijb_data import write_ijb
+from tasks.ijb import IjbConfig
 from tasks.megaface import ImageSet, MegaFaceConfig
 from tasks.stage import load_record
 from train_data import SIZE, tiny_dataset
 
 pytestmark = pytest.mark.prefect_server
-STAGES = ("train", "triplet", "verification", "megaface", "export")
+STAGES = ("train", "triplet", "verification", "megaface", "ijb", "export")
 
 
 def _kwargs(root: Path, **extra):
@@ -46,11 +48,12 @@ def test_flow_signature_matches_the_parameter_model():
     docs = parameter_docstrings(inspect.getdoc(train_and_eval.fn))
     assert docs == {name: field.description for name, field in TrainAndEvalParams.model_fields.items()}
     schema = parameter_schema(train_and_eval.fn).model_dump()
-    assert schema["required"] == ["dataset"] and "MegaFaceSpec" in schema["definitions"]
+    assert schema["required"] == ["dataset"] and {"MegaFaceSpec", "IjbSpec"} <= set(schema["definitions"])
 
 
 def test_train_evaluate_export_then_rerun_skips(prefect_server, tmp_path: Path):
-    state = train_and_eval(**_kwargs(tmp_path), return_state=True)
+    ijb = {"root": str(write_ijb(tmp_path / "ijb")), "targets": ["IJBC"], "config": IjbConfig(device="cpu", batch_size=16)}
+    state = train_and_eval(**_kwargs(tmp_path, ijb=ijb), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     run = tmp_path / "runs" / "tiny"
@@ -62,24 +65,27 @@ def test_train_evaluate_export_then_rerun_skips(prefect_server, tmp_path: Path):
     assert [r["target"] for r in metrics] == ["tiny_val"] and 0.0 <= metrics[0]["accuracy"] <= 1.0
     assert result["verification"] == {"tiny_val": metrics[0]["accuracy"]}
     assert set(result["megaface"]) == {10, 40} and (run / "megaface" / "megaface.parquet").is_file()
+    ijb_rows = pq.read_table(run / "ijb" / "ijb.parquet").to_pylist()  # the 32x32 model gets the aligned crops resized
+    assert [(r["target"], r["pairs"], r["image_size"]) for r in ijb_rows] == [("IJBC", 105, "32x32")]
+    assert result["ijb"]["IJBC"]["tar@far=1e-01"] == ijb_rows[0]["tar@far=1e-01"] and ijb_rows[0]["rank_1"] is not None
     assert Path(result["onnx"]) == run / "export" / "model.onnx" and Path(result["onnx"]).stat().st_size > 0
 
     with api.client() as client:
         flow_run = client.read_flow_run(state.state_details.flow_run_id)
         assert flow_run.name == "train-tiny"
         artifacts = api.artifacts(client, [flow_run.id])
-        assert {"train-and-eval-summary", "verification-metrics", "verification-roc", "megaface-metrics",
+        assert {"train-and-eval-summary", "verification-metrics", "verification-roc", "megaface-metrics", "ijb-metrics", "ijb-roc",
                 "train-metrics-train", "train-summary-triplet", "train-progress-train"} <= set(artifacts)
         assert artifacts["train-progress-train"].type == "progress"
         assert "data:image/png;base64," in artifacts["verification-roc"].data
         assert "| triplet | ran |" in artifacts["train-and-eval-summary"].data
 
-    again = train_and_eval(**_kwargs(tmp_path), return_state=True)
+    again = train_and_eval(**_kwargs(tmp_path, ijb=ijb), return_state=True)
     assert again.is_completed(), again.message
     assert set(again.result()["stages"].values()) == {"skipped (up to date)"}
     with api.client() as client:
         states = api.task_states(client, [again.state_details.flow_run_id])
-    assert {states[name] for name in ("train", "triplet", "verification", "megaface", "export")} == {"Skipped"}
+    assert {states[name] for name in STAGES} == {"Skipped"}
 
     other = train_and_eval(**_kwargs(tmp_path, lr=0.06, triplet=False, megaface=None), return_state=True)
     assert other.is_failed() and "holds a run with other options (lr 0.05 -> 0.06)" in other.message
@@ -98,6 +104,7 @@ def test_train_evaluate_export_then_rerun_skips(prefect_server, tmp_path: Path):
     ({"targets": ["lfw"]}, "val target 'lfw': neither "),
     ({"train": False, "triplet": False}, "train is false: give model"),
     ({"ckpt": 0}, "ckpt 0 keeps no checkpoint"),
+    ({"ijb": {"root": "/no/such/ijb"}}, "ijb root /no/such/ijb: no IJBB or IJBC folder with meta/"),
 ])
 def test_bad_input_fails_fast_with_one_line(prefect_server, tmp_path: Path, change, message):
     state = train_and_eval(**_kwargs(tmp_path, **change), return_state=True)

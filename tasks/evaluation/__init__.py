@@ -5,8 +5,11 @@ only pydantic), :mod:`~tasks.evaluation.model` (the model an evaluation runs: a 
 an ONNX export or a torch module; its input size and normalisation), :mod:`~tasks.evaluation.embed`
 (flip-test embedding extraction, torch and ONNX Runtime), :mod:`~tasks.evaluation.pairs` (pair
 verification metrics, the InsightFace 10-fold protocol), :mod:`~tasks.evaluation.megaface`
-(MegaFace noise removal, identification and verification metrics), :mod:`~tasks.evaluation.onnx_export`
-(checkpoint -> ONNX, checked against torch with onnxruntime). Names are loaded on first use.
+(MegaFace noise removal, identification and verification metrics), :mod:`~tasks.evaluation.ijb`
+(IJB-B/IJB-C template pooling, 1:1 verification ROC and 1:N identification, as arcface_torch's
+``eval_ijbc.py``), :mod:`~tasks.evaluation.plots` (ROC plots for the artifacts),
+:mod:`~tasks.evaluation.onnx_export` (checkpoint -> ONNX, checked against torch with onnxruntime).
+Names are loaded on first use.
 """
 from __future__ import annotations
 
