@@ -50,7 +50,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from datasets.atomic import atomic_paths, atomic_write_text, remove_partials
+from datasets.atomic import atomic_paths, remove_partials
+from datasets.chunked_array import ChunkedArray
 from datasets.hashing import params_hash, sha256_file
 from datasets.ijb import TARGETS, IjbMeta, load_meta, meta_file, read_aligned_face, target_dir
 from tasks.evaluation.ijb import (FAR_TARGETS, FPIR_TARGETS, RANKS, identification, image_features, pair_scores,
@@ -159,27 +160,16 @@ def _batches(meta: IjbMeta, start: int, stop: int, size: int, hw: tuple[int, int
 def _extract(model: EvalModel, meta: IjbMeta, target: Path, key: str, cfg: IjbConfig) -> None:
     """Write the raw features of ``meta``'s images to ``target`` (``(N, 2D)`` float32 ``.npy``, or ``(N, D)``
     without flip), resuming a run with the same ``key`` at its last finished chunk."""
-    work = target.with_name(target.name + ".inprogress")
-    state_file = target.with_name(target.name + ".progress.json")
     n = len(meta)
-    feats, done = None, 0
-    try:
-        state = json.loads(state_file.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        state = {}
-    if state.get("key") == key and work.is_file():
-        feats = np.load(work, mmap_mode="r+")
-        if feats.shape[0] == n:
-            done = min(int(state.get("done", 0)), n)
-            logger().info("ijb: resuming %s features at %d of %d", meta.target, done, n)
-        else:
-            feats = None
+    store = ChunkedArray(target, n, key)
+    if store.done:
+        logger().info("ijb: resuming %s features at %d of %d", meta.target, store.done, n)
     half = max(1, cfg.batch_size // 2) if cfg.flip else cfg.batch_size
     # one forward pass per batch of images + mirrors; the mirrors' raw embeddings come back unfused
     forward = cfg.model_copy(update={"flip": False, "batch_size": 2 * half if cfg.flip else half})
     progress = Progress(f"ijb-embed-{meta.target}", total=n, description=f"ijb: embed {meta.target}")
     with ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="ijb-align") as pool:
-        pos = done
+        pos = store.done
         while pos < n:
             stop = min(pos + cfg.chunk_images, n)
             sizes: list[int] = []
@@ -193,20 +183,10 @@ def _extract(model: EvalModel, meta: IjbMeta, target: Path, key: str, cfg: IjbCo
                 raw = np.concatenate(parts)
             if raw.shape[0] != stop - pos:
                 raise RuntimeError(f"ijb: {raw.shape[0]} features for {meta.target} images {pos}..{stop - 1}")
-            if feats is None:
-                feats = np.lib.format.open_memmap(work, mode="w+", dtype=np.float32, shape=(n, raw.shape[1]))
-            feats[pos:stop] = raw
-            feats.flush()
-            atomic_write_text(state_file, json.dumps({"key": key, "done": stop}))
+            store.write(pos, raw)
             pos = stop
             progress.update(pos)
-    assert feats is not None
-    feats.flush()
-    del feats
-    with open(work, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(work, target)
-    state_file.unlink(missing_ok=True)
+    store.finish()
 
 
 def _features(model: ModelSource, digest: str, loaded: list[EvalModel | None], meta: IjbMeta, stamp: str, folder: Path,

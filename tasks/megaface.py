@@ -64,6 +64,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from datasets.atomic import atomic_paths, atomic_write_text, remove_partials
+from datasets.chunked_array import ChunkedArray
 from datasets.errors import FormatError
 from datasets.face_codec import decode_face
 from datasets.hashing import params_hash, sha256_file
@@ -230,21 +231,11 @@ def _decoded_batches(images: ImageSource, start: int, batch_size: int, size: tup
 def _embed_set(model: EvalModel, images: ImageSource, target: Path, key: str, cfg: MegaFaceConfig) -> None:
     """Write the features of ``images`` to ``target`` (``.npy``, float32 ``(N, D)``), resuming a run with
     the same ``key`` at its last finished chunk."""
-    work = target.with_name(target.name + ".inprogress")
-    state_file = target.with_name(target.name + ".progress.json")
     n = len(images)
-    feats, done = None, 0
-    try:
-        state = json.loads(state_file.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        state = {}
-    if state.get("key") == key and work.is_file():
-        feats = np.load(work, mmap_mode="r+")
-        if feats.shape[0] == n:
-            done = min(int(state.get("done", 0)), n)
-            logger().info("megaface: resuming %s features at %d of %d", images.what, done, n)
-        else:
-            feats = None
+    store = ChunkedArray(target, n, key)
+    done = store.done
+    if done:
+        logger().info("megaface: resuming %s features at %d of %d", images.what, done, n)
     per_chunk = max(1, cfg.chunk_images // cfg.batch_size)
     progress = Progress(f"megaface-embed-{images.what}", total=n, description=f"megaface: embed {images.what}s")
     batches = _decoded_batches(images, done, cfg.batch_size, model.image_size, cfg.decode_threads)
@@ -255,11 +246,7 @@ def _embed_set(model: EvalModel, images: ImageSource, target: Path, key: str, cf
             emb = model.embed(itertools.islice(batches, math.ceil((stop - pos) / cfg.batch_size)), cfg).fused
             if emb.shape[0] != stop - pos:
                 raise RuntimeError(f"megaface: {emb.shape[0]} features for {images.what}s {pos}..{stop - 1}")
-            if feats is None:
-                feats = np.lib.format.open_memmap(work, mode="w+", dtype=np.float32, shape=(n, emb.shape[1]))
-            feats[pos:stop] = emb
-            feats.flush()
-            atomic_write_text(state_file, json.dumps({"key": key, "done": stop}))
+            store.write(pos, emb)
             pos = stop
             progress.update(pos)
     finally:
@@ -267,13 +254,7 @@ def _embed_set(model: EvalModel, images: ImageSource, target: Path, key: str, cf
             batches.close()
         except ValueError:  # still running in a reader thread after an error; it ends with that thread
             pass
-    assert feats is not None
-    feats.flush()
-    del feats
-    with open(work, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(work, target)
-    state_file.unlink(missing_ok=True)
+    store.finish()
 
 
 def _features(model: ModelSource, digest: str, probes: ImageSource, distractors: ImageSource, folder: Path,
