@@ -6,14 +6,9 @@ the command line of :mod:`tasks.alignment`, which holds the stage's logic and it
 from __future__ import annotations
 
 if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
-    import sys
+    from tasks.cli import run_command_line
 
-    from tasks import cli
-
-    _args = cli.build_parser("align").parse_args()
-    from tasks.align import run_command
-
-    sys.exit(cli.execute(run_command, _args))
+    run_command_line("align")
 
 import argparse
 import json

@@ -38,14 +38,9 @@ Output (``out_dir``): ``inputs/``, ``faces/`` (the align stage), ``<name>.bin``
 from __future__ import annotations
 
 if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
-    import sys
+    from tasks.cli import run_command_line
 
-    from tasks import cli
-
-    _args = cli.build_parser("bins").parse_args()
-    from tasks.bins import run_command
-
-    sys.exit(cli.execute(run_command, _args))
+    run_command_line("bins")
 
 import argparse
 import csv

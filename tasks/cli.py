@@ -15,6 +15,7 @@ input as one ``error: ...`` line on stderr with exit status 2, Ctrl-C as one lin
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import re
 import signal
@@ -23,7 +24,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping, NoReturn
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
@@ -403,6 +404,15 @@ def execute(run: Callable[[argparse.Namespace], int | None], args: argparse.Name
         _quiet_second_interrupt()
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+
+
+def run_command_line(name: str) -> NoReturn:
+    """``python -m tasks.<stage>``: parse ``sys.argv`` with command ``name``'s parser *before* the stage's
+    module (prefect, torch) is imported, so ``--help`` and bad options answer at once; then import the
+    command's runner, :func:`execute` it and exit with its status."""
+    args = build_parser(name).parse_args()
+    module, function = COMMANDS[name].runner.split(":")
+    sys.exit(execute(getattr(importlib.import_module(module), function), args))
 
 
 def main(name: str, run: Callable[[argparse.Namespace], int | None], argv: list[str] | None = None,

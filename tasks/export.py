@@ -14,14 +14,9 @@ record (skip when up to date), the Prefect task and the command line.
 from __future__ import annotations
 
 if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
-    import sys
+    from tasks.cli import run_command_line
 
-    from tasks import cli
-
-    _args = cli.build_parser("export").parse_args()
-    from tasks.export import run_command
-
-    sys.exit(cli.execute(run_command, _args))
+    run_command_line("export")
 
 import argparse
 import json

@@ -32,14 +32,9 @@ millions of faces; an unchanged stage (same source records, parameters, code) is
 from __future__ import annotations
 
 if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
-    import sys
+    from tasks.cli import run_command_line
 
-    from tasks import cli
-
-    _args = cli.build_parser("lst").parse_args()
-    from tasks.lst import run_command
-
-    sys.exit(cli.execute(run_command, _args))
+    run_command_line("lst")
 
 import argparse
 import json

@@ -36,14 +36,9 @@ sha256.
 from __future__ import annotations
 
 if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
-    import sys
+    from tasks.cli import run_command_line
 
-    from tasks import cli
-
-    _args = cli.build_parser("megaface").parse_args()
-    from tasks.megaface import run_command
-
-    sys.exit(cli.execute(run_command, _args))
+    run_command_line("megaface")
 
 import argparse
 import collections

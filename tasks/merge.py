@@ -39,14 +39,9 @@ with; ``stage.json`` last.
 from __future__ import annotations
 
 if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
-    import sys
+    from tasks.cli import run_command_line
 
-    from tasks import cli
-
-    _args = cli.build_parser("merge").parse_args()
-    from tasks.merge import run_command
-
-    sys.exit(cli.execute(run_command, _args))
+    run_command_line("merge")
 
 import argparse
 import json

@@ -45,14 +45,9 @@ bytes are synced.
 from __future__ import annotations
 
 if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
-    import sys
+    from tasks.cli import run_command_line
 
-    from tasks import cli
-
-    _args = cli.build_parser("pack").parse_args()
-    from tasks.pack import run_command
-
-    sys.exit(cli.execute(run_command, _args))
+    run_command_line("pack")
 
 import argparse
 import hashlib

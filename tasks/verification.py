@@ -32,14 +32,9 @@ threshold: ``shuffle_folds`` splits a seeded permutation of the pairs (``fold_se
 from __future__ import annotations
 
 if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
-    import sys
+    from tasks.cli import run_command_line
 
-    from tasks import cli
-
-    _args = cli.build_parser("evaluate").parse_args()
-    from tasks.verification import run_command
-
-    sys.exit(cli.execute(run_command, _args))
+    run_command_line("evaluate")
 
 import argparse
 import base64
