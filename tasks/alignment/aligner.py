@@ -104,8 +104,9 @@ __all__ = [
 
 STAGE = "align"
 #: Bump when a code change alters what is written for the same input and parameters; it is part
-#: of the parameter hash, so rows made by older code are redone.
-ALGORITHM_VERSION = 1
+#: of the parameter hash, so rows made by older code are redone. 2: ``batch_size`` 1 by default
+#: (every photo detected on its own, so its face no longer depends on the photos beside it).
+ALGORITHM_VERSION = 2
 IMAGES_DIR = "images"
 DEFAULT_SHARD_SIZE = 64
 #: Margin of the no-face centre crop, in source pixels (``preprocess`` default).
@@ -138,7 +139,19 @@ _OUTPUT_FIELDS = ("image_size", "min_face_size", "thresholds", "factor", "face_p
 
 
 class AlignConfig(BaseModel):
-    """Parameters of the align stage. All but ``batch_size`` and ``device`` change the output."""
+    """Parameters of the align stage. All but ``device`` change the output; ``batch_size`` only
+    when it is above 1.
+
+    Batch invariance: MTCNN's convolutions may sum in a different order for a different batch
+    shape (oneDNN picks kernels and blocking by shape, and they differ between CPU models), so a
+    photo detected together with others can get landmarks a few 1e-4 px away from the same photo
+    detected alone, enough to change some JPEG bytes of its face. With ``batch_size=1`` (the
+    default) every photo, and every refinement crop, is its own MTCNN call: its face is a function
+    of its own bytes and the parameters only, whatever the other photos, their order, the shard
+    size, the number of workers or an interrupted and resumed run. With ``batch_size > 1``
+    (faster mostly on CUDA) the faces depend on which photos share a batch, so ``batch_size`` and
+    the plan's ``shard_size`` become part of the parameter hash and the stage record.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -155,7 +168,11 @@ class AlignConfig(BaseModel):
         "skip", description="no face found: skip (status no_face) or write the spec 5.3 centre crop (status fallback)")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the aligned faces")
     max_side: int = Field(640, ge=0, description="longest side photos are downscaled to for detection; 0: never")
-    batch_size: int = Field(16, ge=1, description="images per MTCNN call")
+    batch_size: int = Field(
+        1, ge=1,
+        description="photos per MTCNN call; 1: each photo's face is independent of the other photos (byte-"
+                    "reproducible on one machine); >1: faster on CUDA, but faces depend on their batch mates, so "
+                    "batch_size and shard_size enter the parameter hash")
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="faces scoring lower are ignored")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     refine_passes: int = Field(
@@ -185,12 +202,22 @@ class AlignConfig(BaseModel):
         """The parameters that change what is written (plus the algorithm version)."""
         params = self.model_dump(mode="json", include=set(_OUTPUT_FIELDS))
         params["algorithm"] = ALGORITHM_VERSION
+        if self.batch_size > 1 and not self.already_aligned:  # batch mates change the faces (class docstring)
+            params["batch_size"] = self.batch_size
         if self.already_aligned:  # only when set, so that hashes of detected outputs stay as they were
             params["already_aligned"] = True
         return params
 
     def params_hash(self) -> str:
         return params_hash(self.output_params())
+
+    def plan_params(self, shard_size: int) -> dict[str, Any]:
+        """:meth:`output_params` of a run split into shards of ``shard_size`` files: with
+        ``batch_size > 1`` the shards decide which photos share a batch, so ``shard_size`` is added."""
+        params = self.output_params()
+        if "batch_size" in params:
+            params["shard_size"] = int(shard_size)
+        return params
 
     def make_detector(self) -> FaceDetector:
         return FaceDetector(
@@ -223,6 +250,7 @@ class AlignPlan:
     fixed_rows: pd.DataFrame
     reused_rows: pd.DataFrame
     shards: list[AlignShard] = field(default_factory=list)
+    shard_size: int = DEFAULT_SHARD_SIZE
 
     @property
     def todo_files(self) -> int:
@@ -234,7 +262,13 @@ class AlignPlan:
 
     @property
     def record_params(self) -> dict[str, Any]:
-        return self.cfg.output_params()
+        return self.cfg.plan_params(self.shard_size)
+
+    def check_cfg(self, cfg: AlignConfig, what: str) -> None:
+        """Raise ``ValueError`` when ``cfg`` would write other faces than this plan's."""
+        if params_hash(cfg.plan_params(self.shard_size)) != self.params_hash:
+            raise ValueError(f"{what}: cfg {cfg.plan_params(self.shard_size)} differs from the plan's "
+                             f"({self.params_hash})")
 
     def for_workers(self) -> "AlignPlan":
         """This plan without its planned rows and shard list: what :func:`align_shard` needs
@@ -397,7 +431,7 @@ def plan_align(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if out == raw or out / IMAGES_DIR in (raw, *raw.parents):
         raise ValueError(f"out_dir {out} must not be raw_dir {raw} or hold it in its {IMAGES_DIR}/ folder")
-    ph = cfg.params_hash()
+    ph = params_hash(cfg.plan_params(shard_size))
     policy = cfg.face_policy
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out / MANIFEST_FILE, stage=STAGE, extra=EXTRA_COLUMNS)
@@ -493,6 +527,7 @@ def plan_align(
         raw_dir=raw, out_dir=out, cfg=cfg, params_hash=ph,
         inputs_digest=params_hash({"files": sorted(digest_items)}, 64),
         num_files=len(digest_items), fixed_rows=fixed_rows, reused_rows=reused_rows, shards=shards,
+        shard_size=shard_size,
     )
     logger().info(
         "align plan: %d files in %s: %d reused, %d to align in %d shards, %d decided while planning",
@@ -789,8 +824,7 @@ def align_shard(
         shard = plan.shards[int(shard)]
     out = Path(out_dir).resolve() if out_dir is not None else plan.out_dir
     cfg = cfg or plan.cfg
-    if cfg.params_hash() != plan.params_hash:
-        raise ValueError(f"align_shard: cfg {cfg.output_params()} differs from the plan's ({plan.params_hash})")
+    plan.check_cfg(cfg, "align_shard")
     done = _finished_part(out, shard, plan.params_hash)
     if done is not None:
         logger().info("align: shard %s already done (%d rows)", shard.name, len(done))
@@ -854,8 +888,8 @@ def finalize_align(plan: AlignPlan, out_dir: str | os.PathLike | None = None, cf
     """Fold the shards' part files and the reused and planned rows into ``manifest.parquet``,
     delete images no row refers to, clear the parts and commit ``stage.json``."""
     out = Path(out_dir).resolve() if out_dir is not None else plan.out_dir
-    if cfg is not None and cfg.params_hash() != plan.params_hash:
-        raise ValueError(f"finalize_align: cfg {cfg.output_params()} differs from the plan's ({plan.params_hash})")
+    if cfg is not None:
+        plan.check_cfg(cfg, "finalize_align")
     frames = [plan.fixed_rows, plan.reused_rows]
     for shard in plan.shards:
         part = _finished_part(out, shard, plan.params_hash)
