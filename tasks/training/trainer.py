@@ -15,9 +15,13 @@ Guard: a step whose loss or gradient norm is not finite is skipped (no optimiser
 after ``nan_max_consecutive`` such steps in a row the run stops with an error.
 
 Every ``verbose`` steps and at the end, rank 0 evaluates the ``val_targets`` (the others wait) and
-checkpoints are written by the ``ckpt`` policy (:mod:`tasks.checkpoint`): 0 none; 1 ``best.pt``
-(first val target's accuracy) and ``last.pt``; 2 ``model-NNNN.pt`` every time and ``last.pt``;
-3 ``last.pt``. ``last.pt`` is the resume point. Every ``frequent`` steps rank 0 logs loss, lr,
+checkpoints are written by the ``ckpt`` policy. A target whose evaluation fails never costs the
+training: the checkpoint is written all the same, the failure (with its cause, e.g. diverged weights)
+goes to the log, ``metrics.parquet`` (an ``error`` row) and ``status.json`` (``eval_errors``), and
+the run goes on, or with ``on_eval_failure: stop`` ends with :class:`EvaluationFailed` after the
+checkpoint (``--resume auto`` continues from it). The checkpoint policy (:mod:`tasks.checkpoint`):
+0 none; 1 ``best.pt`` (first val target's accuracy) and ``last.pt``; 2 ``model-NNNN.pt`` every time
+and ``last.pt``; 3 ``last.pt``. ``last.pt`` is the resume point. Every ``frequent`` steps rank 0 logs loss, lr,
 samples/s, the data-wait fraction and memory, and updates ``metrics.parquet``, TensorBoard and
 ``status.json`` (:mod:`tasks.training.record`).
 
@@ -56,10 +60,10 @@ from tasks.training.distributed import DistContext, distributed
 from tasks.training.objectives import Objective, make_objective, step_generator
 from tasks.runtime import logger
 from tasks.training.config import TrainConfig, parse_args
-from tasks.training.validation import ValidationSets, resolve_val_targets
+from tasks.training.validation import EvalFailure, ValidationSets, resolve_val_targets
 from tasks.training.record import RunRecorder
 
-__all__ = ["TrainResult", "train", "main", "CHECKPOINT_DIR", "LAST", "BEST"]
+__all__ = ["TrainResult", "EvaluationFailed", "train", "main", "CHECKPOINT_DIR", "LAST", "BEST"]
 
 CHECKPOINT_DIR = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
@@ -272,26 +276,38 @@ class _Trainer:
                 "progress": progress, "rng": rng, "config": cfg.model_dump(mode="json")}
 
     def _checkpoint_point(self, evaluate: bool = True) -> None:
-        """Evaluate (rank 0) and write checkpoints by the ``ckpt`` policy; every rank takes part."""
+        """Evaluate (rank 0) and write checkpoints by the ``ckpt`` policy; every rank takes part.
+
+        A failed evaluation is recorded and the checkpoint still written; with ``on_eval_failure:
+        stop`` every rank then raises :class:`EvaluationFailed`."""
         val: dict[str, dict[str, Any]] = {}
+        failures: dict[str, str] = {}
         improved = False
         if self.ctx.is_main and evaluate and self.val_sets.targets:
             self.recorder.status(state="evaluating", step=self.step)
             started = time.perf_counter()
             results = self.val_sets.evaluate(self.backbone, self.device, self.amp_dtype)
             for name, res in results.items():
+                if isinstance(res, EvalFailure):
+                    failures[name] = res.message
+                    self.recorder.val_failed(self.step, self.epoch, name, res.message)
+                    self.log.error("step %d %s; the checkpoint is kept", self.step, res.summary(name))
+                    continue
                 row = res.to_row()
                 val[name] = row
                 self.recorder.val_point(self.step, self.epoch, name, row)
                 self.log.info("step %d %s", self.step, res.summary(name))
             first = self.val_sets.names[0]
-            acc = val[first]["accuracy"]
-            if self.best is None or acc >= self.best["accuracy"]:
-                self.best = {"target": first, "accuracy": acc, "step": self.step}
-                improved = True
+            if first in val:
+                acc = val[first]["accuracy"]
+                if self.best is None or acc >= self.best["accuracy"]:
+                    self.best = {"target": first, "accuracy": acc, "step": self.step}
+                    improved = True
             self.last_val = val
-            self.log.info("step %d: verification took %.1f s; best %s accuracy %.5f at step %d", self.step,
-                          time.perf_counter() - started, self.best["target"], self.best["accuracy"], self.best["step"])
+            self.recorder.status(eval_errors=failures)
+            best = "none yet" if self.best is None else \
+                f"{self.best['target']} accuracy {self.best['accuracy']:.5f} at step {self.best['step']}"
+            self.log.info("step %d: verification took %.1f s; best %s", self.step, time.perf_counter() - started, best)
         policy = self.cfg.ckpt_policy
         if policy != "none":
             numbered = None
@@ -316,6 +332,11 @@ class _Trainer:
         self.recorder.status(best=self.best)
         self.recorder.flush(force=True)
         self.ctx.barrier()
+        if self.ctx.any(bool(failures) and self.cfg.on_eval_failure == "stop"):
+            where = f"{self.ckpt_dir / LAST} (resume with --resume auto)" if policy != "none" else "no checkpoint (ckpt=0)"
+            raise EvaluationFailed(
+                f"step {self.step}: evaluation failed and on_eval_failure=stop: "
+                + "; ".join(f"{k}: {v}" for k, v in failures.items()) + f"; saved {where}")
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def _batch(self, images: torch.Tensor) -> torch.Tensor:
@@ -470,6 +491,10 @@ class _Trainer:
         return rate, wait
 
 
+class EvaluationFailed(RuntimeError):
+    """Raised after the checkpoint when a val target's evaluation failed and ``on_eval_failure`` is ``stop``."""
+
+
 def train(cfg: TrainConfig, stop: threading.Event | None = None) -> TrainResult:
     """Run (or resume) training for ``cfg`` in this process: the whole run, or this rank's part under torchrun.
 
@@ -529,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FormatError) as exc:  # bad input: one line, no traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except FloatingPointError as exc:
+    except (FloatingPointError, EvaluationFailed) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3
     if rank == 0:

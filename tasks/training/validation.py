@@ -3,10 +3,16 @@
 Each target is a verification ``.bin`` (``datasets.verification_bin``), decoded once at the run's
 image size and kept in memory as ``(2P, H, W, 3)`` uint8; every evaluation extracts flip-fused
 embeddings (``tasks.evaluation.embed``) and applies the InsightFace 10-fold protocol (``tasks.evaluation.pairs``).
+
+A target whose evaluation fails gives an :class:`EvalFailure` instead of a result (the others are
+still evaluated): the trainer records it and keeps its checkpoint, so an evaluation never costs the
+training. Non-finite embeddings are diagnosed: with non-finite weights the run diverged (too high a
+``lr``, a margin the loss cannot meet, no ``grad_clip``); with finite weights the activations overflowed.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +24,43 @@ from datasets.verification_bin import decode_bin
 from tasks.evaluation.embed import extract_embeddings
 from tasks.evaluation.pairs import VerificationResult, evaluate_verification
 
-__all__ = ["resolve_val_targets", "ValidationSets"]
+__all__ = ["resolve_val_targets", "ValidationSets", "EvalFailure", "diagnose_failure"]
+
+
+@dataclass(frozen=True)
+class EvalFailure:
+    """A val target whose evaluation failed. ``message``: what failed and, when known, why and what to change."""
+
+    target: str
+    message: str
+
+    def to_row(self) -> dict[str, str]:
+        return {"error": self.message}
+
+    def summary(self, name: str) -> str:
+        return f"{name}: evaluation failed: {self.message}"
+
+
+def _non_finite_tensors(model: nn.Module) -> tuple[list[str], int]:
+    """Names of the parameters and buffers of ``model`` holding NaN or inf, and how many were checked."""
+    tensors = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
+    with torch.no_grad():
+        bad = [n for n, t in tensors if not bool(torch.isfinite(t).all())]
+    return bad, len(tensors)
+
+
+def diagnose_failure(model: nn.Module, exc: BaseException) -> str:
+    """``exc`` as one line, with its cause when the model's weights explain it (diverged training)."""
+    message = f"{type(exc).__name__}: {exc}"
+    bad, checked = _non_finite_tensors(model)
+    if bad:
+        return (f"{message}; the weights diverged ({len(bad)} of {checked} tensors hold NaN/inf, first "
+                f"{', '.join(bad[:3])}): lower lr or add warmup, check margin_m/margin_s for this loss, "
+                f"or set grad_clip (arcface_torch clips the gradient norm at 5)")
+    if "non-finite" in str(exc):
+        return (f"{message}; the weights are finite, so the activations overflowed: the weights grew too large "
+                f"(lower lr or set grad_clip) or the evaluation precision is too low (use bf16, not fp16)")
+    return message
 
 
 def resolve_val_targets(targets: Sequence[str] | None, dataset: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -68,12 +110,20 @@ class ValidationSets:
         return self._data[name]
 
     def evaluate(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None
-                 ) -> dict[str, VerificationResult]:
-        """Verification results per target, in target order (the model is left in its former mode)."""
-        results = {}
+                 ) -> dict[str, VerificationResult | EvalFailure]:
+        """Verification results per target, in target order (the model is left in its former mode).
+
+        A target that fails (unreadable ``.bin``, non-finite embeddings, out of memory, ...) gives an
+        :class:`EvalFailure` naming the cause; the other targets are still evaluated. Only
+        ``KeyboardInterrupt``/``SystemExit`` pass through.
+        """
+        results: dict[str, VerificationResult | EvalFailure] = {}
         for name, path in self.targets:
-            images, issame = self.data(name, path)
-            emb = extract_embeddings(model, images, batch_size=self.batch_size, flip=True, device=device,
-                                     normalize=self.normalize, amp_dtype=amp_dtype)
-            results[name] = evaluate_verification(emb.fused, issame, raw_norms=emb.raw_norms)
+            try:
+                images, issame = self.data(name, path)
+                emb = extract_embeddings(model, images, batch_size=self.batch_size, flip=True, device=device,
+                                         normalize=self.normalize, amp_dtype=amp_dtype)
+                results[name] = evaluate_verification(emb.fused, issame, raw_norms=emb.raw_norms)
+            except Exception as exc:  # noqa: BLE001 - an evaluation must never cost the training
+                results[name] = EvalFailure(name, diagnose_failure(model, exc))
         return results
