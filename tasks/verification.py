@@ -45,7 +45,7 @@ from datasets.errors import FormatError
 from datasets.hashing import sha256_file
 from datasets.verification_bin import decode_bin
 from tasks.evaluation.model import EvalModel, ExtractionConfig, ModelSource, load_eval_model, model_digest, rows_table
-from tasks.runtime import finished, logger, publish_markdown, publish_table
+from tasks.runtime import Progress, finished, logger, publish_markdown, publish_table
 from tasks.stage import code_version, commit_record, current_record, invalidate
 from tasks.evaluation.pairs import DEFAULT_FAR_TARGETS, evaluate_verification, far_key
 
@@ -138,10 +138,18 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os
     return Path(path)
 
 
+def _with_progress(images: np.ndarray, name: str, batch_size: int):
+    """``images`` in batches of ``batch_size`` rows, reporting done/total, rate and time left as they are taken."""
+    progress = Progress(f"verification-embed-{name}", total=len(images), description=f"verification: embed {name}")
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size]
+        progress.update(min(start + batch_size, len(images)))
+
+
 def _evaluate_target(model: EvalModel, name: str, path: Path, digest: str, cfg: VerificationConfig) -> tuple[dict, pa.Table]:
     start = time.perf_counter()
     images, issame = decode_bin(path, model.image_size)
-    emb = model.embed(images, cfg)
+    emb = model.embed(_with_progress(images, name, cfg.batch_size), cfg)
     try:
         result = evaluate_verification(emb.fused, issame, nfolds=cfg.nfolds, far_targets=cfg.far_targets,
                                        raw_norms=emb.raw_norms)

@@ -1,6 +1,6 @@
 """End to end through the user's interface: a real Prefect server, ``python -m flows.serve`` registering
-``build-dataset/default`` and ``train-and-eval/default``, both run with ``prefect deployment run ... --watch``
-on small data, re-runs that are Skipped, bad input failing in one line, ``prefect.yaml``'s entrypoints,
+``build-dataset/default`` and ``train-and-eval/default``, both run with ``python -m flows.follow`` (the demo's
+way: start the run, print its log lines live) on small data, re-runs that are Skipped, bad input failing in one line, ``prefect.yaml``'s entrypoints,
 and the Prefect UI in headless Chromium showing the runs and their artifacts (screenshots saved)."""
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ def first_runs(served):
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     trained = _run(stack, "train-and-eval/default", served["train"])
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    # Progress where people look: the terminal shows the UI address and the stages' progress lines.
+    for out in (built.stdout, trained.stdout):
+        assert f"Prefect UI: {stack.ui_url}/runs/flow-run/" in out and out.rstrip().endswith("COMPLETED")
+    assert "align: detect + warp: " in built.stdout and " left" in built.stdout, built.stdout[-3000:]
+    assert "step 4/4 " in trained.stdout, trained.stdout[-3000:]
     with api.client() as client:
         return {"build": _flow_run(client, built.stdout), "train": _flow_run(client, trained.stdout)}
 

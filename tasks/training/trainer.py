@@ -58,7 +58,7 @@ from datasets.rec_dataset import RecFaceDataset, normalize_batch
 from tasks import checkpoint as ckpt_io
 from tasks.training.distributed import DistContext, distributed
 from tasks.training.objectives import Objective, make_objective, step_generator
-from tasks.runtime import logger
+from tasks.runtime import format_duration, logger
 from tasks.training.config import TrainConfig, parse_args
 from tasks.training.validation import EvalFailure, ValidationSets, resolve_val_targets
 from tasks.training.record import RunRecorder
@@ -486,8 +486,9 @@ class _Trainer:
                              samples_per_s=rate, data_wait=wait, eta_s=remaining)
         if self.ctx.is_main:
             extra = "".join(f" {k} {v:g}" for k, v in self.objective.step_metrics().items())
-            self.log.info("step %d/%d epoch %d loss %.4f lr %.6f samples/s %.1f data-wait %.1f%% mem %.2fGiB%s",
-                          self.step, self.total_steps, self.epoch, loss, lr, rate, 100 * wait, memory, extra)
+            self.log.info("step %d/%d epoch %d loss %.4f lr %.6f samples/s %.1f data-wait %.1f%% mem %.2fGiB%s, %s left",
+                          self.step, self.total_steps, self.epoch, loss, lr, rate, 100 * wait, memory, extra,
+                          format_duration(remaining))
         return rate, wait
 
 
