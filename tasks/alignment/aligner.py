@@ -139,16 +139,18 @@ _OUTPUT_FIELDS = ("image_size", "min_face_size", "thresholds", "factor", "face_p
 
 
 class AlignConfig(BaseModel):
-    """Parameters of the align stage. All but ``device`` change the output; ``batch_size`` only
-    when it is above 1.
+    """Parameters of the align stage. All but ``device`` change the output; ``batch_size`` and
+    ``detect_threads`` only when they are above 1.
 
     Batch invariance: MTCNN's convolutions may sum in a different order for a different batch
     shape (oneDNN picks kernels and blocking by shape, and they differ between CPU models), so a
     photo detected together with others can get landmarks a few 1e-4 px away from the same photo
     detected alone, enough to change some JPEG bytes of its face. With ``batch_size=1`` (the
-    default) every photo, and every refinement crop, is its own MTCNN call: its face is a function
-    of its own bytes and the parameters only, whatever the other photos, their order, the shard
-    size, the number of workers or an interrupted and resumed run. With ``batch_size > 1``
+    default) every photo, and every refinement crop, is its own MTCNN call, run with
+    ``detect_threads`` torch threads whatever the worker's setting (the thread count changes the
+    sums too): its face is a function of its own bytes and the parameters only, on a given machine,
+    whatever the other photos, their order, the shard size, the number of workers and their
+    threads, or an interrupted and resumed run. With ``batch_size > 1``
     (faster mostly on CUDA) the faces depend on which photos share a batch, so ``batch_size`` and
     the plan's ``shard_size`` become part of the parameter hash and the stage record.
     """
@@ -168,6 +170,10 @@ class AlignConfig(BaseModel):
         "skip", description="no face found: skip (status no_face) or write the spec 5.3 centre crop (status fallback)")
     jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the aligned faces")
     max_side: int = Field(640, ge=0, description="longest side photos are downscaled to for detection; 0: never")
+    detect_threads: int = Field(
+        1, ge=1, le=256,
+        description="torch threads MTCNN runs with on the CPU, whatever the process's setting (the thread count "
+                    "changes the convolutions' sums); parallelism comes from shards on several workers")
     batch_size: int = Field(
         1, ge=1,
         description="photos per MTCNN call; 1: each photo's face is independent of the other photos (byte-"
@@ -204,6 +210,8 @@ class AlignConfig(BaseModel):
         params["algorithm"] = ALGORITHM_VERSION
         if self.batch_size > 1 and not self.already_aligned:  # batch mates change the faces (class docstring)
             params["batch_size"] = self.batch_size
+        if self.detect_threads != 1 and not self.already_aligned:
+            params["detect_threads"] = self.detect_threads
         if self.already_aligned:  # only when set, so that hashes of detected outputs stay as they were
             params["already_aligned"] = True
         return params
@@ -222,7 +230,7 @@ class AlignConfig(BaseModel):
     def make_detector(self) -> FaceDetector:
         return FaceDetector(
             min_face_size=self.min_face_size, thresholds=self.thresholds, factor=self.factor,
-            max_side=self.max_side, batch_size=self.batch_size, device=self.device,
+            max_side=self.max_side, batch_size=self.batch_size, device=self.device, threads=self.detect_threads,
         )
 
 
@@ -744,7 +752,7 @@ def make_refiner(cfg: AlignConfig) -> FaceDetector:
     """The detector that finds landmarks again in refinement crops (all the same size, so one
     MTCNN batch per ``batch_size`` crops; no pyramid levels for faces much smaller than expected)."""
     return FaceDetector(min_face_size=round(40 * REFINE_SCALE), thresholds=cfg.thresholds, factor=cfg.factor,
-                        max_side=0, batch_size=cfg.batch_size, device=cfg.device)
+                        max_side=0, batch_size=cfg.batch_size, device=cfg.device, threads=cfg.detect_threads)
 
 
 def _refine(prepared: list[_Faces], refiner: FaceDetector) -> None:
