@@ -48,24 +48,7 @@ class SyntheticSet:
 
 
 def _code() -> str:
-    """Digest of the generator's source files (this module, the renderer and the drawing code)."""
-    here = Path(__file__).resolve().parent
-    return sha256_bytes(b"".join((here / name).read_bytes() for name in ("synthetic.py", "face_drawing.py",
-                                                                         "synthetic_set.py")))[:16]
-
-
-def _stamp(params: dict, code: str, out: Path, outputs: list[str]) -> str:
-    sizes = {name: (out / name).stat().st_size for name in outputs}
-    return json.dumps({"params": params, "code": code, "sizes": sizes}, indent=1, sort_keys=True)
-
-
-def _up_to_date(out: Path, params: dict, code: str) -> bool:
-    try:
-        stamp = json.loads((out / STAMP_FILE).read_text(encoding="utf-8"))
-        return (stamp["params"] == json.loads(json.dumps(params)) and stamp["code"] == code
-                and all((out / n).stat().st_size == size for n, size in stamp["sizes"].items()))
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return code_version("datasets.synthetic", "datasets.face_drawing", "datasets.synthetic_set")
 
 
 def write_synthetic_set(out_dir: str | Path, *, identities: int = 200, images_per_identity: int = 10,
