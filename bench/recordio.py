@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 import mxnet_env  # noqa: E402
 from bench.machine import machine  # noqa: E402
-from datasets.rec_dataset import RecFaceDataset, normalize_batch  # noqa: E402
+from datasets.normalization import normalize_batch  # noqa: E402
+from datasets.rec_dataset import RecFaceDataset  # noqa: E402
 from datasets.rec_layout import InsightFaceRecWriter, read_rec_index  # noqa: E402
 from datasets.recordio import MXIndexedRecordIO, unpack  # noqa: E402
 

@@ -1,7 +1,9 @@
 """Errors raised on bad input. Every message names the file, and the key, offset, line or value."""
 from __future__ import annotations
 
+import difflib
 import os
+from typing import Any, Sequence
 
 
 class FormatError(ValueError):
@@ -23,3 +25,20 @@ class FormatError(ValueError):
 
 class UnsafePickleError(FormatError):
     """A pickle asked for a global that the restricted unpickler does not allow."""
+
+
+def validation_message(exc: Any, options: Sequence[str] = ()) -> str:
+    """A pydantic ``ValidationError`` as one line, one clause per problem:
+    ``option 'lr': Input should be greater than 0 (got -1.0); option 'netwrk': is not an option; did
+    you mean network?``. ``options``: the valid names, for suggestions on unknown ones."""
+    clauses = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(where, list(options), n=3)
+            message = "is not an option" + (f"; did you mean {', '.join(close)}?" if close else "")
+        shown = "" if isinstance(value, dict) or "given" in message or repr(value) in message else f" (got {value!r})"
+        clauses.append(f"option {where!r}: {message}{shown}" if where else message)
+    return "; ".join(clauses)

@@ -12,6 +12,8 @@ from typing import Literal, Sequence
 import cv2
 import numpy as np
 
+from .image_size import ImageSize, parse_image_size
+
 #: Reference points of the 112 (high) x 96 (wide) crop (``src/common/face_preprocess.py``).
 TEMPLATE_112x96 = np.array(
     [
@@ -31,25 +33,21 @@ _TEMPLATES = {(112, 112): TEMPLATE_112x112, (112, 96): TEMPLATE_112x96}
 FacePolicy = Literal["insightface", "first", "all"]
 
 
-def parse_image_size(size: str | Sequence[int]) -> tuple[int, int]:
-    """``"112x96"``, ``"112,96"`` or ``(112, 96)`` -> ``(height, width)``; only the two
-    InsightFace crop sizes are accepted."""
-    if isinstance(size, str):
-        parts = size.replace(",", "x").lower().split("x")
-        try:
-            hw = tuple(int(p) for p in parts)
-        except ValueError:
-            hw = ()
-    else:
-        hw = tuple(int(v) for v in size)
+def crop_size(size: str | Sequence[int]) -> ImageSize:
+    """An aligned-crop size (any spelling of :func:`datasets.image_size.parse_image_size`); only the
+    two InsightFace crop sizes, ``112x112`` and ``112x96``, have a template."""
+    try:
+        hw = parse_image_size(size)
+    except ValueError:
+        hw = None
     if hw not in _TEMPLATES:
         raise ValueError(f"image size {size!r}: expected '112x112' or '112x96' (height x width)")
-    return hw  # type: ignore[return-value]
+    return hw
 
 
 def template_for(size: str | Sequence[int]) -> np.ndarray:
     """The ``(5, 2) float64`` reference points for an output size."""
-    return _TEMPLATES[parse_image_size(size)].copy()
+    return _TEMPLATES[crop_size(size)].copy()
 
 
 def _points(name: str, value) -> np.ndarray:
@@ -124,7 +122,9 @@ def transform_scale(matrix: np.ndarray) -> float:
 
 
 def warp_affine(img: np.ndarray, matrix: np.ndarray, size: str | Sequence[int]) -> np.ndarray:
-    """``cv2.warpAffine`` to ``size`` (height, width): bilinear, constant black border."""
+    """``img`` ``(H, W, C)`` warped by ``matrix`` ``(2, 3)`` (source pixels -> output pixels) to ``size``
+    (height, width, any size): ``cv2.warpAffine``, bilinear, constant black border. The one warp of
+    the project: alignment, refinement crops and packing of unaligned lists all use it."""
     h, w = parse_image_size(size)
     return cv2.warpAffine(
         img, np.asarray(matrix, dtype=np.float64), (w, h),
@@ -168,7 +168,7 @@ def crop_box(image_hw: Sequence[int], bbox=None, margin: float = 44) -> tuple[in
 def crop_transform(box: Sequence[float], size: str | Sequence[int]) -> np.ndarray:
     """``(2, 3)`` affine map of the crop ``box`` (x1, y1, x2, y2; x2/y2 exclusive) onto an output
     of ``size``, the same sampling as ``cv2.resize(img[y1:y2, x1:x2], (width, height))``."""
-    h, w = parse_image_size(size)
+    h, w = crop_size(size)
     x1, y1, x2, y2 = (float(v) for v in box)
     sx, sy = w / (x2 - x1), h / (y2 - y1)
     # resize maps output centre u to input x1 + (u + 0.5) / sx - 0.5; invert it.
@@ -177,7 +177,7 @@ def crop_transform(box: Sequence[float], size: str | Sequence[int]) -> np.ndarra
 
 def center_crop(img: np.ndarray, size: str | Sequence[int] = (112, 112), bbox=None, margin: float = 44) -> np.ndarray:
     """The fallback crop when there are no landmarks (spec 5.3): ``(height, width, 3) uint8``."""
-    h, w = parse_image_size(size)
+    h, w = crop_size(size)
     x1, y1, x2, y2 = crop_box(img.shape[:2], bbox, margin)
     return cv2.resize(img[y1:y2, x1:x2], (w, h), interpolation=cv2.INTER_LINEAR)
 

@@ -7,17 +7,22 @@
   values). 3, 7 or 17 columns. The "1 PATH LABEL" lists of dir2lst/align_* are this form with
   ``aligned=1`` and no box. :class:`InsightFaceLine`.
 
+:func:`detect_lst_form` tells the two forms apart from the first lines and :func:`read_lst_columns`
+reads either into :class:`InsightFaceColumns` (an im2rec line becomes an ``aligned=1`` line with its
+first label as the class).
+
 Paths may hold spaces and any Unicode character (they are never split); only the line ending is
 stripped. Blank lines are skipped; any other malformed line raises
 :class:`~datasets.errors.FormatError` naming the file and the line number. Writes are atomic.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -213,6 +218,82 @@ def read_insightface_columns(path: str | os.PathLike) -> InsightFaceColumns:
                               np.array([line.label for line in lines], dtype=np.int64), lines)
 
 
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+LstForm = Literal["insightface", "im2rec"]
+
+
+def detect_lst_form(path: str | os.PathLike, *, text: str | None = None, lines: int = 20) -> LstForm:
+    """Which form a ``.lst`` is in, from its first ``lines`` non-blank lines.
+
+    InsightFace: 3, 7 or 17 columns, ``0``/``1`` first and an integer label third (``aligned \\t path \\t
+    label``). im2rec: an integer index first, numbers up to the last column and a path last that is
+    not a number (``index \\t 3.000000 \\t path``). A first line that fits neither raises
+    :class:`FormatError` naming it and both forms; any other list is taken as InsightFace form, whose
+    reader names a later line that does not fit.
+    """
+    rows = []
+    for lineno, cols in _lines(path, text):
+        rows.append((lineno, cols))
+        if len(rows) >= lines:
+            break
+    if not rows:
+        raise FormatError(path, "the list has no entries", "one line per image")
+
+    def insightface(cols: list[str]) -> bool:
+        return len(cols) in (3, 7, 17) and cols[0] in ("0", "1") and _is_int(cols[2]) and bool(cols[1])
+
+    def im2rec(cols: list[str]) -> bool:
+        return (len(cols) >= 3 and _is_int(cols[0]) and all(_is_float(c) for c in cols[1:-1])
+                and bool(cols[-1]) and not _is_float(cols[-1]))
+
+    if all(im2rec(cols) for _, cols in rows) and not all(insightface(cols) for _, cols in rows):
+        return "im2rec"
+    lineno, cols = rows[0]
+    if not insightface(cols) and not im2rec(cols):
+        raise FormatError(path, f"line {lineno}: {len(cols)} tab-separated columns {cols[:4]!r}",
+                          r"InsightFace 'aligned\tpath\tlabel[\tbbox[\tlandmarks]]' or im2rec 'index\tlabel\tpath'")
+    return "insightface"  # its reader names any later line that does not fit
+
+
+def read_lst_columns(path: str | os.PathLike) -> tuple[LstForm, InsightFaceColumns]:
+    """Read a ``.lst`` in either form: ``(form, columns)``.
+
+    An im2rec line becomes an ``aligned=1`` row (the image is a face crop, packed as it is) whose
+    class is its first label, which must be a whole number (FormatError naming the line otherwise);
+    further labels and the record index are not kept (records are renumbered ``1..N`` as InsightFace's
+    layout needs).
+    """
+    text = _read_text(path)
+    form = detect_lst_form(path, text=text)
+    if form == "insightface":
+        return form, read_insightface_columns(path)
+    rows = read_im2rec_lst(path)
+    labels = []
+    for i, row in enumerate(rows):
+        value = row.labels[0]
+        if not (math.isfinite(value) and value == int(value) and -2**63 <= value < 2**63):
+            raise FormatError(path, f"entry {i + 1} ({row.path}): label {value!r}", "a whole-number class label first")
+        labels.append(int(value))
+    lines = [InsightFaceLine(True, row.path, label) for row, label in zip(rows, labels)]
+    return form, InsightFaceColumns(np.ones(len(rows), dtype=bool), [row.path for row in rows],
+                                    np.array(labels, dtype=np.int64).reshape(-1), lines)
+
+
 def write_insightface_lst(path: str | os.PathLike, lines: Sequence[InsightFaceLine]) -> Path:
     """Write an InsightFace ``.lst`` (TAB-separated, bbox as ints, landmarks 5 x then 5 y)."""
     for i, line in enumerate(lines, 1):
@@ -224,4 +305,5 @@ def write_insightface_lst(path: str | os.PathLike, lines: Sequence[InsightFaceLi
 __all__ = [
     "Im2recLine", "InsightFaceLine", "read_im2rec_lst", "write_im2rec_lst",
     "read_insightface_lst", "write_insightface_lst", "InsightFaceColumns", "read_insightface_columns",
+    "LstForm", "detect_lst_form", "read_lst_columns",
 ]

@@ -1,11 +1,11 @@
 """Torch ``Dataset`` over an InsightFace or im2rec ``.rec`` set (layout: :mod:`datasets.rec_layout`).
 
 Each item is ``(image, label)``: ``image`` a ``(3, H, W)`` tensor in RGB order -- uint8 when
-``normalize=None`` (normalise whole batches later, on the GPU, with :func:`normalize_batch`),
+``normalize=None`` (normalise whole batches later, on the GPU, with
+:func:`datasets.normalization.normalize_batch`),
 float32 otherwise -- and ``label`` an int64 scalar tensor.
 
-Normalisation modes: ``"mxnet"`` = ``(x - 127.5) / 128`` (what InsightFace's MXNet networks compute
-internally), ``"arcface"`` = ``(x - 127.5) / 127.5`` (arcface_torch's ``Normalize(0.5, 0.5)``).
+Normalisation modes: :mod:`datasets.normalization`.
 Images are decoded with OpenCV's libjpeg (bit-exact with ``mx.image.imdecode``); one strided copy
 turns HWC BGR into CHW RGB (and flips), one ``cv2.LUT`` pass normalises. The optional
 horizontal flip (p = 0.5) draws from torch's default generator, which the DataLoader seeds per
@@ -17,7 +17,6 @@ int64 arrays (no per-record Python objects), so workers share it copy-on-write.
 from __future__ import annotations
 
 import os
-from typing import Literal
 
 import cv2
 import numpy as np
@@ -25,38 +24,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import FormatError
+from .face_codec import decode_bgr
+from .normalization import Normalization, normalization_lut
 from .rec_layout import RecIndex, read_rec_index
 from .recordio import MXRecordIO
 
-NormalizeMode = Literal["mxnet", "arcface"] | None
-_SCALE = {"mxnet": 1.0 / 128.0, "arcface": 1.0 / 127.5}
+NormalizeMode = Normalization | None
 _IR_SIZE = 24
-
-
-def _scale(mode: str) -> float:
-    try:
-        return _SCALE[mode]
-    except KeyError:
-        raise ValueError(f"normalize must be 'mxnet', 'arcface' or None, got {mode!r}") from None
-
-
-def _lut(mode: str) -> np.ndarray:
-    """float32 table ``x -> (x - 127.5) * scale`` for x in 0..255 (same float32 rounding as the formula)."""
-    return (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(_scale(mode))
-
-
-def normalize_batch(x: torch.Tensor, mode: NormalizeMode) -> torch.Tensor:
-    """uint8 ``(N, 3, H, W)`` on any device -> float32 ``(x - 127.5) * scale``; ``None``: float32 as is.
-
-    On the CPU a contiguous uint8 batch goes through one ``cv2.LUT`` pass (about 2x faster than
-    three elementwise torch passes); elsewhere it is ``x.float().sub_(127.5).mul_(scale)``.
-    """
-    if mode is None:
-        return x.float()
-    if x.device.type == "cpu" and x.dtype == torch.uint8 and x.is_contiguous() and x.dim() >= 2 and x.numel():
-        flat = x.numpy().reshape(-1, x.shape[-1])
-        return torch.from_numpy(cv2.LUT(flat, _lut(mode)).reshape(tuple(x.shape)))
-    return x.float().sub_(127.5).mul_(_scale(mode))
 
 
 class RecFaceDataset(Dataset):
@@ -77,7 +51,7 @@ class RecFaceDataset(Dataset):
         image_size: tuple[int, int] | None = None,
         name: str = "train",
     ):
-        self._lut = None if normalize is None else _lut(normalize)  # one cv2.LUT pass normalises an image
+        self._lut = None if normalize is None else normalization_lut(normalize)  # one cv2.LUT pass normalises an image
         self.index: RecIndex = read_rec_index(root, name=name)
         self.flip = flip
         self.normalize = normalize
@@ -116,12 +90,9 @@ class RecFaceDataset(Dataset):
     def _decode_bgr(self, i: int) -> np.ndarray:
         record = self._reader().read_at(int(self._offsets[i]))
         start = _IR_SIZE + 4 * int.from_bytes(record[:4], "little")
-        img = cv2.imdecode(np.frombuffer(record, np.uint8, offset=start), cv2.IMREAD_COLOR) if len(record) > start else None
-        if img is None:
-            raise FormatError(self.index.rec_path, f"record key {int(self._keys[i])} at offset {int(self._offsets[i])}: payload is not a decodable image", "JPEG/PNG bytes")
-        if self.image_size is not None and img.shape[:2] != self.image_size:
-            raise FormatError(self.index.rec_path, f"record key {int(self._keys[i])}: image is {img.shape[0]}x{img.shape[1]}", f"{self.image_size[0]}x{self.image_size[1]} as in property")
-        return img
+        payload = np.frombuffer(record, np.uint8, offset=min(start, len(record)))
+        return decode_bgr(payload, self.index.rec_path, f"record key {int(self._keys[i])} at offset {int(self._offsets[i])}",
+                          self.image_size)
 
     def decode(self, i: int) -> np.ndarray:
         """Image ``i`` as uint8 ``(H, W, 3)`` RGB (a channel-reversed view of OpenCV's BGR)."""
@@ -137,4 +108,4 @@ class RecFaceDataset(Dataset):
         return torch.from_numpy(chw), self._labels[i]
 
 
-__all__ = ["RecFaceDataset", "normalize_batch"]
+__all__ = ["RecFaceDataset"]

@@ -35,6 +35,7 @@ import numpy as np
 
 from .atomic import atomic_write_bytes, atomic_write_text
 from .face_align import TEMPLATE_112x112
+from .face_codec import encode_jpeg
 from .face_drawing import CANONICAL_SIZE, CANVAS_MARGIN, IdentityTraits, ImageVariation, draw_traits, \
     draw_variation, face_landmarks, paint_face
 
@@ -146,8 +147,8 @@ class SyntheticFaces:
         """Every image of the set: ``(images, labels)``, (N, H, W, 3) uint8 RGB and (N,) int64, in
         ``faces[j]`` order (same pixels whatever ``workers`` is).
 
-        ``workers > 1`` renders identity chunks in that many *spawned* processes (about 4 ms of CPU
-        per 112x112 image, so this pays off from a few hundred images); as with any spawning
+        ``workers > 1`` renders identity chunks in that many *spawned* processes (pays off from a
+        few hundred images, see ``bench/synthetic.py``); as with any spawning
         code, a script that calls it needs the ``if __name__ == "__main__":`` guard.
         """
         h, w = self.image_size
@@ -177,11 +178,7 @@ class SyntheticFaces:
 
     def encode_jpeg(self, identity: int, index: int, quality: int = 95) -> bytes:
         """Image ``index`` of ``identity`` as JPEG bytes (OpenCV, baseline, 4:2:0 at ``quality``)."""
-        bgr = cv2.cvtColor(self.render(identity, index), cv2.COLOR_RGB2BGR)
-        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-        if not ok:  # pragma: no cover - OpenCV always encodes a uint8 image
-            raise RuntimeError(f"JPEG encoding of identity {identity} image {index} failed")
-        return buf.tobytes()
+        return encode_jpeg(self.render(identity, index), quality)
 
     def _pose_matrix(self, var: ImageVariation) -> np.ndarray:
         """2x3 affine map from canonical 112x112 coordinates to output pixel coordinates."""

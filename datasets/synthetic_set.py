@@ -21,14 +21,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from datasets.rec_layout import REC_FILES, InsightFaceRecWriter
 from datasets.synthetic import SyntheticFaces, make_pairs
 from datasets.verification_bin import write_bin
 from datasets.atomic import atomic_write_text
+from datasets.face_codec import encode_jpeg
 from datasets.hashing import sha256_bytes
+from datasets.image_size import parse_image_size
 
 __all__ = ["SyntheticSet", "write_synthetic_set", "main"]
 
@@ -48,7 +49,24 @@ class SyntheticSet:
 
 
 def _code() -> str:
-    return code_version("datasets.synthetic", "datasets.face_drawing", "datasets.synthetic_set")
+    """Digest of the generator's source files (this module, the renderer and the drawing code)."""
+    here = Path(__file__).resolve().parent
+    return sha256_bytes(b"".join((here / name).read_bytes() for name in ("synthetic.py", "face_drawing.py",
+                                                                         "synthetic_set.py")))[:16]
+
+
+def _stamp(params: dict, code: str, out: Path, outputs: list[str]) -> str:
+    return json.dumps({"params": params, "code": code, "outputs": {n: (out / n).stat().st_size for n in outputs}},
+                      indent=2, sort_keys=True)
+
+
+def _up_to_date(out: Path, params: dict, code: str) -> bool:
+    try:
+        stamp = json.loads((out / STAMP_FILE).read_text(encoding="utf-8"))
+        return (stamp["params"] == json.loads(json.dumps(params)) and stamp["code"] == code
+                and all((out / n).stat().st_size == size for n, size in stamp["outputs"].items()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def write_synthetic_set(out_dir: str | Path, *, identities: int = 200, images_per_identity: int = 10,
@@ -69,14 +87,11 @@ def write_synthetic_set(out_dir: str | Path, *, identities: int = 200, images_pe
     if _up_to_date(out, params, code):
         return SyntheticSet(out, val_bin, identities, identities * images_per_identity, pairs, skipped=True)
 
-    def jpeg(rgb: np.ndarray) -> bytes:
-        return cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
-
     train = SyntheticFaces(identities, images_per_identity, image_size=(h, w), seed=seed, difficulty=difficulty)
     images, labels = train.render_array(workers=workers)
     with InsightFaceRecWriter(out, image_size=(h, w)) as writer:
         for image, label in zip(images, labels):
-            writer.add(int(label), jpeg(image))
+            writer.add(int(label), encode_jpeg(image, quality))
     del images
     held = SyntheticFaces(held_out_identities, held_out_images, image_size=(h, w), seed=seed, difficulty=difficulty,
                           first_identity=held_out_first)
@@ -105,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-name", default="synth_val")
     parser.add_argument("--workers", type=int, default=1, help="rendering processes")
     args = parser.parse_args(argv)
-    size = tuple(int(v) for v in args.image_size.replace("x", ",").split(","))
+    size = tuple(parse_image_size(args.image_size))
     result = write_synthetic_set(args.out_dir, identities=args.identities, images_per_identity=args.images,
                                  image_size=size, seed=args.seed, difficulty=args.difficulty,
                                  held_out_identities=args.held_out_identities, held_out_images=args.held_out_images,

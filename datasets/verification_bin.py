@@ -26,6 +26,7 @@ import numpy as np
 
 from .atomic import atomic_write_bytes
 from .errors import FormatError, UnsafePickleError
+from .face_codec import encode_jpeg
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray
@@ -130,10 +131,15 @@ def decode_bin(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode a verification pack: ``(images uint8 (2P, H, W, 3) RGB, issame bool (P,))``.
 
-    Like InsightFace's ``load_bin``: OpenCV decode to RGB; if an image's width differs from
-    ``image_size[0]``, :func:`resize_short` to it (bicubic). Images that still do not measure
-    ``image_size`` = ``(H, W)`` raise :class:`FormatError` naming their index. Decoding runs on
-    ``num_threads`` threads (OpenCV releases the GIL), default ``min(8, cpu count)``.
+    Like InsightFace's ``load_bin``: OpenCV decode to RGB. An image that already measures
+    ``image_size`` = ``(H, W)`` is kept as it is. Otherwise it is scaled as InsightFace does
+    (``if img.shape[1] != image_size[0]: resize_short(img, image_size[0])``, bicubic) for a square
+    model; for a non-square model (112x96) its shorter side goes to ``min(H, W)`` (:func:`resize_short`),
+    which gives ``(H, W)`` for an image of the model's aspect ratio. (InsightFace's rule compares the
+    width with the *height*: it turns a 112x96 image into 130x112 even for a 112x96 model, so that
+    ``load_bin`` cannot read 112x96 packs; the 2017-18 ``load_bin`` did not resize at all.) Images
+    that still do not measure ``(H, W)`` raise :class:`FormatError` naming their index. Decoding runs
+    on ``num_threads`` threads (OpenCV releases the GIL), default ``min(8, cpu count)``.
     """
     path = os.fspath(path)
     images, issame = load_bin(path)
@@ -147,9 +153,11 @@ def decode_bin(
             raise FormatError(path, f"image {i} (pair {i // 2}) of {len(buf)} bytes cannot be decoded", "JPEG/PNG bytes")
         img = img[:, :, ::-1]  # BGR -> RGB, copied by the assignment below
         found = f"{img.shape[0]}x{img.shape[1]}"
-        if img.shape[1] != image_size[0]:
-            img = resize_short(img, image_size[0])
-            found += f" ({img.shape[0]}x{img.shape[1]} after resize_short to {image_size[0]})"
+        if img.shape[:2] != (height, width):
+            short = height if height == width else min(height, width)
+            if height != width or img.shape[1] != short:
+                img = resize_short(img, short)
+                found += f" ({img.shape[0]}x{img.shape[1]} after resize_short to {short})"
         if img.shape[:2] != (height, width):
             raise FormatError(path, f"image {i} (pair {i // 2}) measures {found}", f"{height}x{width}")
         out[i] = img
@@ -231,10 +239,7 @@ def _encode_image(img: Any, index: int, quality: int) -> bytes:
     if arr.ndim == 1 or (arr.ndim == 2 and arr.shape[1] == 1):
         return arr.tobytes()  # already encoded, e.g. the (n, 1) array cv2.imencode returns
     if arr.ndim == 3 and arr.shape[2] == 3:
-        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(arr[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        if not ok:
-            raise ValueError(f"image {index}: OpenCV could not encode an array of shape {arr.shape}")
-        return buf.tobytes()
+        return encode_jpeg(arr, quality)
     raise ValueError(f"image {index}: shape {arr.shape} (expected encoded bytes or (H, W, 3) RGB uint8)")
 
 

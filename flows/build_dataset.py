@@ -8,11 +8,13 @@ unchanged, shown as Skipped in the UI):
    tasks, run by ``task_runner`` in a subflow ``align-<source>``; only new or changed photos are
    processed.
 2. **lst** (:mod:`tasks.lst`): ``train.lst`` and ``labels.csv`` (stable labels).
-3. **pack** (:mod:`tasks.pack`): ``train.rec``, ``train.idx``, ``property``.
+3. **pack** (:mod:`tasks.pack`): ``train.rec``, ``train.idx``, ``property``. With ``lst_file`` (a
+   user's ``.lst`` in the InsightFace or the im2rec form) stages 1 and 2 are left out and that list is
+   packed (``aligned=0`` lines aligned on their landmarks or cropped from their bbox).
 4. **merge** (:mod:`tasks.merge`, when ``merge_with`` or ``merge.exclude`` is given): this set
    and the others merged, relabelled, optionally de-duplicated with an embedding model.
 5. **bins** (:mod:`tasks.bins`): one verification ``<name>.bin`` per ``pairs`` entry.
-6. **dataset** (:mod:`tasks.gather`): ``train.rec``, ``train.idx``, ``property``, ``labels.csv``
+6. **gather** (:mod:`tasks.gather`): ``train.rec``, ``train.idx``, ``property``, ``labels.csv``
    and the ``.bin`` files hard-linked into ``<data_root>/datasets/<name>/``, plus ``dataset.json``:
    the folder a trainer reads.
 
@@ -24,7 +26,6 @@ and ``build-dataset-datasets`` (images, identities and bins of the packed sets).
 from __future__ import annotations
 
 import os
-import pickle
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from datasets.atomic import atomic_write_bytes
 from datasets.rec_layout import read_rec_index
 from flows.params import AlignConfig, BuildDatasetParams, DatasetLayout
 from flows.runs import make_task_runner, parameters_from, result_of, validated
-from tasks.align import align_shard_task, finalize_align_task, plan_align_task
-from tasks.alignment import AlignPlan, AlignResult
+from tasks.align import PlannedAlign, align_shard_task, finalize_align_task, plan_align_task
+from tasks.alignment import AlignResult
 from tasks.bins import BinsResult, bins_finalize_task, bins_prepare_task
 from tasks.gather import DatasetResult, gather_dataset_task, sample_grid_markdown
 from tasks.lst import lst_task
@@ -48,19 +48,16 @@ from tasks.runtime import Progress, logger, publish_markdown, publish_table
 
 __all__ = ["build_dataset", "align_shards", "build"]
 
-PLAN_FILE = "parts/plan.pickle"
-
 
 @flow(name="align-shards")
-def align_shards(plan_file: str, torch_threads: int = 0, label: str = "") -> dict[str, int]:
-    """Align every shard of the plan pickled at ``plan_file`` on this flow's task runner and
-    update a progress artifact as shards finish. (The plan travels as a file: flow parameters are
-    stored by the API as JSON, and a plan lists every photo.) Returns the rows per status."""
-    plan: AlignPlan = pickle.loads(Path(plan_file).read_bytes())
-    light = plan.for_workers()
-    progress = Progress(f"build-dataset-align-{label}", total=plan.todo_files, description=f"align {label}: detect + warp")
-    futures = [align_shard_task.submit(light, shard, torch_threads) for shard in plan.shards]
-    files = {id(f): len(s.items) for f, s in zip(futures, plan.shards)}
+def align_shards(planned: PlannedAlign, torch_threads: int = 0, label: str = "") -> dict[str, int]:
+    """Align every shard of a saved plan on this flow's task runner (each task reads the plan from
+    the align stage's folder) and update a progress artifact as shards finish. Returns the rows per
+    status."""
+    progress = Progress(f"build-dataset-align-{label}", total=planned.todo_files, description=f"align {label}: detect + warp")
+    futures = [align_shard_task.submit(planned.plan_file, i, name, torch_threads)
+               for i, name in enumerate(planned.shard_names)]
+    files = {id(f): n for f, n in zip(futures, planned.shard_files)}
     counts: Counter[str] = Counter()
     done, errors = 0, []
     for future in as_completed(futures):
@@ -87,15 +84,12 @@ def _align_source(label: str, raw: Path, out: Path, cfg: AlignConfig, p: BuildDa
                         str(raw), str(out), cfg, p.shard_size, p.force)
     if isinstance(planned, AlignResult):
         return planned
-    plan: AlignPlan = planned
-    if plan.shards:
-        plan_file = plan.out_dir / PLAN_FILE
-        atomic_write_bytes(plan_file, pickle.dumps(plan))
+    if planned.shard_names:
         kind = "threads" if cfg.already_aligned else p.task_runner  # copying crops needs no other processes
         runner = make_task_runner(kind, p.max_workers, p.dask_address)
         result_of(align_shards.with_options(task_runner=runner, flow_run_name=f"align-{label}"),
-                  str(plan_file), _torch_threads(p), label)
-    return result_of(finalize_align_task.with_options(task_run_name=f"align-finalize-{label}"), plan)
+                  planned, _torch_threads(p), label)
+    return result_of(finalize_align_task.with_options(task_run_name=f"align-finalize-{label}"), planned.plan_file)
 
 
 @task(name="check-inputs", cache_policy=NO_CACHE)
@@ -126,18 +120,22 @@ def build(p: BuildDatasetParams) -> dict[str, Any]:
     counts: list[dict[str, Any]] = []
     stages: dict[str, str] = {}
 
-    aligned: dict[str, AlignResult] = {}
-    for label, (folder, cfg) in p.sources().items():
-        res = _align_source(label, folder, layout.align / label, cfg, p)
-        aligned[label] = res
-        counts += _count_rows(f"align/{label}", res.counts, res.skipped)
-        stages[f"align/{label}"] = "skipped" if res.skipped else "ran"
+    if p.lst_file:  # the user's list is packed as it is: no align or lst stage
+        pack = result_of(pack_task, str(Path(p.lst_file).resolve()), str(layout.pack), p.pack, p.force,
+                         p.pack_image_size())
+    else:
+        aligned: dict[str, AlignResult] = {}
+        for label, (folder, cfg) in p.sources().items():
+            res = _align_source(label, folder, layout.align / label, cfg, p)
+            aligned[label] = res
+            counts += _count_rows(f"align/{label}", res.counts, res.skipped)
+            stages[f"align/{label}"] = "skipped" if res.skipped else "ran"
 
-    lst = result_of(lst_task, {label: str(r.out_dir) for label, r in aligned.items()}, str(layout.lst), p.lst, p.force)
-    counts += _count_rows("lst", lst.counts, lst.skipped)
-    stages["lst"] = "skipped" if lst.skipped else "ran"
+        lst = result_of(lst_task, {label: str(r.out_dir) for label, r in aligned.items()}, str(layout.lst), p.lst, p.force)
+        counts += _count_rows("lst", lst.counts, lst.skipped)
+        stages["lst"] = "skipped" if lst.skipped else "ran"
 
-    pack = result_of(pack_task, str(layout.lst), str(layout.pack), p.pack, p.force)
+        pack = result_of(pack_task, str(layout.lst), str(layout.pack), p.pack, p.force)
     counts += _count_rows("pack", pack.counts, pack.skipped)
     stages["pack"] = "skipped" if pack.skipped else "ran"
     train_dir = pack.out_dir
@@ -163,6 +161,7 @@ def build(p: BuildDatasetParams) -> dict[str, Any]:
 
     info = {"name": p.name, "train_from": train_dir.name,
             "sources": {label: str(folder) for label, (folder, _cfg) in p.sources().items()},
+            **({"lst_file": str(Path(p.lst_file).resolve())} if p.lst_file else {}),
             "merge_with": [str(Path(d).resolve()) for d in p.merge_with]}
     dataset: DatasetResult = result_of(gather_dataset_task, str(layout.root), str(train_dir),
                                        {name: str(r.bin_path) for name, r in bins.items()}, info, p.force)

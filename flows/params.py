@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from datasets.errors import FormatError
 from datasets.hashing import params_hash
+from datasets.lst import detect_lst_form
 from datasets.rec_layout import REC_FILES
 from flows.local import default_data_root
 from tasks.alignment import AlignConfig
@@ -91,6 +92,11 @@ class BuildDatasetParams(BaseModel):
     raw_dir: str | None = Field(None, description="photos to detect and align: <raw_dir>/<identity>/<photo>")
     aligned_dirs: list[str] = Field(
         default_factory=list, description="folders of already aligned faces, <dir>/<identity>/<image> (no detection)")
+    lst_file: str | None = Field(
+        None, description="your own .lst, packed as it is instead of raw_dir/aligned_dirs (no align or lst stage): "
+                          "InsightFace form 'aligned<TAB>path<TAB>label[<TAB>bbox[<TAB>landmarks]]' (aligned=0 lines "
+                          "are aligned on their landmarks, or cropped from their bbox) or im2rec form "
+                          "'index<TAB>label<TAB>path' (face crops); paths relative to the list's folder")
     data_root: str | None = Field(None, description="artefact root; default $FACEPIPE_DATA_ROOT or ./data")
     align: AlignConfig = Field(default_factory=AlignConfig, description="detection and alignment")
     lst: LstConfig = Field(default_factory=LstConfig, description="image list and labels")
@@ -114,8 +120,12 @@ class BuildDatasetParams(BaseModel):
 
     @model_validator(mode="after")
     def _check_combination(self) -> "BuildDatasetParams":
-        if not self.raw_dir and not self.aligned_dirs:
-            raise ValueError("give raw_dir (photos to align) or aligned_dirs (aligned faces), or both")
+        if self.lst_file and (self.raw_dir or self.aligned_dirs):
+            raise ValueError("lst_file is packed as it is: give it alone, without raw_dir or aligned_dirs "
+                             "(merge_with can add other packed sets)")
+        if not self.raw_dir and not self.aligned_dirs and not self.lst_file:
+            raise ValueError("give raw_dir (photos to align) or aligned_dirs (aligned faces), or both; "
+                             "or lst_file (a .lst to pack)")
         names = [p.name for p in self.pairs]
         if len(set(names)) != len(names):
             raise ValueError(f"pairs names must be unique, got {names}")
@@ -145,6 +155,11 @@ class BuildDatasetParams(BaseModel):
             out[f"aligned-{safe}-{params_hash(str(p), 6)}"] = (p, self.align.model_copy(update={"already_aligned": True}))
         return out
 
+    def pack_image_size(self) -> str | None:
+        """The image size to pack ``lst_file`` at: ``align.image_size`` when it was given, else None
+        (the pack stage takes the first aligned image's size)."""
+        return self.align.image_size if "image_size" in self.align.model_fields_set else None
+
     def merges(self) -> bool:
         return bool(self.merge_with) or bool(self.merge.exclude)
 
@@ -154,6 +169,13 @@ class BuildDatasetParams(BaseModel):
             _check_image_folder(self.raw_dir, "raw_dir")
         for folder in self.aligned_dirs:
             _check_image_folder(folder, "aligned_dirs entry")
+        if self.lst_file:
+            if not Path(self.lst_file).is_file():
+                raise ValueError(f"lst_file {self.lst_file} does not exist (expected a .lst file)")
+            try:
+                detect_lst_form(self.lst_file)
+            except FormatError as exc:
+                raise ValueError(f"lst_file: {exc}") from None
         for folder in self.merge_with:
             for name in REC_FILES:
                 if not (Path(folder) / name).is_file():

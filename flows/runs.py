@@ -7,6 +7,8 @@ from typing import Any, Callable, TypeVar
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ValidationError
 
+from datasets.errors import validation_message
+
 M = TypeVar("M", bound=BaseModel)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,16 +34,12 @@ def parameters_from(model: type[BaseModel]) -> Callable[[F], F]:
 
 
 def validated(model_type: type[M], /, **values: Any) -> M:
-    """``model(**values)``, with a validation failure as one ``ValueError`` line per problem
-    (``lr: Input should be greater than 0``) instead of pydantic's multi-line report."""
+    """``model(**values)``, with a validation failure as one ``ValueError`` line
+    (:func:`datasets.errors.validation_message`) instead of pydantic's multi-line report."""
     try:
         return model_type(**values)
     except ValidationError as exc:
-        problems = []
-        for e in exc.errors():
-            where = ".".join(map(str, e["loc"])) or "parameters"
-            problems.append(f"{where}: {str(e['msg']).removeprefix('Value error, ')}")
-        raise ValueError("; ".join(problems)) from None
+        raise ValueError(validation_message(exc, list(model_type.model_fields))) from None
 
 
 def result_of(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

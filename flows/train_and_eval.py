@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.runs import parameters_from, result_of, validated
 from flows.train_params import MegaFaceSpec, TrainAndEvalParams
-from tasks.verification import verification_task
+from tasks.verification import row_text, verification_task
 from tasks.export import export_task
 from tasks.megaface import megaface_task
 from tasks.runtime import logger, publish_markdown
@@ -84,9 +84,10 @@ def run(p: TrainAndEvalParams) -> dict[str, Any]:
         targets = p.verification_targets(cfg)
         if targets:
             ver = result_of(verification_task.with_options(task_run_name="verification"), model, targets, str(layout.verification), p.verification_config, p.force)
-            rows.append(("verification", _state(ver.skipped),
-                         ", ".join(f"{r['target']} {r['accuracy']:.4f}" for r in ver.rows)))
+            rows.append(("verification", _state(ver.skipped), ", ".join(row_text(r) for r in ver.rows)))
             out["verification"] = {r["target"]: r["accuracy"] for r in ver.rows}
+            if ver.errors:
+                out["verification_errors"] = ver.errors
         else:
             log.warning("verification: no .bin sets in %s and none given in targets; stage left out", p.dataset_dir())
             rows.append(("verification", "off", "no .bin sets"))

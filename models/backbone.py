@@ -66,21 +66,29 @@ class Backbone(nn.Module):
                              f"(N, 3, {self.image_size[0]}, {self.image_size[1]})")
 
 
-def parse_image_size(image_size: str | Sequence[int]) -> tuple[int, int]:
-    """``"112,96"`` or ``(112, 96)`` -> ``(112, 96)`` (height, width)."""
-    parts = image_size.split(",") if isinstance(image_size, str) else list(image_size)
+def _input_size(image_size: Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` as two positive ints (strings are parsed by :mod:`datasets.image_size`)."""
     try:
-        size = tuple(int(p) for p in parts)
+        size = tuple(int(v) for v in image_size) if not isinstance(image_size, str) else ()
     except (TypeError, ValueError):
         size = ()
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size {image_size!r} must be two positive integers 'height,width', e.g. 112,112")
+        raise ValueError(f"image_size {image_size!r} must be (height, width), two positive integers, e.g. (112, 112)")
     return size  # type: ignore[return-value]
 
 
 def network_codes() -> list[str]:
     """Every accepted ``network`` code."""
     return list(NETWORKS)
+
+
+def network_code(network: str) -> str:
+    """``network`` as a code of ``NETWORKS`` (case and spaces ignored); ``ValueError`` listing the codes."""
+    code = str(network).strip().lower()
+    if code not in NETWORKS:
+        hint = " (ResNet depths come from the fresnet table)" if re.fullmatch(r"r\d+", code) else ""
+        raise ValueError(f"network {network!r} is not a known code; valid codes: {', '.join(NETWORKS)}{hint}")
+    return code
 
 
 def _trunk(family: str, spec: dict, version_input: int, version_unit: int, version_se: int, act: str) -> nn.Module:
@@ -100,7 +108,7 @@ def _trunk(family: str, spec: dict, version_input: int, version_unit: int, versi
 
 def get_backbone(network: str, *, emb_size: int | None = None, version_se: int = 0, version_input: int = 1,
                  version_output: str | None = None, version_unit: int = 3, version_act: str = "prelu",
-                 image_size: str | Sequence[int] = (112, 112), dropout: float = 0.4, **kw) -> Backbone:
+                 image_size: Sequence[int] = (112, 112), dropout: float = 0.4, **kw) -> Backbone:
     """Build the network ``network`` (a code of ``NETWORKS``) with InsightFace's option names.
 
     ``emb_size`` / ``version_output`` default to the code's own (512 / "E"; y1 128 / GDC, y2 256 / GDC).
@@ -110,10 +118,7 @@ def get_backbone(network: str, *, emb_size: int | None = None, version_se: int =
     ``multiplier`` (m*), ``blocks`` / ``scale`` (y*, mbf), ``densenet_dropout`` (d*).
     Weights are initialised arcface_torch-style (kaiming-normal convs).
     """
-    code = str(network).strip().lower()
-    if code not in NETWORKS:
-        hint = " (ResNet depths come from the fresnet table)" if re.fullmatch(r"r\d+", code) else ""
-        raise ValueError(f"network {network!r} is not a known code{hint}; valid codes: {', '.join(NETWORKS)}")
+    code = network_code(network)
     family, defaults = NETWORKS[code]
     unknown = set(kw) - set(FAMILY_OPTIONS[family])
     if unknown:
@@ -128,7 +133,7 @@ def get_backbone(network: str, *, emb_size: int | None = None, version_se: int =
     if version_unit not in (1, 2, 3):
         raise ValueError(f"version_unit {version_unit!r} is not supported (expected 1, 2 or 3)")
     spec = {**defaults, **kw}
-    size = parse_image_size(image_size)
+    size = _input_size(image_size)
     emb = int(emb_size if emb_size is not None else spec.get("emb_size", 512))
     if emb < 1:
         raise ValueError(f"emb_size {emb_size!r} must be a positive integer")

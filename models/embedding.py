@@ -11,7 +11,8 @@ A           BN -> act -> global average pool (embedding size = channel count)
 B           A -> FC
 C / GAP     A -> FC -> fixed-gamma BN
 D           A -> FC -> fixed-gamma BN -> act
-AX..DX      as A..D with Dropout(0.2) after the pool (the README's "OptionXD"; ``XD`` also accepted)
+AX..DX      as A..D with Dropout(0.2) after the pool (the README's "OptionXD"; ``XD`` and the 2017
+            spellings ``AD``..``DD`` also accepted: ``AD`` = ``AX``, the seed's Inception default)
 E           BN -> Dropout(p) -> FC on the flattened map -> fixed-gamma BN (LResNet*E*-IR, default)
 F           BN -> Dropout(p) -> FC (2018 code; the README's wording "BN-PReLU-Dropout-FC-BN" differs)
 G           BN -> FC;  H: FC;  I: BN -> FC -> fixed-gamma BN;  J: FC -> fixed-gamma BN
@@ -30,15 +31,22 @@ POOLED_DROPOUT = 0.2
 
 
 def normalize_option(option: str) -> str:
-    """Canonical spelling of an output option (case-insensitive; ``XD`` -> ``DX``, ``GAP`` -> ``C``)."""
+    """Canonical spelling of an output option (case-insensitive; ``XD`` -> ``DX``, ``GAP`` -> ``C``).
+
+    The December 2017 spelling of the pooled options with dropout, a ``D`` suffix (``AD`` -- the
+    seed README's default for the Inception networks --, ``BD``, ``CD``, ``DD``; ``symbol_utils.get_fc1``
+    then tested ``fc_type[1] == 'D'``), is the later ``X`` suffix: ``AD`` -> ``AX``.
+    """
     opt = str(option).strip().upper()
     if len(opt) == 2 and opt[0] == "X" and opt[1] in POOLED_OPTIONS:
         opt = opt[1] + "X"
+    elif len(opt) == 2 and opt[0] in POOLED_OPTIONS and opt[1] == "D":
+        opt = opt[0] + "X"
     if opt == "GAP":
         opt = "C"
     if opt not in OUTPUT_OPTIONS:
         raise ValueError(f"version_output {option!r} is not an embedding option "
-                         f"(expected one of {', '.join(OUTPUT_OPTIONS)}, or XA..XD)")
+                         f"(expected one of {', '.join(OUTPUT_OPTIONS)}, or XA..XD, AD..DD)")
     return opt
 
 

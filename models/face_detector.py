@@ -98,7 +98,7 @@ class FaceDetector:
         ).eval()
         if self.device.type == "cpu":
             # NHWC weights make the convolutions return NHWC tensors, for which PyTorch's CPU
-            # max-pool and PReLU kernels are vectorised: ~30 % faster, same detections (< 1e-3 px).
+            # max-pool and PReLU kernels are vectorised: faster, same detections (within 1e-3 px).
             for net in (self.mtcnn.pnet, self.mtcnn.rnet, self.mtcnn.onet):
                 net.to(memory_format=torch.channels_last)
 

@@ -296,12 +296,8 @@ _ALIASES = {
 }
 
 
-def get_margin(loss: str | int, **kw) -> MarginHead:
-    """Build a margin head by name or 2018 loss-type number (0 softmax, 1 sphereface, 2 cosface, 4 arcface,
-    5 combined). Keyword options use the head's names (``s``, ``m``, ``m1``..) or InsightFace's (``margin_s``,
-    ``margin_m``, ``margin_a``/``margin_b``, ``loss_m1``.., ``easy_margin``, ``beta``, ``beta_min``, ...).
-    ``num_classes`` (SphereFace only) applies the 2018 rule: > 20000 classes -> ``beta_freeze=5000, gamma=0.06``.
-    """
+def _head(loss: str | int) -> tuple[str, type[MarginHead], dict]:
+    """``(name, head class, preset options)`` of a loss name or 2018 loss-type number."""
     key = str(loss).strip().lower()
     if key.lstrip("-").isdigit():
         number = int(key)
@@ -313,17 +309,39 @@ def get_margin(loss: str | int, **kw) -> MarginHead:
         raise ValueError(f"loss {loss!r} is not a known margin head (expected one of {', '.join(HEADS)} "
                          f"or a loss-type number {sorted(LOSS_TYPES)})")
     cls, preset = HEADS[key]
-    num_classes = kw.pop("num_classes", None)
-    options = dict(preset)
-    for name, value in kw.items():
+    return key, cls, preset
+
+
+def head_options(loss: str | int, *, strict: bool = True, **options) -> dict:
+    """Options in InsightFace's names (``margin_s``, ``margin_m``, ``margin_a``/``margin_b``,
+    ``loss_m1``..``loss_m3``, ``easy_margin``, ``beta``, ...) or the head's own (``s``, ``m``, ...) ->
+    keyword arguments of the head of ``loss``; the one place where these names are mapped. For the
+    combined head ``margin_m`` is the additive angle ``m2`` (2019 ``config.py``). ``None`` values are
+    dropped; an option the head does not take raises ``TypeError`` (``strict``) or is dropped."""
+    key, cls, _ = _head(loss)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    out = {}
+    for name, value in options.items():
+        if value is None:
+            continue
         target = "m2" if (name == "margin_m" and cls is CombinedMargin) else _ALIASES.get(name, name)
-        options[target] = value
+        if target in accepted:
+            out[target] = value
+        elif strict:
+            raise TypeError(f"get_margin({key!r}) got unexpected options [{name!r}] "
+                            f"(accepted: {', '.join(accepted) or 'none'})")
+    return out
+
+
+def get_margin(loss: str | int, **kw) -> MarginHead:
+    """Build a margin head by name or 2018 loss-type number (0 softmax, 1 sphereface, 2 cosface, 4 arcface,
+    5 combined). Keyword options: see :func:`head_options`. ``num_classes`` (SphereFace only) applies the
+    2018 rule: > 20000 classes -> ``beta_freeze=5000, gamma=0.06``.
+    """
+    _, cls, preset = _head(loss)
+    num_classes = kw.pop("num_classes", None)
+    options = {**preset, **head_options(loss, **kw)}
     if cls is SphereFace and num_classes is not None and int(num_classes) > 20000:
         options.setdefault("beta_freeze", 5000)
         options.setdefault("gamma", 0.06)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise TypeError(f"get_margin({key!r}) got unexpected options {unknown} "
-                        f"(accepted: {', '.join(accepted) or 'none'})")
     return cls(**options)

@@ -148,12 +148,13 @@ class PartialFC(nn.Module):
 
     ``forward(embeddings (N, emb_size) float, labels (N,) int64 in [0, num_classes)) -> loss (0-d float32)``.
     ``weight`` is this rank's ``(stop - start, emb_size)`` shard (init N(0, 0.01)); ``bias`` exists only for
-    the ``Softmax`` head (plain FC with bias, not normalised). ``last_sample_index`` holds the shard rows
+    the ``Softmax`` head (plain FC with bias, not normalised), unless ``bias=False`` (2018 ``--fc7-no-bias``).
+    ``last_sample_index`` holds the shard rows
     used by the last step. The margin head's per-step state (``step()``) is the caller's to advance.
     """
 
     def __init__(self, margin: MarginHead, emb_size: int, num_classes: int, sample_rate: float = 1.0, *,
-                 process_group=None, generator: torch.Generator | None = None):
+                 process_group=None, generator: torch.Generator | None = None, bias: bool | None = None):
         super().__init__()
         if not isinstance(margin, MarginHead):
             raise TypeError(f"margin must be a models.margins.MarginHead (see get_margin), got {type(margin).__name__}")
@@ -167,7 +168,10 @@ class PartialFC(nn.Module):
         self.num_local = self.stop - self.start
         self.num_sample = self.num_local if sample_rate >= 1.0 else max(1, int(sample_rate * self.num_local))
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, self.emb_size)))
-        self.bias = None if margin.normalized else nn.Parameter(torch.zeros(self.num_local))
+        if bias and margin.normalized:
+            raise ValueError(f"PartialFC: a bias applies to the plain Softmax head only, not to {type(margin).__name__}")
+        has_bias = (not margin.normalized) if bias is None else bool(bias)
+        self.bias = nn.Parameter(torch.zeros(self.num_local)) if has_bias else None
         self.last_sample_index: torch.Tensor | None = None
 
     def extra_repr(self) -> str:

@@ -16,17 +16,18 @@ from typing import Any, Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
+from pydantic import BaseModel
 
 from datasets.manifest import status_counts
 from tasks.alignment import (
     DEFAULT_SHARD_SIZE,
     AlignConfig,
-    AlignPlan,
     AlignResult,
     AlignShard,
     align_shard,
     check_up_to_date,
     finalize_align,
+    load_plan,
     plan_align,
     run_align,
 )
@@ -36,32 +37,50 @@ from tasks.stage import invalidate
 # --- Prefect tasks (thin wrappers; a flow maps align_shard_task over the plan's shards) ----------
 
 
+class PlannedAlign(BaseModel):
+    """What the flow gets back from :func:`plan_align_task`: where the plan lies and its shards'
+    names and sizes. The plan itself (every photo) stays in the stage's folder."""
+
+    plan_file: str
+    shard_names: list[str]
+    shard_files: list[int]
+
+    @property
+    def todo_files(self) -> int:
+        return sum(self.shard_files)
+
+
 @task(name="align-plan", cache_policy=NO_CACHE)
 def plan_align_task(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: AlignConfig,
-                    shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> AlignPlan | State:
-    """:func:`plan_align`; when the stage is up to date, a Skipped state carrying the committed
-    :class:`AlignResult` instead of the plan."""
+                    shard_size: int = DEFAULT_SHARD_SIZE, force: bool = False) -> PlannedAlign | State:
+    """:func:`plan_align`, saved in the stage folder; when the stage is up to date, a Skipped state
+    carrying the committed :class:`AlignResult` instead."""
     if force:
         invalidate(out_dir)
     plan = plan_align(raw_dir, out_dir, cfg, shard_size=shard_size, force=force)
     done = None if force else check_up_to_date(plan)
-    return skipped(done, f"{plan.out_dir}: up to date") if done is not None else plan
+    if done is not None:
+        return skipped(done, f"{plan.out_dir}: up to date")
+    return PlannedAlign(plan_file=str(plan.save()), shard_names=[s.name for s in plan.shards],
+                        shard_files=[len(s.items) for s in plan.shards])
 
 
-@task(name="align-shard", cache_policy=NO_CACHE, task_run_name="align-shard-{shard.name}")
-def align_shard_task(plan: AlignPlan, shard: AlignShard, torch_threads: int = 0) -> dict[str, int]:
-    """:func:`align_shard` (``plan`` may be :meth:`AlignPlan.for_workers`); returns the shard's
-    status counts. ``torch_threads`` > 0 sets torch's intra-op threads of the worker first."""
+@task(name="align-shard", cache_policy=NO_CACHE, task_run_name="align-shard-{name}")
+def align_shard_task(plan_file: str, shard: int, name: str = "", torch_threads: int = 0) -> dict[str, int]:
+    """:func:`align_shard` for shard number ``shard`` of the saved plan (``name``: its name, for the
+    UI); returns the shard's status counts. ``torch_threads`` > 0 sets torch's intra-op threads of
+    the worker first."""
     if torch_threads > 0:
         import torch
 
         torch.set_num_threads(torch_threads)
-    return status_counts(align_shard(plan, shard))
+    plan = load_plan(plan_file)
+    return status_counts(align_shard(plan, plan.shards[shard]))
 
 
 @task(name="align-finalize", cache_policy=NO_CACHE)
-def finalize_align_task(plan: AlignPlan) -> AlignResult:
-    return finalize_align(plan)
+def finalize_align_task(plan_file: str) -> AlignResult:
+    return finalize_align(load_plan(plan_file))
 
 
 # --- command line ---------------------------------------------------------------------------------

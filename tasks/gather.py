@@ -15,6 +15,7 @@ Prefect UI (a markdown artifact with a ``data:`` URI).
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import json
 import os
@@ -29,6 +30,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from datasets.atomic import atomic_paths, atomic_write_text
+from datasets.errors import FormatError
+from datasets.face_codec import decode_face, encode_jpeg
 from datasets.hashing import params_hash
 from datasets.rec_layout import LABELS_FILE, PROPERTY_FILE, REC_FILES, read_rec_index
 from datasets.recordio import MXRecordIO, unpack
@@ -143,9 +146,8 @@ def sample_grid(dataset_dir: str | os.PathLike, faces: int = 16, columns: int = 
     with MXRecordIO(index.rec_path, "r") as reader:
         for offset in offsets:
             _header, payload = unpack(reader.read_at(offset))
-            img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
-            if img is not None:
-                tiles.append(img)
+            with contextlib.suppress(FormatError):  # a record that does not decode is left out of the picture
+                tiles.append(decode_face(payload, index.rec_path))
     if not tiles:
         raise ValueError(f"{dataset_dir}: no decodable image to draw")
     h, w = tiles[0].shape[:2]
@@ -156,10 +158,7 @@ def sample_grid(dataset_dir: str | os.PathLike, faces: int = 16, columns: int = 
     for i, tile in enumerate(tiles):
         r, c = divmod(i, cols)
         grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = tile
-    ok, buf = cv2.imencode(".jpg", grid, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:  # pragma: no cover
-        raise RuntimeError("JPEG encoding of the sample grid failed")
-    return buf.tobytes()
+    return encode_jpeg(grid, quality)
 
 
 def sample_grid_markdown(dataset_dir: str | os.PathLike, title: str, faces: int = 16) -> str:

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_write_text
 from datasets.errors import FormatError
-from datasets.face_align import crop_transform, estimate_similarities, parse_image_size, template_for
+from datasets.face_align import crop_size
 from datasets.hashing import params_hash
 from datasets.lst import InsightFaceLine, write_insightface_lst
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
@@ -62,7 +62,7 @@ __all__ = ["LIST_FILE", "STAGE", "EXTRA_COLUMNS", "LstConfig", "LstResult", "run
 
 STAGE = "lst"
 LIST_FILE = "train.lst"
-_CODE_MODULES = ("tasks.lst", "datasets.lst")
+_CODE_MODULES = ("tasks.lst", "datasets.lst", "tasks.alignment.aligner")
 _UNSTORABLE = ("\t", "\n", "\r")
 
 EXTRA_COLUMNS: dict[str, pa.DataType] = {
@@ -141,46 +141,12 @@ def _sources(sources: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLi
         record = load_record(folder)
         if record is None or record.stage != alignment.STAGE:
             raise FormatError(folder, "no committed align stage record (stage.json)", "a finished align-stage folder")
-        out.append(_Source(name, folder, record.fingerprint, parse_image_size(record.params["image_size"])))
+        out.append(_Source(name, folder, record.fingerprint, crop_size(record.params["image_size"])))
     sizes = {s.image_size for s in out}
     if len(sizes) > 1:
         detail = ", ".join(f"{s.name}: {s.image_size[0]}x{s.image_size[1]}" for s in out)
         raise ValueError(f"lst: sources have different image sizes ({detail}); align them to one size")
     return out
-
-
-# --- geometry in the aligned image ----------------------------------------------------------------
-
-
-def _box_in(matrices: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Integer boxes ``(K, 4)``: the bounds of ``boxes`` ``(K, 4)`` mapped by ``matrices`` ``(K, 2, 3)``."""
-    x1, y1, x2, y2 = boxes.T
-    corners = np.stack([np.stack([x1, y1], 1), np.stack([x2, y1], 1), np.stack([x1, y2], 1), np.stack([x2, y2], 1)], 1)
-    mapped = np.einsum("kij,kcj->kci", matrices[:, :, :2], corners) + matrices[:, None, :, 2]
-    return np.concatenate([np.rint(mapped.min(axis=1)), np.rint(mapped.max(axis=1))], axis=1).astype(np.int64)
-
-
-def _geometry(faces: pd.DataFrame, size: tuple[int, int]) -> tuple[list, list]:
-    """Per face, its box and landmarks in its aligned image (``None`` when unknown): detected faces
-    through their alignment similarity (vectorised), fallbacks through their crop."""
-    boxes: list = [None] * len(faces)
-    points: list = [None] * len(faces)
-    bbox_col, landmark_col, status = faces["bbox"].to_numpy(), faces["landmarks"].to_numpy(), faces["status"].to_numpy()
-    has_box = np.array([b is not None and len(b) == 4 for b in bbox_col], dtype=bool)
-    has_points = np.array([p is not None and len(p) == 10 for p in landmark_col], dtype=bool)
-    detected = np.flatnonzero((status == "ok") & has_box & has_points)
-    if len(detected):
-        src = np.stack(landmark_col[detected]).astype(np.float64).reshape(-1, 5, 2)
-        matrices = estimate_similarities(src, template_for(size))
-        warped = np.round(np.einsum("kij,knj->kni", matrices[:, :, :2], src) + matrices[:, None, :, 2], 3)
-        box = _box_in(matrices, np.stack(bbox_col[detected]).astype(np.float64))
-        for i, b, w in zip(detected.tolist(), box.tolist(), warped.tolist()):
-            boxes[i] = tuple(b)
-            points[i] = tuple(map(tuple, w))
-    for i in np.flatnonzero((status == "fallback") & has_box):
-        bbox = np.asarray(bbox_col[i], np.float64)
-        boxes[i] = tuple(int(v) for v in _box_in(crop_transform(bbox, size)[None], bbox[None])[0])
-    return boxes, points
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -278,7 +244,7 @@ def run_lst(
     faces.loc[faces["label"] >= 0, "line"] = np.arange(int((faces["label"] >= 0).sum()))
 
     listed_faces = faces[faces["label"] >= 0]
-    boxes, points = _geometry(listed_faces, size)
+    boxes, points = alignment.aligned_geometry(listed_faces, size)
     lines = [InsightFaceLine(True, path, int(label), box, pts)
              for path, label, box, pts in zip(listed_faces["image_path"], listed_faces["label"], boxes, points)]
     if not lines:

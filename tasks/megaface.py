@@ -58,7 +58,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_paths, atomic_write_text, remove_partials
 from datasets.errors import FormatError
+from datasets.face_codec import decode_face
 from datasets.hashing import params_hash, sha256_file
+from datasets.image_size import parse_image_size
 from datasets.images import decode_image
 from datasets.megaface import feature_path, read_image_list, read_noise_list, write_feature
 from datasets.rec_dataset import RecFaceDataset
@@ -79,7 +81,7 @@ METRICS_FILE = "megaface.parquet"
 FEATURES_DIR = "features"
 PROBES_FILE, DISTRACTORS_FILE = "probes.npy", "distractors.npy"
 _CODE_MODULES = ("tasks.megaface", "tasks.evaluation.megaface", "tasks.evaluation.model", "tasks.evaluation.embed", "datasets.megaface")
-_FEATURE_CODE_MODULES = ("tasks.evaluation.model", "tasks.evaluation.embed")
+_FEATURE_CODE_MODULES = ("tasks.evaluation.model", "tasks.evaluation.embed", "datasets.normalization")
 
 
 class ImageSet(BaseModel):
@@ -145,8 +147,10 @@ class MegaFaceResult:
 
 def _read_list_image(path: Path, size: tuple[int, int]) -> np.ndarray:
     data = path.read_bytes()
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    rgb = bgr[:, :, ::-1] if bgr is not None else decode_image(path, data).pixels  # Pillow names the reason
+    try:
+        rgb = decode_face(data, path)
+    except FormatError:
+        rgb = decode_image(path, data).pixels  # what OpenCV cannot read (GIF, ...), or Pillow names the reason
     if rgb.shape[:2] != tuple(size):
         raise FormatError(path, f"image is {rgb.shape[0]}x{rgb.shape[1]}",
                           f"{size[0]}x{size[1]} aligned faces (the model's input size; MegaFace images are not resized)")
@@ -420,7 +424,7 @@ def run_megaface(
             probe_noise, distractor_noise, cfg.noise_seed, strict=cfg.strict_noise)
     if devkit is not None:
         count = _write_devkit(devkit, probe_set, probe_feats, distractor_set, distractor_feats, cfg,
-                              tuple(int(v) for v in description["image_size"].split("x")))
+                              tuple(parse_image_size(description["image_size"])))
         commit_record(devkit, DEVKIT_STAGE, params, inputs, code, [], summary={"files": count})
     sizes = _eval_sizes(cfg.sizes, len(distractor_set))
     ident = identification(probe_feats, probe_set.identities, distractor_feats, sizes, cfg.ranks,

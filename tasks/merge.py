@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
-import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -59,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import remove_partials
 from datasets.errors import FormatError
+from datasets.face_codec import decode_face
 from datasets.hashing import params_hash
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
 from datasets.rec_layout import (
@@ -83,7 +83,8 @@ __all__ = ["STAGE", "EXTRA_COLUMNS", "MergeConfig", "MergeResult", "load_embeddi
            "run_merge", "merge_task", "main"]
 
 STAGE = "merge"
-_CODE_MODULES = ("tasks.merge", "tasks.evaluation.embed", "datasets.rec_layout", "datasets.recordio")
+_CODE_MODULES = ("tasks.merge", "tasks.evaluation.embed", "datasets.rec_layout", "datasets.recordio", "datasets.face_codec",
+                 "datasets.normalization")
 _CHUNK_IMAGES = 4096  # images decoded and embedded per extract_embeddings call
 _SIM_ROWS = 4096  # centre rows per similarity block
 
@@ -214,15 +215,6 @@ def _dataset_stamp(folder: Path) -> str:
 # --- embeddings -----------------------------------------------------------------------------------
 
 
-def _decode(payload: bytes, where: str, size: tuple[int, int]) -> np.ndarray:
-    img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR) if payload else None
-    if img is None:
-        raise FormatError(where, f"image payload of {len(payload)} bytes cannot be decoded", "JPEG/PNG bytes")
-    if img.shape[:2] != size:
-        raise FormatError(where, f"image is {img.shape[0]}x{img.shape[1]}", f"{size[0]}x{size[1]} as in property")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
 def _image_batches(ds: _Dataset, positions: np.ndarray, batch: int) -> Iterator[np.ndarray]:
     """Decoded RGB images ``(b, H, W, 3) uint8`` of ``positions`` (into ``ds.rec.keys``), in order."""
     size = ds.image_size
@@ -231,7 +223,7 @@ def _image_batches(ds: _Dataset, positions: np.ndarray, batch: int) -> Iterator[
             images = []
             for pos in positions[start:start + batch]:
                 _header, payload = unpack(reader.read_at(int(ds.rec.offsets[pos])))
-                images.append(_decode(payload, f"{ds.rec.rec_path} (record key {int(ds.rec.keys[pos])})", size))
+                images.append(decode_face(payload, ds.rec.rec_path, f"record key {int(ds.rec.keys[pos])}", size))
             yield np.stack(images)
 
 

@@ -1,8 +1,11 @@
-"""Pack stage: an InsightFace ``.lst`` into ``train.rec`` / ``train.idx`` / ``property`` (spec 2.1-2.2).
+"""Pack stage: a ``.lst`` into ``train.rec`` / ``train.idx`` / ``property`` (spec 2.1-2.2).
 
-Input: an InsightFace ``.lst`` (:mod:`datasets.lst`), usually the ``train.lst`` of an lst-stage
-folder (:mod:`tasks.lst`; its ``stage.json`` gives the image size and class count, its
-``labels.csv`` the identity names). Relative image paths are taken relative to the list's folder.
+Input: a ``.lst`` in either form (:mod:`datasets.lst`; the form is detected from its first lines):
+usually the ``train.lst`` of an lst-stage folder (:mod:`tasks.lst`; its ``stage.json`` gives the image
+size and class count, its ``labels.csv`` the identity names), or a user's list -- InsightFace form
+(``aligned \t path \t label [\t bbox [\t landmarks]]``, e.g. the align_megaface / webface lists) or
+MXNet im2rec form (``index \t label \t path``: face crops, packed as they are, class = first label,
+records renumbered 1..N). Relative image paths are taken relative to the list's folder.
 
 Output (``out_dir``), as face2rec2 writes it:
 
@@ -12,13 +15,17 @@ Output (``out_dir``), as face2rec2 writes it:
   label (``"scalar"``, dir2rec / dataset_merge, flag 0). The payload of an ``aligned=1`` line is
   the image file's bytes, copied verbatim (no re-encode); each is checked to be an image of the
   dataset's size. An ``aligned=0`` line with landmarks is aligned as face2rec2 does (5-point
-  similarity to the template of the image size, then JPEG ``jpeg_quality``); one without
-  landmarks is skipped (face2rec2 skips it silently; here it gets a ``skipped`` manifest row).
+  similarity to the template of the image size, then JPEG ``jpeg_quality``). One with a bbox and no
+  landmarks is cropped as InsightFace's ``face_preprocess.preprocess`` does without landmarks (the
+  box grown by 22 pixels on every side, clipped to the photo, resized to the image size; face2rec2
+  itself skips such lines) and gets a ``fallback`` manifest row that says so; one with neither is
+  skipped (a ``skipped`` row), as face2rec2 does.
 * ``property``: ``num_classes,height,width`` (no newline); ``num_classes`` from the lst stage
   (largest label + 1) or the largest label + 1.
 * ``labels.csv``: the lst stage's ``label,identity`` table, copied (when there is one).
-* ``manifest.parquet``: one row per list line: ``label``, ``key`` and ``offset`` (byte offset of
-  its record in ``train.rec``; -1 when skipped), ``line`` (0-based entry of the list).
+* ``manifest.parquet``: one row per list line: ``status`` (``ok``, ``fallback``: bbox crop,
+  ``skipped``), ``label``, ``key`` and ``offset`` (byte offset of its record in ``train.rec``; -1 when
+  skipped), ``line`` (0-based entry of the list).
 * ``stage.json``, written last.
 
 ``shuffle`` (seeded, ``numpy`` PCG64) permutes the identity order and the order within every
@@ -50,7 +57,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -61,10 +67,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_write_bytes, remove_partials
 from datasets.errors import FormatError
-from datasets.face_align import warp_face
+from datasets.face_codec import encode_jpeg
+from datasets.face_align import center_crop, warp_face
 from datasets.hashing import params_hash, sha256_file
+from datasets.image_size import parse_image_size
 from datasets.images import UnreadableImage, decode_image
-from datasets.lst import InsightFaceColumns, InsightFaceLine, read_insightface_columns
+from datasets.lst import InsightFaceColumns, InsightFaceLine, read_lst_columns
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
 from datasets.rec_layout import IDX_FILE, LABELS_FILE, PROPERTY_FILE, REC_FILE, InsightFaceRecWriter
 from tasks.runtime import Progress, finished, logger
@@ -74,8 +82,10 @@ __all__ = ["STAGE", "EXTRA_COLUMNS", "PackConfig", "PackResult", "encoded_size",
            "main"]
 
 STAGE = "pack"
+DEFAULT_IMAGE_SIZE = (112, 112)
 LIST_FILE = "train.lst"
-_CODE_MODULES = ("tasks.pack", "datasets.lst", "datasets.rec_layout", "datasets.recordio")
+_CODE_MODULES = ("tasks.pack", "datasets.lst", "datasets.rec_layout", "datasets.recordio", "datasets.face_align",
+                 "datasets.face_codec")
 
 EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "label": pa.int64(),
@@ -130,18 +140,6 @@ def pack_order(labels: np.ndarray | list[int], shuffle: bool, seed: int) -> np.n
     rng = np.random.default_rng(seed)
     parts = [groups[g][rng.permutation(len(groups[g]))] for g in rng.permutation(len(groups))]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def _parse_size(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """``"112,112"``, ``"112x96"`` or ``(112, 96)`` -> ``(height, width)``."""
-    parts = value.replace("x", ",").split(",") if isinstance(value, str) else list(value)
-    try:
-        size = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        size = ()
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size {value!r} must be 'height,width' with two positive integers, e.g. 112,112")
-    return size  # type: ignore[return-value]
 
 
 def _resolve_all(paths: list[str], root: str) -> list[str]:
@@ -263,10 +261,16 @@ def _aligned_payload(data: bytes, size: tuple[int, int], lst: Path, where: str) 
     return data
 
 
+#: Margin (pixels, both sides together) of the bbox crop of face_preprocess.preprocess.
+BBOX_MARGIN = 44
+
+
 def _unaligned_payload(line: InsightFaceLine, path: str, size: tuple[int, int], quality: int, lst: Path,
                        where: str) -> bytes | None:
-    """JPEG of the face of an ``aligned=0`` line, aligned as face2rec2 does (None: no landmarks)."""
-    if line.landmarks is None:
+    """JPEG of the face of an ``aligned=0`` line: aligned on its landmarks as face2rec2 does, or its
+    bbox cropped with a margin and resized as ``face_preprocess.preprocess`` does without landmarks
+    (None: neither landmarks nor a bbox)."""
+    if line.landmarks is None and line.bbox is None:
         return None
     with open(path, "rb") as fh:
         data = fh.read()
@@ -274,11 +278,14 @@ def _unaligned_payload(line: InsightFaceLine, path: str, size: tuple[int, int], 
         pixels = decode_image(path, data).pixels
     except UnreadableImage as exc:
         raise FormatError(lst, f"{where}: {exc.reason}", "a readable photo") from None
-    face = warp_face(pixels, np.asarray(line.landmarks, dtype=np.float64), size)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(face, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
-        raise RuntimeError(f"{lst}: {where}: JPEG encoding failed")
-    return buf.tobytes()
+    if line.landmarks is not None:
+        face = warp_face(pixels, np.asarray(line.landmarks, dtype=np.float64), size)
+    else:
+        try:
+            face = center_crop(pixels, size, bbox=line.bbox, margin=BBOX_MARGIN)
+        except ValueError as exc:
+            raise FormatError(lst, f"{where}: bbox {line.bbox}: {exc}", "a box inside the photo") from None
+    return encode_jpeg(face, quality)
 
 
 #: List entries read, checked, hashed and written per batch (about 3 MB of 112x112 faces).
@@ -292,6 +299,7 @@ class _FaceReader:
     def __init__(self, rows: InsightFaceColumns, paths: list[str], size: tuple[int, int], quality: int, lst: Path):
         self.rows, self.paths, self.size, self.quality, self.lst = rows, paths, size, quality, lst
         self.check = _SizeCheck(size)
+        self.cropped: list[int] = []  # rows cropped from their bbox (no landmarks)
         self.sizes = [0] * len(paths)
         self.mtimes = [0] * len(paths)
 
@@ -351,10 +359,12 @@ class _FaceReader:
                 except OSError as exc:
                     raise _cannot_read(self.lst, i, path, exc) from None
                 self.sizes[i], self.mtimes[i] = st.st_size, st.st_mtime_ns
-                data = _unaligned_payload(self.rows.line(i), path, self.size, self.quality, self.lst,
-                                          f"entry {i + 1} ({path})")
+                line = self.rows.line(i)
+                data = _unaligned_payload(line, path, self.size, self.quality, self.lst, f"entry {i + 1} ({path})")
                 if data is None:
                     continue
+                if line.landmarks is None:
+                    self.cropped.append(i)
             kept.append(i)
             payloads.append(data)
         return kept, payloads
@@ -388,8 +398,8 @@ def run_pack(
     """Pack ``lst`` (a ``.lst`` file or an lst-stage folder) into ``out_dir``.
 
     ``image_size`` (height, width), ``num_classes`` and ``labels`` (a ``label,identity`` CSV)
-    default to the lst stage's when ``lst`` is its folder; otherwise to the first image's size,
-    the largest label + 1, and none. Skipped (``skipped=True``) when the stage record matches
+    default to the lst stage's when ``lst`` is its folder; otherwise to the first aligned image's
+    size (112x112 when every line is a photo to align), the largest label + 1, and none. Skipped (``skipped=True``) when the stage record matches
     (same list, image sizes and mtimes, parameters, code); ``force`` rebuilds.
     """
     cfg = cfg or PackConfig()
@@ -402,12 +412,18 @@ def run_pack(
         num_classes = num_classes if num_classes is not None else stage_info.get("num_classes")
         if labels is None and (source.parent / LABELS_FILE).is_file():
             labels = source.parent / LABELS_FILE
-    lst_rows = read_insightface_columns(source)
+    form, lst_rows = read_lst_columns(source)
     if not len(lst_rows):
         raise FormatError(source, "the list has no entries", "one line per image")
     n = len(lst_rows)
     paths = _resolve_all(lst_rows.paths, str(source.parent))
-    size = _parse_size(image_size) if image_size is not None else _image_size_of(paths[0], source)
+    if image_size is not None:
+        size = parse_image_size(image_size)
+    elif lst_rows.aligned.any():  # the first face crop's size
+        size = _image_size_of(paths[int(np.argmax(lst_rows.aligned))], source)
+    else:  # photos only: faces are aligned at the ArcFace size
+        size = DEFAULT_IMAGE_SIZE
+        logger().info("pack: %s holds no aligned face to take the size from; aligning at %dx%d", source, *size)
     label_array = lst_rows.labels
     if num_classes is not None and int(num_classes) <= int(label_array.max()):
         raise ValueError(f"{source}: num_classes {num_classes} but labels go up to {int(label_array.max())}")
@@ -448,7 +464,10 @@ def run_pack(
                     ok[kept] = True
                 if (start + _BATCH) // 10000 > start // 10000:
                     progress.update(min(start + _BATCH, n))
-            manifest = _manifest(paths, shas, params_hash(params), ok, label_array, keys, offsets, lst_rows.aligned)
+            cropped = np.zeros(n, bool)
+            cropped[reader.cropped] = True
+            manifest = _manifest(paths, shas, params_hash(params), ok, label_array, keys, offsets, lst_rows.aligned,
+                                 cropped)
             # written while the .rec is synced to disk and renamed into place (the stage record,
             # written last, commits both)
             manifest_written = manifest_thread.submit(write_manifest, out / MANIFEST_FILE, manifest, stage=STAGE,
@@ -466,23 +485,31 @@ def run_pack(
         "counts": status_counts(manifest), "images": summary_rec.num_images,
         "identities": len(np.unique(label_array[ok])), "identity_runs": len(summary_rec.identities),
         "num_classes": summary_rec.property.num_classes, "image_size": list(size), "lst": str(source),
+        "lst_form": form,
     }
     commit_record(out, STAGE, params, inputs, code, outputs, summary=summary)
     logger().info("pack: %d images of %d identities -> %s", summary["images"], summary["identities"], out / REC_FILE)
     return _result(out, summary, skipped=False)
 
 
+_SKIPPED = "aligned=0 and neither landmarks nor a bbox (face2rec2 skips such lines)"
+_CROPPED = (f"aligned=0 with a bbox and no landmarks: the bbox grown by {BBOX_MARGIN // 2} px on every side, "
+            "cropped and resized (face_preprocess.preprocess), not landmark-aligned")
+
+
 def _manifest(paths: list[str], shas: np.ndarray, params_digest: str, ok: np.ndarray, labels: np.ndarray,
-              keys: np.ndarray, offsets: np.ndarray, aligned: np.ndarray) -> pd.DataFrame:
+              keys: np.ndarray, offsets: np.ndarray, aligned: np.ndarray, cropped: np.ndarray | None = None
+              ) -> pd.DataFrame:
     """One manifest row per list entry (``item_id`` = its 0-based entry number)."""
     n = len(paths)
+    cropped = np.zeros(n, bool) if cropped is None else cropped
     return pd.DataFrame({
         "item_id": [str(i) for i in range(n)],
         "source_path": paths,
         "source_sha256": shas,
         "params_hash": params_digest,
-        "status": np.where(ok, "ok", "skipped").astype(object),
-        "reason": np.where(ok, "", "aligned=0 and no landmarks (face2rec2 skips such lines)").astype(object),
+        "status": np.where(ok, np.where(cropped, "fallback", "ok"), "skipped").astype(object),
+        "reason": np.where(ok, np.where(cropped, _CROPPED, ""), _SKIPPED).astype(object),
         "output_path": np.where(ok, REC_FILE, "").astype(object),
         "label": labels,
         "key": keys,
@@ -503,9 +530,9 @@ def _result(out: Path, summary: dict, skipped: bool) -> PackResult:
 
 @task(name="pack", cache_policy=NO_CACHE)
 def pack_task(lst: str | os.PathLike, out_dir: str | os.PathLike, cfg: PackConfig | None = None,
-              force: bool = False) -> PackResult:
+              force: bool = False, image_size: str | None = None) -> PackResult:
     """:func:`run_pack` on an lst-stage folder (or a ``.lst``); Skipped in the UI when up to date."""
-    return finished(run_pack(lst, out_dir, cfg, force=force))
+    return finished(run_pack(lst, out_dir, cfg, image_size=image_size, force=force))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,22 @@ Output (``out_dir``):
   ``n_same``, ``n_diff``, ``nfolds``, ``accuracy``, ``accuracy_std``, ``threshold_mean`` (squared
   distance), ``val@far=1e-03``, ``val_std``, ``val_far``, ``tar@far=1e-01`` ... ``tar@far=1e-06``
   (null when the set has too few different pairs), ``xnorm`` (mean raw embedding norm), ``seconds``
-  (decode + extract + evaluate), ``notes``, and the model and extraction settings.
+  (decode + extract + evaluate), ``notes``, ``error``, and the model and extraction settings.
+  A target that cannot be evaluated (a missing or malformed pack, images of another size, non-finite
+  embeddings, ...) gets its row with ``error`` set and empty metrics; the other targets are evaluated
+  as usual (``error`` is empty in their rows). Only when every target fails does the call raise.
+  A set with fewer pairs than ``nfolds`` is evaluated with one fold per pair and a note in ``notes``.
 * ``verification_roc.parquet``: the ROC over all pairs, one row per point: ``model_sha256``,
   ``target``, ``far``, ``tar``, ``threshold`` (accept iff squared distance <= threshold).
 * ``verification_roc.png``: TAR against FAR on a log axis, one curve per target.
 * ``stage.json`` last. Its inputs are the model file's sha256 and each pack's sha256, so the same
-  model on the same packs with the same settings is Skipped.
+  model on the same packs with the same settings is Skipped. It is not written when a target failed,
+  so the next run tries again.
+
+Folds: the 10-fold protocol splits the pair list into contiguous blocks, as LFW's ``pairs.txt`` is
+laid out (10 blocks of 300 same + 300 different pairs). A pack built from a list in another order (a
+CSV sorted by person, all same pairs first) gives folds of one kind of pair and a poorly chosen
+threshold: ``shuffle_folds`` splits a seeded permutation of the pairs (``fold_seed``) instead.
 """
 from __future__ import annotations
 
@@ -50,20 +60,26 @@ from tasks.stage import code_version, commit_record, current_record, invalidate
 from tasks.evaluation.pairs import DEFAULT_FAR_TARGETS, evaluate_verification, far_key
 
 __all__ = ["STAGE", "METRICS_FILE", "ROC_FILE", "PLOT_FILE", "VerificationConfig", "VerificationStageResult",
-           "run_verification", "plot_roc", "metrics_table", "verification_task", "main"]
+           "run_verification", "plot_roc", "metrics_table", "row_text", "verification_task", "main"]
 
 STAGE = "verification"
 METRICS_FILE = "verification.parquet"
 ROC_FILE = "verification_roc.parquet"
 PLOT_FILE = "verification_roc.png"
-_CODE_MODULES = ("tasks.verification", "tasks.evaluation.model", "tasks.evaluation.embed", "tasks.evaluation.pairs", "datasets.verification_bin")
-_TABLE_COLUMNS = ("target", "accuracy", "accuracy_std", "threshold_mean", "val@far=1e-03", "xnorm", "n_pairs", "seconds")
+_CODE_MODULES = ("tasks.verification", "tasks.evaluation.model", "tasks.evaluation.embed", "tasks.evaluation.pairs",
+                 "datasets.verification_bin", "datasets.normalization")
+_TABLE_COLUMNS = ("target", "accuracy", "accuracy_std", "threshold_mean", "val@far=1e-03", "xnorm", "n_pairs", "seconds",
+                  "notes", "error")
 
 
 class VerificationConfig(ExtractionConfig):
     """Parameters of the verification stage (extraction settings plus the protocol's)."""
 
     nfolds: int = Field(10, ge=1, description="contiguous folds of the accuracy protocol (1 = train on the test set)")
+    shuffle_folds: bool = Field(
+        False, description="split a seeded permutation of the pairs into folds (for pair lists not laid out in "
+                           "LFW's balanced blocks, e.g. a CSV sorted by person)")
+    fold_seed: int = Field(0, ge=0, description="seed of shuffle_folds")
     far_targets: list[float] = Field(list(DEFAULT_FAR_TARGETS), description="FARs at which TAR is reported")
 
 
@@ -78,10 +94,24 @@ class VerificationStageResult:
     rows: list[dict[str, Any]]
     skipped: bool
 
+    @property
+    def errors(self) -> dict[str, str]:
+        """``{target: error message}`` of the targets that could not be evaluated."""
+        return {r["target"]: r["error"] for r in self.rows if r.get("error")}
+
     def summary_lines(self) -> list[str]:
-        """InsightFace-style log lines: ``[lfw]XNorm: ... Accuracy-Flip: 0.99500+-0.00300``."""
-        return [f"[{r['target']}]XNorm: {r['xnorm']:f} Accuracy-Flip: {r['accuracy']:1.5f}+-{r['accuracy_std']:1.5f}"
+        """InsightFace-style log lines: ``[lfw]XNorm: ... Accuracy-Flip: 0.99500+-0.00300``, or
+        ``[lfw]error: ...`` for a target that failed."""
+        return [f"[{r['target']}]error: {r['error']}" if r.get("error") else
+                f"[{r['target']}]XNorm: {r['xnorm']:f} Accuracy-Flip: {r['accuracy']:1.5f}+-{r['accuracy_std']:1.5f}"
                 for r in self.rows]
+
+
+def row_text(row: Mapping[str, Any]) -> str:
+    """``lfw 0.9950`` or ``lfw: error <message>`` for a summary line."""
+    if row.get("error"):
+        return f"{row['target']}: error {row['error']}"
+    return f"{row['target']} {row['accuracy']:.4f}"
 
 
 def _target_paths(targets: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]) -> dict[str, Path]:
@@ -94,10 +124,46 @@ def _target_paths(targets: Sequence[str | os.PathLike] | Mapping[str, str | os.P
         path = Path(target).resolve()
         if name in out:
             raise ValueError(f"verification: two targets are named {name!r} ({out[name]} and {path}); pass a mapping name -> path")
-        if not path.is_file():
-            raise FormatError(path, "verification pack does not exist", "a .bin pickle (lfw.bin, cfp_fp.bin, ...)")
         out[name] = path
     return out
+
+
+def _bin_digest(path: Path) -> str | FormatError:
+    """sha256 of a pack, or the error that names it when it is not a file."""
+    if not path.is_file():
+        return FormatError(path, "verification pack does not exist", "a .bin pickle (lfw.bin, cfp_fp.bin, ...)")
+    return sha256_file(path)
+
+
+#: Types of the metric columns, so that a table whose rows are all errors has the usual schema.
+_METRIC_TYPES: dict[str, pa.DataType] = {
+    "images": pa.int64(), "n_pairs": pa.int64(), "n_same": pa.int64(), "n_diff": pa.int64(), "nfolds": pa.int64(),
+    "notes": pa.string(), "error": pa.string(), "bin_sha256": pa.string(), "flip": pa.bool_(), "precision": pa.string(),
+}
+_FLOAT_COLUMNS = ("accuracy", "accuracy_std", "threshold_mean", "val@far=1e-03", "val_std", "val_far", "xnorm", "seconds")
+
+
+def _error_row(model: EvalModel, name: str, digest: str, cfg: VerificationConfig, exc: BaseException) -> dict:
+    """The row of a target that could not be evaluated: metrics empty, ``error`` the one-line reason."""
+    message = str(exc) if isinstance(exc, (FormatError, ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+    row: dict[str, Any] = {**model.describe(), "target": name, "bin_sha256": digest, "images": None, "n_pairs": None,
+                           "n_same": None, "n_diff": None, "nfolds": None, **dict.fromkeys(_FLOAT_COLUMNS)}
+    for target in cfg.far_targets:
+        row[far_key(float(target))] = None
+    row.update({"notes": "", "flip": cfg.flip, "precision": cfg.precision, "error": message.replace("\n", " ")})
+    return row
+
+
+def _metrics_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    table = rows_table([{c: row.get(c) for c in columns} for row in rows])
+    for i, field in enumerate(table.schema):
+        wanted = _METRIC_TYPES.get(field.name)
+        if wanted is not None and field.type != wanted:
+            table = table.set_column(i, field.name, table.column(i).cast(wanted))
+    return table
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:
@@ -152,13 +218,16 @@ def _evaluate_target(model: EvalModel, name: str, path: Path, digest: str, cfg: 
     emb = model.embed(_with_progress(images, name, cfg.batch_size), cfg)
     try:
         result = evaluate_verification(emb.fused, issame, nfolds=cfg.nfolds, far_targets=cfg.far_targets,
-                                       raw_norms=emb.raw_norms)
+                                       raw_norms=emb.raw_norms, fold_seed=cfg.fold_seed if cfg.shuffle_folds else None)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
     seconds = time.perf_counter() - start
     logger().info("%s (%d pairs, %.1f s)", result.summary(name), result.n_pairs, seconds)
+    for note in result.notes:
+        if "fewer than" in note:
+            logger().warning("verification: %s: %s", name, note)
     row = {**model.describe(), "target": name, "bin_sha256": digest, "images": int(images.shape[0]),
-           **result.to_row(), "seconds": seconds, "flip": cfg.flip, "precision": cfg.precision}
+           **result.to_row(), "seconds": seconds, "flip": cfg.flip, "precision": cfg.precision, "error": ""}
     for target in cfg.far_targets:  # same columns whatever the set size
         row.setdefault(far_key(float(target)), None)
     roc = pa.table({"model_sha256": [model.digest] * len(result.roc_far), "target": [name] * len(result.roc_far),
@@ -184,14 +253,15 @@ def run_verification(
     out = Path(out_dir).resolve()
     sets = _target_paths(targets)
     digest = model_digest(model)
-    bin_digests = {name: sha256_file(path) for name, path in sets.items()}
+    found = {name: _bin_digest(path) for name, path in sets.items()}
+    bin_digests = {name: d if isinstance(d, str) else "" for name, d in found.items()}
     params = {"config": cfg.model_dump(mode="json"), "targets": list(sets)}
     inputs = {"model": digest, **{f"bin:{name}": d for name, d in bin_digests.items()}}
     code = code_version(*_CODE_MODULES)
     paths = (out / METRICS_FILE, out / ROC_FILE, out / PLOT_FILE)
     if force:
         invalidate(out)
-    elif current_record(out, STAGE, params, inputs, code) is not None:
+    elif all(bin_digests.values()) and current_record(out, STAGE, params, inputs, code) is not None:
         rows = pq.read_table(out / METRICS_FILE).to_pylist()
         logger().info("verification: %s is up to date (%s)", out, ", ".join(f"{r['target']} {r['accuracy']:.5f}" for r in rows))
         return VerificationStageResult(out, *paths, rows=rows, skipped=True)
@@ -201,17 +271,33 @@ def run_verification(
     loaded = load_eval_model(model, cfg, digest=digest)
     logger().info("verification: %s (%s, %s input %dx%d) on %s", loaded.name, loaded.kind, loaded.normalize,
                   *loaded.image_size, ", ".join(sets))
-    rows, rocs = [], []
+    rows, rocs, failures = [], {}, {}
     for name, path in sets.items():
-        row, roc = _evaluate_target(loaded, name, path, bin_digests[name], cfg)
+        try:
+            if not isinstance(found[name], str):
+                raise found[name]  # type: ignore[misc]
+            row, rocs[name] = _evaluate_target(loaded, name, path, bin_digests[name], cfg)
+        except Exception as exc:  # noqa: BLE001 - one target's failure must not lose the others' results
+            failures[name] = exc
+            row = _error_row(loaded, name, bin_digests[name], cfg, exc)
+            logger().error("verification: %s (%s) failed: %s", name, path, row["error"])
         rows.append(row)
-        rocs.append(roc)
-    _write_parquet(out / METRICS_FILE, rows_table(rows))
-    _write_parquet(out / ROC_FILE, pa.concat_tables(rocs))
-    curves = {name: (roc.column("far").to_numpy(), roc.column("tar").to_numpy()) for name, roc in zip(sets, rocs)}
+    if not rocs:
+        if len(failures) == 1:
+            raise next(iter(failures.values()))
+        raise ValueError("verification: every target failed: " + "; ".join(f"{r['target']}: {r['error']}" for r in rows))
+    invalidate(out)  # the files below replace the recorded ones; a record is written only if every target succeeded
+    _write_parquet(out / METRICS_FILE, _metrics_table(rows))
+    _write_parquet(out / ROC_FILE, pa.concat_tables(list(rocs.values())))
+    curves = {name: (roc.column("far").to_numpy(), roc.column("tar").to_numpy()) for name, roc in rocs.items()}
     plot_roc(curves, out / PLOT_FILE, title=f"{loaded.name} ({digest[:12]})")
-    summary = {r["target"]: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"]} for r in rows}
-    commit_record(out, STAGE, params, inputs, code, [METRICS_FILE, ROC_FILE, PLOT_FILE], summary=summary)
+    if failures:
+        logger().warning("verification: %d of %d target(s) failed (%s); their rows carry the error, and the stage "
+                         "is not recorded as done, so the next run tries again", len(failures), len(rows),
+                         ", ".join(failures))
+    else:
+        summary = {r["target"]: {"accuracy": r["accuracy"], "accuracy_std": r["accuracy_std"]} for r in rows}
+        commit_record(out, STAGE, params, inputs, code, [METRICS_FILE, ROC_FILE, PLOT_FILE], summary=summary)
     return VerificationStageResult(out, *paths, rows=rows, skipped=False)
 
 
@@ -227,7 +313,9 @@ def metrics_table(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def roc_markdown(plot_path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> str:
     """Markdown with the ROC plot as a data URI and one accuracy line per target."""
     data = base64.b64encode(Path(plot_path).read_bytes()).decode("ascii")
-    lines = [f"- **{r['target']}**: accuracy {r['accuracy']:.5f} ± {r['accuracy_std']:.5f}, {r['n_pairs']} pairs" for r in rows]
+    lines = [f"- **{r['target']}**: error: {r['error']}" if r.get("error") else
+             f"- **{r['target']}**: accuracy {r['accuracy']:.5f} ± {r['accuracy_std']:.5f}, {r['n_pairs']} pairs"
+             for r in rows]
     return "\n".join(["### Verification ROC", "", f"![ROC](data:image/png;base64,{data})", "", *lines])
 
 
@@ -243,7 +331,7 @@ def verification_task(model: str, targets: list[str] | dict[str, str], out_dir: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.evaluation.pairs",
+    parser = argparse.ArgumentParser(prog="python -m tasks.verification",
                                      description="Verification accuracy of an embedding model on .bin packs.")
     parser.add_argument("model", help="a training checkpoint or a .onnx file")
     parser.add_argument("targets", nargs="+", help="verification packs (lfw.bin, cfp_fp.bin, ...)")

@@ -197,3 +197,44 @@ def test_bad_input_fails_fast_naming_the_path(prefect_server, tmp_path, inputs):
         BuildDatasetParams(name="x", raw_dir="r", merge_with=["m"], merge=MergeConfig(dedup="model"))
     with pytest.raises(ValueError, match="must start with a letter"):
         BuildDatasetParams(name="../x", raw_dir="r")
+
+
+def test_user_lst_files_of_both_forms_pack_through_the_flow(prefect_server, tmp_path):
+    """lst_file replaces align and lst: an im2rec list of face crops, and an InsightFace list mixing
+    aligned crops, photos with landmarks + bbox (aligned here) and a bbox-only photo (cropped, a
+    'fallback' row); pair lists and gather as usual."""
+    from datasets.face_align import TEMPLATE_112x112
+    from datasets.lst import Im2recLine, InsightFaceLine, write_im2rec_lst, write_insightface_lst
+    from datasets.synthetic import write_pairs_csv
+
+    faces = tmp_path / "faces"
+    people = synthetic_identities(faces, range(3), images=3, seed=2)
+    files = list(people.values())
+    im2rec = write_im2rec_lst(tmp_path / "crops.lst", [Im2recLine(i, (float(k),), str(p.relative_to(tmp_path)))
+                                                       for k, paths in enumerate(files) for i, p in enumerate(paths)])
+    marks = tuple(map(tuple, TEMPLATE_112x112))  # the generated crops are "photos" whose landmarks sit on the template
+    insight = write_insightface_lst(tmp_path / "mixed.lst", [
+        *(InsightFaceLine(True, str(p), 0) for p in files[0]),
+        *(InsightFaceLine(False, str(p), 1, (20, 20, 92, 100), marks) for p in files[1]),
+        InsightFaceLine(False, str(files[2][0]), 2, (20, 20, 92, 100)),
+    ])
+    pairs = write_pairs_csv(tmp_path / "pairs.csv", people, num_pairs=8, folds=2, relative_to=faces)
+    spec = PairsSet(name="synth", file=str(pairs), image_root=str(faces), aligned=True)
+    for name, lst, images, counts in (("from-im2rec", im2rec, 9, {"ok": 9}), ("from-mixed", insight, 7, {"fallback": 1, "ok": 6})):
+        state = build_dataset(name=name, lst_file=str(lst), data_root=str(tmp_path / "data"),
+                              align=AlignConfig(device="cpu"), pairs=[spec], return_state=True)
+        assert state.is_completed(), state.message
+        result = state.result()
+        out = tmp_path / "data" / "datasets" / name
+        assert result["images"] == images and result["identities"] == 3 and result["bins"] == {"synth": 8}
+        assert str(read_property(out / "property")) == "3,112,112" and not (out / "align").exists()
+        assert "lst" not in result["stages"] and result["stages"]["pack"] == "ran"
+        with api.client() as client:
+            table = api.artifacts(client, [state.state_details.flow_run_id])["build-dataset-counts"]
+            assert {r["status"]: r["count"] for r in _table(table.data) if r["stage"] == "pack"} == counts
+    with pytest.raises(ValueError, match="lst_file is packed as it is"):
+        BuildDatasetParams(name="x", lst_file=str(im2rec), raw_dir="r")
+    bad = tmp_path / "bad.lst"
+    bad.write_text("just one column\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"lst_file: .*bad\.lst: line 1: 1 tab-separated columns"):
+        BuildDatasetParams(name="x", lst_file=str(bad)).check_inputs()

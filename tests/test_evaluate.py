@@ -132,7 +132,46 @@ def test_bad_packs_name_the_file(tmp_path):
                          tmp_path / "a", CPU)
     with pytest.raises(FormatError, match=r"nothere\.bin: verification pack does not exist"):
         run_verification(CodeEmbedder(), [tmp_path / "nothere.bin"], tmp_path / "a", CPU)
+    with pytest.raises(ValueError, match=r"every target failed: odd: .*odd\.bin: 3 images.*; nothere: .*does not exist"):
+        run_verification(CodeEmbedder(), [tmp_path / "odd.bin", tmp_path / "nothere.bin"], tmp_path / "a", CPU)
     assert not (tmp_path / "a" / "stage.json").exists()
+
+
+def test_one_bad_target_leaves_the_others_rows(packs, tmp_path):
+    """A malformed pack, a missing one and a 6-pair set beside a good one: each target gets its row
+    (metrics, an error or a note), in the table, the summary lines and the UI table; nothing is
+    recorded as done, so the next run tries the failed targets again."""
+    rng = np.random.default_rng(1)
+    odd = _py3_pickle(tmp_path / "odd.bin", [png(code_image((0, 1), rng))] * 3, [True])
+    six = write_pack(tmp_path / "six.bin", *easy_pairs(6, seed=2))
+    targets = {"known": packs["known"], "odd": odd, "gone": tmp_path / "gone.bin", "six": six}
+    result = run_verification(CodeEmbedder(), targets, tmp_path / "eval", CPU)
+    rows = {r["target"]: r for r in pq.read_table(result.metrics_path).to_pylist()}
+    assert list(rows) == ["known", "odd", "gone", "six"]
+    _check_known(rows["known"])
+    assert rows["known"]["error"] == "" and rows["six"]["error"] == ""
+    assert "odd.bin: 3 images for 1 pairs" in rows["odd"]["error"] and rows["odd"]["accuracy"] is None
+    assert "gone.bin: verification pack does not exist" in rows["gone"]["error"]
+    assert rows["six"]["nfolds"] == 6 and rows["six"]["accuracy"] == 1.0
+    assert "6 pairs are fewer than 10 folds" in rows["six"]["notes"]
+    assert set(result.errors) == {"odd", "gone"}
+    assert result.summary_lines()[1].startswith("[odd]error: ") and result.summary_lines()[0].startswith("[known]XNorm")
+    table = metrics_table(result.rows)
+    assert table[2]["error"].startswith("verification pack does not exist") or "does not exist" in table[2]["error"]
+    assert "**odd**: error:" in roc_markdown(result.plot_path, result.rows)
+    roc = pq.read_table(result.roc_path).to_pandas()
+    assert set(roc["target"]) == {"known", "six"}
+    assert not (tmp_path / "eval" / "stage.json").exists()
+    assert not run_verification(CodeEmbedder(), targets, tmp_path / "eval", CPU).skipped
+    # a recorded run of the good targets is not taken for up to date once a failed run replaced its files
+    good = {"known": packs["known"], "six": six}
+    assert not run_verification(CodeEmbedder(), good, tmp_path / "again", CPU).skipped
+    run_verification(CodeEmbedder(), targets, tmp_path / "again", CPU)
+    rerun = run_verification(CodeEmbedder(), good, tmp_path / "again", CPU)
+    assert not rerun.skipped and [r["target"] for r in rerun.rows] == ["known", "six"]
+    # shuffled folds: a recorded setting, the same accuracy on this balanced, separable set
+    shuffled = run_verification(CodeEmbedder(), [six], tmp_path / "shuffled", CPU.model_copy(update={"shuffle_folds": True}))
+    assert shuffled.rows[0]["accuracy"] == 1.0 and "shuffled with seed 0" in shuffled.rows[0]["notes"]
 
 
 def write_pack_bytes(path, encoded, issame):

@@ -13,7 +13,7 @@ from datasets.face_align import (
     crop_box,
     crop_transform,
     estimate_similarity,
-    parse_image_size,
+    crop_size,
     template_for,
     transform_scale,
     warp_affine,
@@ -46,9 +46,9 @@ def test_templates_follow_the_spec():
     assert TEMPLATE_112x96[4].tolist() == [62.7299, 92.2041]
     assert np.allclose(TEMPLATE_112x112 - TEMPLATE_112x96, [[8.0, 0.0]] * 5)
     assert np.array_equal(template_for("112x96"), TEMPLATE_112x96)
-    assert parse_image_size("112,112") == (112, 112) and parse_image_size((112, 96)) == (112, 96)
+    assert crop_size("112,112") == (112, 112) and crop_size((112, 96)) == (112, 96)
     with pytest.raises(ValueError, match="'112x112' or '112x96'"):
-        parse_image_size("224x224")
+        crop_size("224x224")
 
 
 @pytest.mark.parametrize("angle", [0.0, 17.0, -75.0, 160.0])
@@ -92,7 +92,7 @@ def test_warp_puts_landmarks_on_the_template(size):
     for x, y in landmarks:
         cv2.circle(photo, (round(x * 16), round(y * 16)), 5 * 16, (255, 255, 255), -1, cv2.LINE_AA, shift=4)
     face = warp_face(photo, landmarks, size)
-    assert face.shape == (*parse_image_size(size), 3) and face.dtype == np.uint8
+    assert face.shape == (*crop_size(size), 3) and face.dtype == np.uint8
     gray = face[..., 0].astype(np.float64)
     n, labels = cv2.connectedComponents((gray > 0).astype(np.uint8))
     assert n == 6

@@ -128,7 +128,7 @@ def test_family_runs_channels_last_in_eval_and_train(code):
 
 @pytest.mark.parametrize("code", ["r18", "y1", "d121", "p68"])
 def test_112x96_input(code):
-    model = get_backbone(code, image_size="112,96").eval()
+    model = get_backbone(code, image_size=(112, 96)).eval()
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 112, 96))
     assert out.shape == (1, model.emb_size)

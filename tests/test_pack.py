@@ -98,6 +98,36 @@ def test_shuffle_keeps_identities_contiguous_and_is_byte_identical(tmp_path, lst
     assert len([g for i, g in enumerate(grouped) if i == 0 or g != grouped[i - 1]]) == 3
 
 
+def test_im2rec_lists_pack_and_the_form_is_detected(tmp_path):
+    """MXNet im2rec lists ('index\tlabel\tpath', labels as %f): packed as face crops, class = first
+    label, from Python and from the command line; lists of neither form name their line."""
+    from datasets.lst import Im2recLine, detect_lst_form, write_im2rec_lst
+    from tasks.pack import main
+
+    people = synthetic_identities(tmp_path / "faces", range(3), images=2, seed=1)
+    paths = [p for files in people.values() for p in files]
+    lst = tmp_path / "user_im2rec.lst"
+    write_im2rec_lst(lst, [Im2recLine(100 + i, (float(i // 2), 7.0), os.path.relpath(p, tmp_path) if i == 0 else str(p))
+                           for i, p in enumerate(paths)])
+    assert detect_lst_form(lst) == "im2rec" and lst.read_text().startswith("100\t0.000000\t7.000000\t")
+    result = run_pack(lst, tmp_path / "pack")
+    assert (result.images, result.identities, result.num_classes, result.image_size) == (6, 3, 3, (112, 112))
+    records = _records(result.out_dir)
+    assert [records[k][1] for k in range(1, 7)] == [p.read_bytes() for p in paths]  # verbatim
+    assert [list(records[k][0].label) for k in (1, 3, 6)] == [[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]]
+    assert main([str(lst), str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "train.rec").read_bytes() == (tmp_path / "pack" / "train.rec").read_bytes()
+
+    half = tmp_path / "half.lst"
+    half.write_text(f"0\t1.5\t{paths[0]}\n", encoding="utf-8")
+    with pytest.raises(FormatError, match=r"half\.lst: entry 1 .*label 1\.5 \(expected a whole-number class label"):
+        run_pack(half, tmp_path / "bad")
+    neither = tmp_path / "neither.lst"
+    neither.write_text(f"{paths[0]}\t3\n", encoding="utf-8")
+    with pytest.raises(FormatError, match=r"neither\.lst: line 1: 2 tab-separated columns .*InsightFace .*im2rec"):
+        run_pack(neither, tmp_path / "bad")
+
+
 def test_foreign_lists_unaligned_lines_and_bad_images(tmp_path):
     require_photos()
     aligned = aligned_small_photos()
@@ -110,17 +140,25 @@ def test_foreign_lists_unaligned_lines_and_bad_images(tmp_path):
     write_insightface_lst(lst, [
         InsightFaceLine(True, str(face), 4),
         InsightFaceLine(False, photo, 4, (0, 0, 10, 10), landmarks),  # face2rec2 aligns this one
-        InsightFaceLine(False, photo, 5, (0, 0, 10, 10)),  # no landmarks: skipped, as face2rec2 does
+        InsightFaceLine(False, photo, 5, (60, 20, 180, 200)),  # bbox, no landmarks: cropped as face_preprocess does
         InsightFaceLine(True, os.path.relpath(face, tmp_path), 5),  # relative to the list's folder
+        InsightFaceLine(False, photo, 5),  # neither: skipped, as face2rec2 does
     ])
     result = run_pack(lst, tmp_path / "pack")
-    assert result.images == 3 and result.num_classes == 6 and result.counts == {"ok": 3, "skipped": 1}
+    assert result.images == 4 and result.num_classes == 6
+    assert result.counts == {"fallback": 1, "ok": 3, "skipped": 1}
     records = _records(result.out_dir)
     warped = load_image(face).astype(int)
     again = cv2.imdecode(np.frombuffer(records[2][1], np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1].astype(int)
     assert list(records[2][0].label) == [4.0, 0.0] and np.abs(again - warped).mean() < 4
+    # face_preprocess.preprocess without landmarks: box grown by 22 px each side, clipped, resized
+    pixels = load_image(photo)
+    crop = cv2.resize(pixels[0:222, 38:202], (112, 112)).astype(int)
+    cropped = cv2.imdecode(np.frombuffer(records[3][1], np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1].astype(int)
+    assert list(records[3][0].label) == [5.0, 0.0] and np.abs(cropped - crop).mean() < 4
     man = read_manifest(result.manifest_path, stage=STAGE, extra=EXTRA_COLUMNS)
-    assert man.loc[2, "status"] == "skipped" and man.loc[2, "key"] == -1 and "no landmarks" in man.loc[2, "reason"]
+    assert man.loc[2, "status"] == "fallback" and "bbox grown by 22 px" in man.loc[2, "reason"]
+    assert man.loc[4, "status"] == "skipped" and man.loc[4, "key"] == -1 and "neither landmarks nor a bbox" in man.loc[4, "reason"]
 
     big = tmp_path / "big.lst"
     write_insightface_lst(big, [InsightFaceLine(True, photo, 0)])

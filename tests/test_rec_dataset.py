@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.errors import FormatError
-from datasets.rec_dataset import RecFaceDataset, normalize_batch
+from datasets.normalization import normalize_batch
+from datasets.rec_dataset import RecFaceDataset
 from datasets.rec_layout import InsightFaceRecWriter
 from datasets.recordio import IRHeader, MXIndexedRecordIO, pack
 from rec_fixtures import face_jpegs
@@ -85,7 +86,7 @@ def test_im2rec_set_and_image_size_check(tmp_path, jpegs):
             w.write_idx(key, pack(IRHeader(0, float(label), key, 0), jpg))
     ds = RecFaceDataset(tmp_path / "im.rec", normalize=None)
     assert [ds[i][1].item() for i in range(2)] == [5, 3]
-    with pytest.raises(FormatError, match=r"im\.rec: record key 0: image is 112x112 \(expected 112x96"):
+    with pytest.raises(FormatError, match=r"im\.rec: record key 0 at offset 0: image is 112x112 \(expected 112x96"):
         RecFaceDataset(tmp_path / "im.rec", image_size=(112, 96))[0]
 
 

@@ -62,7 +62,7 @@ def test_every_preset_loads_and_matches_its_seed_command():
     ({"loss": "arcfac"}, r"option 'loss': loss 'arcfac' is not known; valid losses: softmax"),
     ({"ckpt": 4}, r"option 'ckpt': ckpt 4 is not a policy; valid: 0 \(none\), 1 \(best\), 2 \(all\), 3 \(last\)"),
     ({"lr_steps": "100,50"}, r"option 'lr_steps': lr_steps '100,50' must be positive and increasing"),
-    ({"image_size": "112"}, r"option 'image_size': image_size '112' must be 'height,width'"),
+    ({"image_size": "112"}, r"option 'image_size': image size '112': expected two integers of at least 16, height x width"),
     ({"per_batch_size": 0}, r"option 'per_batch_size': .*greater than or equal to 2 \(got 0\)"),
     ({"amp": "fp8"}, r"option 'amp': .*'auto', 'bf16', 'fp16' or 'none' \(got 'fp8'\)"),
     ({"loss": 12, "per_batch_size": 64}, r"per_batch_size 64 must be a multiple of images_per_identity 5"),

@@ -200,5 +200,37 @@ def test_bad_input_is_named():
         evaluate_verification(bad, issame)
     with pytest.raises(ValueError, match=r"issame\[2\] = 2 is not a boolean"):
         evaluate_verification(emb, [1, 0, 2, 0, 1, 0, 1, 0, 1, 0])
-    with pytest.raises(ValueError, match="cannot split 10 pairs into 20 folds"):
-        evaluate_verification(emb, issame, nfolds=20)
+    with pytest.raises(ValueError, match="the set has no pairs"):
+        evaluate_verification(emb[:0], issame[:0])
+
+
+def test_fewer_pairs_than_folds_is_a_note_and_fewer_folds():
+    emb, issame = _random_set(6, 4, 2)
+    res = evaluate_verification(emb, issame, nfolds=10)
+    assert res.nfolds == 6 and res.fold_accuracies.shape == (6,)
+    assert "6 pairs are fewer than 10 folds: 6 fold(s) of one pair used" in res.to_row()["notes"]
+    exact = evaluate_verification(emb, issame, nfolds=6)
+    assert res.accuracy == exact.accuracy and res.accuracy_std == exact.accuracy_std
+    one = evaluate_verification(emb[:2], issame[:1], nfolds=10)
+    assert one.nfolds == 1 and "single fold is also the training set" in one.to_row()["notes"]
+
+
+def test_shuffled_folds_are_the_contiguous_folds_of_a_seeded_permutation():
+    """A list sorted by kind (all same pairs first) gives one-kind folds; fold_seed splits a seeded
+    permutation instead, exactly as if the list had been written in that order."""
+    emb, issame = _random_set(200, 8, 4)
+    emb[0::2][issame] = emb[1::2][issame] + 0.05  # same pairs close: a learnable set
+    order = np.argsort(~issame, kind="stable")  # same pairs first, as a hand-written CSV might be
+    rows = np.stack([2 * order, 2 * order + 1], 1).ravel()
+    sorted_emb, sorted_same = emb[rows], issame[order]
+    contiguous = evaluate_verification(sorted_emb, sorted_same)
+    shuffled = evaluate_verification(sorted_emb, sorted_same, fold_seed=7)
+    perm = np.random.default_rng(7).permutation(200)
+    rows = np.stack([2 * perm, 2 * perm + 1], 1).ravel()
+    by_hand = evaluate_verification(sorted_emb[rows], sorted_same[perm])
+    np.testing.assert_array_equal(shuffled.fold_accuracies, by_hand.fold_accuracies)
+    assert shuffled.val == by_hand.val and "shuffled with seed 7" in shuffled.to_row()["notes"]
+    np.testing.assert_array_equal(shuffled.roc_tar, contiguous.roc_tar)  # the ROC does not depend on order
+    # one-kind folds: VAL cannot be measured in them; shuffled folds hold both kinds
+    assert "VAL undefined in fold 0" in contiguous.to_row()["notes"] and np.isnan(contiguous.val)
+    assert "VAL undefined" not in shuffled.to_row()["notes"] and not np.isnan(shuffled.val)

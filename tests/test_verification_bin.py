@@ -181,6 +181,29 @@ def test_decode_bin_resizes_like_mxnet_resize_short(tmp_path):
         decode_bin(tmp_path / "tall.bin")
 
 
+def test_decode_bin_112x96_kept_and_scaled_by_its_short_side(tmp_path):
+    """A 112x96 pack on a 112x96 model is read as it is (InsightFace's width-vs-height rule would
+    make it 130x112); a 224x192 pack is scaled to 112x96; a 112x112 pack is refused, naming sizes."""
+    rng = np.random.default_rng(3)
+    narrow = [rng.integers(0, 256, (112, 96, 3), dtype=np.uint8) for _ in range(4)]
+    write_bin(tmp_path / "lfw96.bin", [cv2.imencode(".png", n)[1].tobytes() for n in narrow], [True, False])
+    images, issame = decode_bin(tmp_path / "lfw96.bin", (112, 96))
+    assert images.shape == (4, 112, 96, 3) and issame.tolist() == [True, False]
+    for img, n in zip(images, narrow):
+        assert np.array_equal(img, n[:, :, ::-1])
+    big = [rng.integers(0, 256, (224, 192, 3), dtype=np.uint8) for _ in range(2)]
+    write_bin(tmp_path / "big96.bin", [cv2.imencode(".png", b)[1].tobytes() for b in big], [True])
+    images, _ = decode_bin(tmp_path / "big96.bin", (112, 96))
+    for img, b in zip(images, big):
+        assert np.array_equal(img, cv2.resize(b, (96, 112), interpolation=cv2.INTER_CUBIC)[:, :, ::-1])
+    square = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(2)]
+    write_bin(tmp_path / "sq.bin", [cv2.imencode(".png", q)[1].tobytes() for q in square], [False])
+    with pytest.raises(FormatError, match=r"sq\.bin: image 0 \(pair 0\) measures 112x112 \(96x96 after resize_short to 96\) \(expected 112x96\)"):
+        decode_bin(tmp_path / "sq.bin", (112, 96))
+    with pytest.raises(FormatError, match=r"measures 112x96 \(130x112 after resize_short to 112\) \(expected 112x112\)"):
+        decode_bin(tmp_path / "lfw96.bin", (112, 112))
+
+
 def test_write_bin_encodes_rgb_arrays(tmp_path):
     crops = face_crops(2, seed=10)
     rgb = [c[:, :, ::-1] for c in crops]

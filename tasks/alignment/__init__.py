@@ -14,13 +14,15 @@ from tasks.alignment.aligner import (
     AlignResult,
     AlignShard,
     align_shard,
+    aligned_geometry,
     check_up_to_date,
     finalize_align,
+    load_plan,
     plan_align,
     run_align,
 )
 
 __all__ = [
     "AlignConfig", "AlignPlan", "AlignResult", "AlignShard", "DEFAULT_SHARD_SIZE", "EXTRA_COLUMNS", "STAGE",
-    "STATUSES", "align_shard", "check_up_to_date", "finalize_align", "plan_align", "run_align",
+    "STATUSES", "align_shard", "aligned_geometry", "check_up_to_date", "finalize_align", "load_plan", "plan_align", "run_align",
 ]

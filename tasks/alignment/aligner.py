@@ -48,11 +48,10 @@ Landmark refinement (``AlignConfig.refine_passes``, default 2): the first landma
 photo downscaled to ``max_side``, where a face may be a few dozen pixels wide. Each pass aligns
 every chosen face onto the template at 2x scale with 28 template pixels of margin (a 336x336 crop)
 from the warp decode, runs MTCNN on all crops of a batch of photos at once, and takes the
-landmarks of the detection nearest the template, mapped back to source pixels. On the bundled
-photos (``bench/align.py``) MTCNN landmarks found again on the output lie 2.8 px from the template
-on average (median 2.6) against 4.2 (3.1) without refinement. It helps most where the first
-landmarks are poorest: faces cut by the photo border (16 and 13 px before, < 4 after), where MTCNN
-on the whole photo guesses the hidden half differently from MTCNN on the centred face.
+landmarks of the detection nearest the template, mapped back to source pixels. It helps most where
+the first landmarks are poorest, e.g. faces cut by the photo border, where MTCNN on the whole photo
+guesses the hidden half differently from MTCNN on the centred face (measured by ``bench/align.py``;
+figures in the README).
 
 Work is split so that shards can run anywhere (Prefect tasks, processes, Dask workers):
 :func:`plan_align` -> :func:`align_shard` for every shard -> :func:`finalize_align`;
@@ -61,10 +60,11 @@ killed at any point resumes from the shards that finished.
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import math
 import os
+import pickle
 import stat as stat_module
 from collections import Counter
 from dataclasses import dataclass, field
@@ -79,18 +79,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from datasets.atomic import atomic_write_bytes, remove_partials
 from datasets.errors import FormatError
+from datasets.face_codec import encode_jpeg
 from datasets.face_align import (
     TEMPLATE_112x112,
     center_crop,
     choose_faces,
     crop_box,
     crop_transform,
+    estimate_similarities,
     estimate_similarity,
-    parse_image_size,
+    crop_size,
     template_for,
     transform_scale,
+    warp_affine,
 )
 from datasets.hashing import params_hash, sha256_bytes, sha256_file
+from datasets.image_size import parse_image_size
 from datasets.images import DecodedImage, UnreadableImage, decode_image
 from datasets.manifest import MANIFEST_FILE, clear_parts, read_manifest, split_reusable, status_counts, write_manifest, write_part
 from models.face_detector import Detections, FaceDetector
@@ -99,7 +103,8 @@ from tasks.stage import code_version, commit_record, current_record, invalidate
 
 __all__ = [
     "AlignConfig", "AlignPlan", "AlignResult", "AlignShard", "DEFAULT_SHARD_SIZE", "EXTRA_COLUMNS", "STAGE",
-    "STATUSES", "align_shard", "check_up_to_date", "finalize_align", "plan_align", "run_align",
+    "STATUSES", "align_shard", "aligned_geometry", "check_up_to_date", "finalize_align", "load_plan", "plan_align",
+    "run_align",
 ]
 
 STAGE = "align"
@@ -108,6 +113,7 @@ STAGE = "align"
 #: (every photo detected on its own, so its face no longer depends on the photos beside it).
 ALGORITHM_VERSION = 2
 IMAGES_DIR = "images"
+PLAN_FILE = "parts/plan.pickle"
 DEFAULT_SHARD_SIZE = 64
 #: Margin of the no-face centre crop, in source pixels (``preprocess`` default).
 FALLBACK_MARGIN = 44
@@ -117,7 +123,8 @@ _DECODED_BUDGET = 1 << 30
 STATUSES = ("ok", "fallback", "no_face", "unreadable", "duplicate", "ignored", "error")
 #: Rows with these statuses are decided again on every run instead of being reused.
 _NOT_REUSED = {"duplicate", "ignored", "error"}
-_CODE_MODULES = ("tasks.alignment.aligner", "datasets.images", "datasets.face_align", "models.face_detector")
+_CODE_MODULES = ("tasks.alignment.aligner", "datasets.images", "datasets.face_align", "datasets.face_codec",
+                 "models.face_detector")
 
 EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "identity": pa.string(),
@@ -191,11 +198,10 @@ class AlignConfig(BaseModel):
     @field_validator("image_size", mode="before")
     @classmethod
     def _spell_size(cls, value: Any) -> Any:
-        if isinstance(value, (tuple, list)):
-            value = "x".join(str(v) for v in value)
-        if isinstance(value, str):
-            value = value.replace(",", "x").replace(" ", "").lower()
-        return value
+        try:
+            return str(parse_image_size(value))  # "112,112", (112, 112) -> "112x112"
+        except ValueError:
+            return value  # the Literal names the allowed sizes
 
     @field_validator("thresholds")
     @classmethod
@@ -278,11 +284,28 @@ class AlignPlan:
             raise ValueError(f"{what}: cfg {cfg.plan_params(self.shard_size)} differs from the plan's "
                              f"({self.params_hash})")
 
-    def for_workers(self) -> "AlignPlan":
-        """This plan without its planned rows and shard list: what :func:`align_shard` needs
-        (pass the shard explicitly), small enough to send to every worker process."""
-        return dataclasses.replace(self, fixed_rows=self.fixed_rows.iloc[0:0], reused_rows=self.reused_rows.iloc[0:0],
-                                   shards=[])
+    def save(self) -> Path:
+        """Write this plan to ``<out_dir>/parts/plan.pickle`` (atomically; :func:`finalize_align`
+        removes it with the other parts) and return the path. Shard tasks in other processes load it
+        with :func:`load_plan`, so only the path travels through the orchestrator."""
+        path = self.out_dir / PLAN_FILE
+        atomic_write_bytes(path, pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL))
+        return path
+
+
+def load_plan(path: str | os.PathLike) -> AlignPlan:
+    """The plan :meth:`AlignPlan.save` wrote at ``path``, read once per process and file version."""
+    st = os.stat(path)
+    return _load_plan(os.fspath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_plan(path: str, mtime_ns: int, size: int) -> AlignPlan:
+    with open(path, "rb") as fh:
+        plan = pickle.load(fh)  # our own file, written by AlignPlan.save in the stage's folder
+    if not isinstance(plan, AlignPlan):
+        raise FormatError(path, f"holds a {type(plan).__name__}", "an align plan written by plan_align")
+    return plan
 
 
 @dataclass
@@ -565,13 +588,6 @@ def _finished_part(out: Path, shard: AlignShard, ph: str) -> pd.DataFrame | None
     return _frame(part)
 
 
-def _encode_jpeg(face: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(face, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise RuntimeError("cv2.imencode failed to encode the aligned face")
-    return buf.tobytes()
-
-
 def _apply(matrix3: np.ndarray, points: np.ndarray) -> np.ndarray:
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     return pts @ matrix3[:2, :2].T + matrix3[:2, 2]
@@ -611,7 +627,7 @@ def _prepare(loaded: _Loaded, det: Detections, raw: Path, out: Path, cfg: AlignC
     boxes = _apply(to_src, det.boxes[keep].reshape(-1, 2)).reshape(-1, 4)
     landmarks = _apply(to_src, det.landmarks[keep].reshape(-1, 2)).reshape(-1, 5, 2)
     scores = det.scores[keep]
-    size = parse_image_size(cfg.image_size)
+    size = crop_size(cfg.image_size)
     chosen = choose_faces(boxes, scores, (image.height, image.width), cfg.face_policy)
 
     if chosen:
@@ -641,18 +657,17 @@ def _prepare(loaded: _Loaded, det: Detections, raw: Path, out: Path, cfg: AlignC
 
 def _warp(faces: _Faces, matrix: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``faces``' decode warped by ``matrix`` (source pixels -> output, ``(2, 3)``) to ``size`` (h, w)."""
-    return cv2.warpAffine(faces.image.pixels, (np.vstack([matrix, [0, 0, 1]]) @ faces.to_src)[:2], size[::-1],
-                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return warp_affine(faces.image.pixels, (np.vstack([matrix, [0, 0, 1]]) @ faces.to_src)[:2], size)
 
 
 def _write_face(faces: _Faces, matrix: np.ndarray, target: Path, size: tuple[int, int], quality: int) -> None:
-    atomic_write_bytes(target, _encode_jpeg(_warp(faces, matrix, size), quality))
+    atomic_write_bytes(target, encode_jpeg(_warp(faces, matrix, size), quality))
 
 
 def _write_faces(faces: _Faces, out: Path, cfg: AlignConfig, ph: str) -> list[dict]:
     """Align and write every chosen face of one photo; its rows."""
     item = faces.loaded.item
-    size = parse_image_size(cfg.image_size)
+    size = crop_size(cfg.image_size)
     template = template_for(size)
     rows = []
     for i in faces.chosen:
@@ -803,12 +818,12 @@ def _import_aligned(loaded: _Loaded, out: Path, cfg: AlignConfig, ph: str) -> di
     common = dict(sha=loaded.sha, width=image.width, height=image.height,
                   source_size=int(item.source_size), source_mtime_ns=int(item.source_mtime_ns))
     try:
-        size = parse_image_size(cfg.image_size)
+        size = crop_size(cfg.image_size)
         output_path = f"{item.output_base}.jpg"
         if image.format == "JPEG" and image.pixels.shape[:2] == size:
             data = loaded.data
         else:
-            data = _encode_jpeg(_fit(image.pixels, size), cfg.jpeg_quality)
+            data = encode_jpeg(_fit(image.pixels, size), cfg.jpeg_quality)
         atomic_write_bytes(out / output_path, data)
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the shard
         logger().exception("align: %s failed", item.source_path)
@@ -964,3 +979,39 @@ def run_align(
         done += len(shard.items)
         progress.update(done)
     return finalize_align(plan)
+
+
+# --- geometry in the aligned image (what the lst stage lists) ----------------------------------------
+
+
+def _box_in(matrices: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Integer boxes ``(K, 4)``: the bounds of ``boxes`` ``(K, 4)`` mapped by ``matrices`` ``(K, 2, 3)``."""
+    x1, y1, x2, y2 = boxes.T
+    corners = np.stack([np.stack([x1, y1], 1), np.stack([x2, y1], 1), np.stack([x1, y2], 1), np.stack([x2, y2], 1)], 1)
+    mapped = np.einsum("kij,kcj->kci", matrices[:, :, :2], corners) + matrices[:, None, :, 2]
+    return np.concatenate([np.rint(mapped.min(axis=1)), np.rint(mapped.max(axis=1))], axis=1).astype(np.int64)
+
+
+def aligned_geometry(faces: pd.DataFrame, size: tuple[int, int]) -> tuple[list, list]:
+    """Per manifest row (``status``, ``bbox``, ``landmarks`` in source pixels), its box ``(x1, y1,
+    x2, y2)`` ints and five landmarks ``((x, y), ...)`` in its aligned ``size`` image (``None`` when
+    unknown): detected faces through the same similarity :func:`align_shard` warped them with
+    (estimated from the recorded final landmarks, vectorised), fallbacks through their crop."""
+    boxes: list = [None] * len(faces)
+    points: list = [None] * len(faces)
+    bbox_col, landmark_col, status = faces["bbox"].to_numpy(), faces["landmarks"].to_numpy(), faces["status"].to_numpy()
+    has_box = np.array([b is not None and len(b) == 4 for b in bbox_col], dtype=bool)
+    has_points = np.array([p is not None and len(p) == 10 for p in landmark_col], dtype=bool)
+    detected = np.flatnonzero((status == "ok") & has_box & has_points)
+    if len(detected):
+        src = np.stack(landmark_col[detected]).astype(np.float64).reshape(-1, 5, 2)
+        matrices = estimate_similarities(src, template_for(size))
+        warped = np.round(np.einsum("kij,knj->kni", matrices[:, :, :2], src) + matrices[:, None, :, 2], 3)
+        box = _box_in(matrices, np.stack(bbox_col[detected]).astype(np.float64))
+        for i, b, w in zip(detected.tolist(), box.tolist(), warped.tolist()):
+            boxes[i] = tuple(b)
+            points[i] = tuple(map(tuple, w))
+    for i in np.flatnonzero((status == "fallback") & has_box):
+        bbox = np.asarray(bbox_col[i], np.float64)
+        boxes[i] = tuple(int(v) for v in _box_in(crop_transform(bbox, size)[None], bbox[None])[0])
+    return boxes, points

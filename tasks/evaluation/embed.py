@@ -3,8 +3,7 @@
 ``extract_embeddings(model, images)`` runs aligned faces, ``(N, H, W, 3)`` uint8 RGB, through any
 callable that maps a normalised ``(B, 3, H, W)`` float32 batch to ``(B, D)`` raw embeddings, runs the
 mirrored images too, sums the two raw embeddings and L2-normalises the sum (InsightFace order).
-Input normalisation: ``"arcface"`` = ``((x / 255) - 0.5) / 0.5`` (arcface_torch), ``"mxnet"`` =
-``(x - 127.5) / 128`` (what 2018 MXNet models do inside their graph, for ported weights).
+Input normalisation: :mod:`datasets.normalization` (``"arcface"`` or ``"mxnet"``).
 
 On CUDA: uint8 batches go host -> device from pinned memory without blocking, are normalised on the
 device in channels_last layout, and results come back without a per-batch synchronisation, so the
@@ -18,7 +17,7 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,9 +25,7 @@ from torch import nn
 
 from datasets.atomic import atomic_paths
 from datasets.errors import FormatError
-
-Normalization = Literal["arcface", "mxnet"]
-_NORMALIZATION = {"arcface": (127.5, 1.0 / 127.5), "mxnet": (127.5, 1.0 / 128.0)}
+from datasets.normalization import NORMALIZATIONS, Normalization, normalization_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +145,10 @@ def extract_embeddings(
     ``amp_dtype``: e.g. ``torch.bfloat16`` for autocast; embeddings are summed and normalised in float32.
     Raises ``ValueError`` naming the batch for malformed input and the image for a non-finite embedding.
     """
-    if normalize not in _NORMALIZATION:
-        raise ValueError(f"normalize must be one of {sorted(_NORMALIZATION)}, got {normalize!r}")
+    scale = normalization_scale(normalize)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    mean, scale = _NORMALIZATION[normalize]
+    mean = NORMALIZATIONS[normalize][0]
     dev = _resolve_device(model, device)
     cuda = dev.type == "cuda"
     module = model if isinstance(model, nn.Module) else None

@@ -27,8 +27,9 @@ from torch import nn
 
 from datasets.errors import FormatError
 from datasets.hashing import sha256_file
-from models.backbone import parse_image_size
-from tasks.evaluation.embed import EmbeddingResult, Normalization, OnnxEmbedder, extract_embeddings
+from datasets.image_size import parse_image_size
+from datasets.normalization import Normalization
+from tasks.evaluation.embed import EmbeddingResult, OnnxEmbedder, extract_embeddings
 
 __all__ = ["ExtractionConfig", "EvalModel", "ModelSource", "model_digest", "load_eval_model", "rows_table"]
 
@@ -160,7 +161,7 @@ def _size(value: Any, where: str) -> tuple[int, int] | None:
     if value is None:
         return None
     try:
-        return parse_image_size(value if isinstance(value, str) else list(value))
+        return tuple(parse_image_size(value))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: image_size {value!r} is not (height, width) ({exc})") from None
 

@@ -319,23 +319,49 @@ class VerificationResult:
         return text
 
 
+def shuffled_pairs(n_pairs: int, seed: int) -> np.ndarray:
+    """The pair order ``(P,)`` int64 that ``fold_seed=seed`` evaluates in (``numpy.random.default_rng(seed)``)."""
+    return np.random.default_rng(seed).permutation(n_pairs)
+
+
 def evaluate_verification(
     embeddings: np.ndarray,
     issame: Sequence[bool] | np.ndarray,
     nfolds: int = 10,
     far_targets: Iterable[float] = DEFAULT_FAR_TARGETS,
     raw_norms: np.ndarray | float | None = None,
+    fold_seed: int | None = None,
 ) -> VerificationResult:
     """InsightFace verification metrics of ``embeddings`` ``(2P, D)`` float (pair ``i`` = rows ``2i, 2i+1``,
     fused and normalised) against ``issame`` ``(P,)`` bool.
 
+    Folds are contiguous blocks of the pair list, as in LFW's ``pairs.txt`` (each of its 10 blocks holds
+    300 same and 300 different pairs). A list that is not laid out in such blocks (a user's CSV sorted by
+    person, all same pairs first, ...) gives folds of one kind of pair: pass ``fold_seed`` to split a
+    seeded permutation of the pairs (:func:`shuffled_pairs`) instead. Fewer pairs than ``nfolds`` are
+    evaluated with one fold per pair (a single pair: one fold that is also the training set) and a note
+    says so, instead of an error.
+
     ``raw_norms``: L2 norms of the raw (pre-normalisation) embeddings, any shape; their mean is reported
-    as XNorm. Raises ``ValueError`` naming the row for NaN/inf embeddings and the counts for a size mismatch.
+    as XNorm. Raises ``ValueError`` naming the row for NaN/inf embeddings, the counts for a size mismatch,
+    and for a set without pairs.
     """
     emb, same = _check_inputs(embeddings, issame)
+    if nfolds < 1:
+        raise ValueError(f"nfolds must be >= 1, got {nfolds}")
+    if same.size == 0:
+        raise ValueError("the set has no pairs")
     dist = pair_distances(emb)
-    fold_bounds(same.size, nfolds)  # validates nfolds against the pair count
     notes: list[str] = []
+    if fold_seed is not None:
+        order = shuffled_pairs(same.size, fold_seed)
+        dist, same = dist[order], same[order]
+        notes.append(f"folds drawn from the pairs shuffled with seed {fold_seed}")
+    if same.size < nfolds:
+        notes.append(f"{same.size} pairs are fewer than {nfolds} folds: {same.size} fold(s) of one pair used"
+                     + (" (the single fold is also the training set)" if same.size == 1 else "")
+                     + "; accuracy over so few pairs is a rough figure")
+        nfolds = int(same.size)
 
     fold_acc, fold_thr = accuracy_folds(dist, same, nfolds)
     vals, fars, val_thr = val_folds(dist, same, nfolds, notes)

@@ -5,7 +5,12 @@ run in the Prefect UI.
 Spellings: fields are snake_case (``per_batch_size``); YAML files and the command line also accept
 the seeds' dashed spelling (``per-batch-size``, ``--margin-m``, ``--lr-steps 100000,140000``) and the
 old aliases ``loss_type`` (-> ``loss``), ``loss_m1..3`` (-> ``margin_m1..3``), ``target``
-(-> ``val_targets``), ``data_dir`` (-> ``dataset``), ``end_epoch`` (-> ``epochs``).
+(-> ``val_targets``), ``data_dir`` (-> ``dataset``), ``end_epoch`` (-> ``epochs``), ``prefix``
+(-> ``output``: the run folder, where 2018 wrote ``<prefix>-0001.params``), ``rand_mirror``
+(-> ``flip``), ``margin_a``/``margin_b`` (-> ``margin_m1``/``margin_m3``), and the 2019
+``config.py`` names (``net_output``, ``net_se``, ``loss_s``, ``data_rand_mirror``, ...; :data:`ALIASES`).
+2018 options that have no counterpart in a training run are refused with one line that says what
+replaces them (:data:`REPLACED`, e.g. ``--images-filter`` -> the build-dataset ``lst.min_images``).
 
 ``loss``: a name (``arcface``, ``cosface``, ``softmax``, ``sphereface``, ``combined``, ``nsoftmax``,
 ``curricularface``, ``adaface``, ``triplet``) or a 2018 loss-type number (0 softmax, 1 sphereface,
@@ -23,20 +28,42 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.backbone import network_codes
+from datasets.errors import validation_message
+from datasets.image_size import ImageSize, parse_image_size
+from models.backbone import network_code
 from models.embedding import normalize_option
-from models.margins import HEADS, LOSS_TYPES
+from models.margins import HEADS, LOSS_TYPES, head_options
 
-__all__ = ["TrainConfig", "LOSS_NAMES", "CKPT_POLICIES", "load_config", "parse_args", "config_error"]
+__all__ = ["TrainConfig", "LOSS_NAMES", "CKPT_POLICIES", "ALIASES", "REPLACED", "load_config", "parse_args", "config_error"]
 
 TRIPLET = "triplet"
 LOSS_NAMES = (*HEADS, TRIPLET)
 LOSS_NUMBERS = {**LOSS_TYPES, 12: TRIPLET}
 CKPT_POLICIES = {0: "none", 1: "best", 2: "all", 3: "last"}
+SPHEREFACE_OPTIONS = ("beta", "beta_min", "beta_freeze", "gamma", "power")
 # Old option names -> field names (after dashes became underscores).
 ALIASES = {
     "loss_type": "loss", "loss_m1": "margin_m1", "loss_m2": "margin_m2", "loss_m3": "margin_m3",
     "target": "val_targets", "data_dir": "dataset", "end_epoch": "epochs", "momentum": "mom",
+    # 2018 train_softmax.py
+    "prefix": "output", "rand_mirror": "flip", "margin_a": "margin_m1", "margin_b": "margin_m3",
+    # 2019 config.py
+    "net_output": "version_output", "net_se": "version_se", "net_input": "version_input", "net_unit": "version_unit",
+    "net_act": "version_act", "net_multiplier": "version_multiplier", "loss_s": "margin_s",
+    "data_rand_mirror": "flip", "dataset_path": "dataset",
+}
+# 2018/2019 options without a counterpart here -> what replaces them (one line, raised as the error).
+REPLACED = {
+    "images_filter": "identities with fewer images are dropped when the set is built: build-dataset "
+                     "lst.min_images=N (python -m tasks.lst --min-images N)",
+    "data_images_filter": "identities with fewer images are dropped when the set is built: build-dataset "
+                          "lst.min_images=N (python -m tasks.lst --min-images N)",
+    "margin": "the SphereFace margin is margin_m (an integer, default 4) with loss sphereface / 1",
+    "scale": "SphereFace's beta follows beta, beta_min, beta_freeze, gamma and power (the LSoftmax 'scale' is not used)",
+    "use_deformable": "deformable convolutions are not available; choose another network",
+    "ce_loss": "the cross-entropy loss is logged as 'loss' in metrics.parquet in every run",
+    "kvstore": "gradients are reduced by torch.distributed (DDP); use nproc / torchrun",
+    "ctx_num": "the number of GPUs is the number of processes: nproc (flow) or torchrun --nproc-per-node",
 }
 
 
@@ -65,6 +92,9 @@ class TrainConfig(BaseModel):
     normalize: Literal["arcface", "mxnet"] = Field(
         "arcface", description="input normalisation: arcface (x-127.5)/127.5, mxnet (x-127.5)/128")
     flip: bool = Field(True, description="random horizontal mirror of training images (rand_mirror)")
+    val_shuffle_folds: bool = Field(
+        False, description="verification: split a permutation of the pairs (seeded by seed) into folds, for pair lists "
+                           "not laid out in LFW's balanced blocks")
     num_workers: int = Field(4, ge=0, description="data loader processes per rank")
 
     # --- network ------------------------------------------------------------------------------------------
@@ -77,6 +107,10 @@ class TrainConfig(BaseModel):
     emb_size: int | None = Field(None, ge=1, description="embedding size; None: the network's default (512; y1 128)")
     image_size: str = Field("112,112", description="input 'height,width' in pixels; must match the dataset")
     dropout: float = Field(0.4, ge=0.0, lt=1.0, description="dropout of embedding options E and F")
+    version_multiplier: float | None = Field(
+        None, gt=0.0, description="width multiplier of MobileNet codes (m1 1.0, m05 0.5); None: the code's")
+    bn_mom: float = Field(0.9, ge=0.0, lt=1.0, description="BatchNorm momentum as in MXNet: weight of the old "
+                                                             "running statistics (PyTorch momentum = 1 - bn_mom)")
 
     # --- loss ---------------------------------------------------------------------------------------------
     loss: str = Field("arcface", description="loss name or 2018 loss-type number (0, 1, 2, 4, 5; 12 = triplet)")
@@ -86,6 +120,16 @@ class TrainConfig(BaseModel):
     margin_m2: float | None = Field(None, description="combined margin m2 (additive angle)")
     margin_m3: float | None = Field(None, description="combined margin m3 (additive cosine)")
     easy_margin: bool = Field(False, description="ArcFace easy margin")
+    fc7_lr_mult: float = Field(1.0, ge=0.0, description="learning-rate multiplier of the classifier (fc7) weights")
+    fc7_wd_mult: float = Field(1.0, ge=0.0, description="weight-decay multiplier of the classifier (fc7) weights")
+    fc7_no_bias: bool = Field(False, description="softmax (loss 0): classifier without bias (the other losses have none)")
+    beta: float | None = Field(None, gt=0.0, description="SphereFace: initial blend weight beta (default 1000)")
+    beta_min: float | None = Field(None, ge=0.0, description="SphereFace: lower bound of beta (default 5)")
+    beta_freeze: int | None = Field(
+        None, ge=0, description="SphereFace: steps beta stays at its start (default 0; 5000 above 20000 classes)")
+    gamma: float | None = Field(None, ge=0.0, description="SphereFace: beta = beta0 (1 + gamma t)^-power (default 0.12; "
+                                                          "0.06 above 20000 classes)")
+    power: float | None = Field(None, ge=0.0, description="SphereFace: exponent of the beta decay (default 1)")
     sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="Partial FC: share of negative class centres used per step")
     triplet_alpha: float = Field(0.3, gt=0.0, description="triplet margin alpha (squared distances)")
     triplet_max_ap: float = Field(0.0, ge=0.0, description="triplet: drop pairs with d(a,p) above this (0 = off)")
@@ -134,6 +178,8 @@ class TrainConfig(BaseModel):
         out: dict[str, Any] = {}
         for key, value in data.items():
             name = str(key).strip().lstrip("-").replace("-", "_")
+            if name in REPLACED:
+                raise ValueError(f"option {key!r} is not a training option here: {REPLACED[name]}")
             name = ALIASES.get(name, name)
             if name in out:
                 raise ValueError(f"option {name!r} is given twice (as {key!r} and another spelling)")
@@ -143,10 +189,7 @@ class TrainConfig(BaseModel):
     @field_validator("network", mode="before")
     @classmethod
     def _network(cls, value: Any) -> str:
-        code = str(value).strip().lower()
-        if code not in network_codes():
-            raise ValueError(f"network {value!r} is not a known code; valid codes: {', '.join(network_codes())}")
-        return code
+        return network_code(value)
 
     @field_validator("version_output", mode="before")
     @classmethod
@@ -156,14 +199,7 @@ class TrainConfig(BaseModel):
     @field_validator("image_size", mode="before")
     @classmethod
     def _image_size(cls, value: Any) -> str:
-        parts = [p.strip() for p in value.replace("x", ",").split(",")] if isinstance(value, str) else list(value)
-        try:
-            h, w = (int(p) for p in parts)
-        except (TypeError, ValueError):
-            raise ValueError(f"image_size {value!r} must be 'height,width', e.g. 112,112") from None
-        if min(h, w) < 16:
-            raise ValueError(f"image_size {value!r} must be at least 16x16")
-        return f"{h},{w}"
+        return parse_image_size(value, minimum=16).csv
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -195,6 +231,12 @@ class TrainConfig(BaseModel):
     @field_validator("val_targets", mode="before")
     @classmethod
     def _targets(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the command line: 'lfw,cfp_fp', '[]' (no evaluation), '[lfw, cfp_fp]'
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                value = [v.strip().strip("'\"") for v in text[1:-1].split(",") if v.strip().strip("'\"")]
+            elif text.lower() in ("none", "null", "all"):
+                return None
         return None if value is None else _csv_list(value)
 
     @field_validator("ckpt", mode="before")
@@ -227,13 +269,17 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"sample_rate {self.sample_rate} applies to classifier losses, not to the triplet loss")
         if self.version_se and not self.network.startswith("r"):
             raise ValueError(f"version_se applies to ResNet codes only, not to network {self.network!r}")
+        if self.version_multiplier is not None and not self.network.startswith("m"):
+            raise ValueError(f"version_multiplier applies to MobileNet codes (m1, m05) only, not to network {self.network!r}")
+        sphere = [n for n in SPHEREFACE_OPTIONS if getattr(self, n) is not None]
+        if sphere and self.loss != "sphereface":
+            raise ValueError(f"{', '.join(sphere)} apply to loss sphereface (loss type 1) only, not to {self.loss!r}")
         return self
 
     # --- derived values -------------------------------------------------------------------------------------
     @property
-    def image_hw(self) -> tuple[int, int]:
-        h, w = self.image_size.split(",")
-        return int(h), int(w)
+    def image_hw(self) -> ImageSize:
+        return parse_image_size(self.image_size)
 
     @property
     def is_triplet(self) -> bool:
@@ -253,22 +299,20 @@ class TrainConfig(BaseModel):
             args["emb_size"] = self.emb_size
         if self.version_output is not None:
             args["version_output"] = self.version_output
+        if self.version_multiplier is not None:
+            args["multiplier"] = self.version_multiplier
         return args
 
     def margin_args(self) -> dict[str, Any]:
-        """Keyword arguments of ``models.get_margin`` for this loss (InsightFace option names)."""
+        """Keyword arguments of ``models.get_margin`` for this loss (:func:`models.margins.head_options`)."""
         if self.is_triplet:
             raise ValueError("the triplet loss has no margin head")
-        cls, _ = HEADS[self.loss]
-        import inspect
-
-        accepted = set(inspect.signature(cls.__init__).parameters)
-        m_name = "m2" if "m" not in accepted and "m2" in accepted else "m"  # combined: margin_m is m2
-        options = {"s": self.margin_s, m_name: self.margin_m, "m1": self.margin_m1, "easy_margin": self.easy_margin or None}
-        for name in ("m2", "m3"):
-            if getattr(self, f"margin_{name}") is not None:
-                options[name] = getattr(self, f"margin_{name}")
-        return {k: v for k, v in options.items() if v is not None and k in accepted}
+        return head_options(self.loss, strict=False, margin_s=self.margin_s, margin_m=self.margin_m,
+                            loss_m1=self.margin_m1, loss_m2=self.margin_m2, loss_m3=self.margin_m3,
+                            easy_margin=self.easy_margin or None,
+                            # SphereFace's beta annealing (2018 LSoftmax options; beta is the head's base)
+                            beta=self.beta, beta_min=self.beta_min, beta_freeze=self.beta_freeze,
+                            gamma=self.gamma, power=self.power)
 
     def resolve_device(self) -> str:
         import torch
@@ -288,19 +332,7 @@ class TrainConfig(BaseModel):
 
 def config_error(exc: ValidationError, source: str = "config") -> ValueError:
     """One readable line per problem: ``option 'network': network 'r7' is not a known code; valid codes: ...``."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        message = str(err["msg"]).removeprefix("Value error, ")
-        value = err.get("input")
-        if err["type"] == "extra_forbidden":
-            import difflib
-
-            close = difflib.get_close_matches(str(where), _option_names(), n=3)
-            message = "is not an option" + (f"; did you mean {', '.join(close)}?" if close else "")
-        shown = "" if isinstance(value, dict) or "given" in message or repr(value) in message else f" (got {value!r})"
-        lines.append(f"option {where!r}: {message}{shown}" if where != "config" else message)
-    return ValueError(f"{source}: " + "; ".join(lines))
+    return ValueError(f"{source}: " + validation_message(exc, _option_names()))
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -331,7 +363,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def _option_names() -> list[str]:
-    return [*TrainConfig.model_fields, *ALIASES]
+    return [*TrainConfig.model_fields, *ALIASES, *REPLACED]
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m tasks.training") -> TrainConfig:
@@ -343,9 +375,13 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m tasks.train
         field = TrainConfig.model_fields.get(ALIASES.get(name, name))
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         kind = field.annotation if field is not None else None
-        nargs = "?" if kind is bool else None
-        parser.add_argument(*flags, dest=f"opt_{name}", nargs=nargs, const="true" if kind is bool else None,
-                            default=None, metavar="VALUE", help=(field.description if field else f"alias of {ALIASES[name]}"))
+        nargs = "?" if kind is bool or name in REPLACED else None
+        if field is not None:
+            text = field.description
+        else:
+            text = f"alias of {ALIASES[name]}" if name in ALIASES else f"not an option here: {REPLACED[name]}"
+        parser.add_argument(*flags, dest=f"opt_{name}", nargs=nargs, const="true" if kind is bool or name in REPLACED else None,
+                            default=None, metavar="VALUE", help=text)
     args = parser.parse_args(argv)
     overrides = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     return load_config(args.config, overrides)

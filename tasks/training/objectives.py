@@ -88,7 +88,7 @@ class ClassifierObjective(Objective):
         self.margin = get_margin(cfg.loss, num_classes=num_classes, **cfg.margin_args())
         self.generator = torch.Generator(device=device)
         self.pfc = PartialFC(self.margin, emb_size, num_classes, sample_rate=cfg.sample_rate,
-                             generator=self.generator).to(device)
+                             generator=self.generator, bias=False if cfg.fc7_no_bias else None).to(device)
         self.module = self.pfc
         self.sharded = {self.pfc.weight: num_classes}
         if self.pfc.bias is not None:
@@ -110,7 +110,8 @@ class ClassifierObjective(Objective):
         self.margin.step()
 
     def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
-        groups = [{"params": [self.pfc.weight], "lr": cfg.lr, "weight_decay": cfg.wd, "name": "classifier"}]
+        groups = [{"params": [self.pfc.weight], "lr": cfg.lr * cfg.fc7_lr_mult, "weight_decay": cfg.wd * cfg.fc7_wd_mult,
+                   "name": "classifier"}]  # 2018 fc7_weight lr_mult / wd_mult
         if self.pfc.bias is not None:  # 2018 softmax: fc7 bias with lr x2 and no weight decay
             groups.append({"params": [self.pfc.bias], "lr": 2 * cfg.lr, "weight_decay": 0.0, "name": "classifier_bias"})
         return groups

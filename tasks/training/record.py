@@ -5,8 +5,8 @@ Files in the run folder:
 * ``metrics.parquet``: one row per logged step (``kind = "train"``: loss, lr, samples_per_s,
   data_wait = share of wall time spent waiting for the loader, memory_gib, non_finite) and one row
   per verification (``kind = "val"``, ``target``: accuracy, accuracy_std, val@far=1e-03, xnorm,
-  tar@far=...; a target whose evaluation failed gets a ``kind = "val"`` row with ``error``, the
-  reason, and no figures). Rewritten atomically (at most every ``flush_every_s`` seconds, at every evaluation
+  tar@far=..., ``notes``; or only ``error`` for a target that could not be evaluated).
+  Rewritten atomically (at most every ``flush_every_s`` seconds, at every evaluation
   and at the end); a resumed run first drops the rows written after its checkpoint.
 * ``tensorboard/``: the same scalars as ``train/<name>`` and ``val/<target>/<name>``.
 * ``status.json``: ``state`` (starting, running, evaluating, finished, stopped, failed), ``step``,
@@ -105,19 +105,12 @@ class RunRecorder:
         if not self.enabled:
             return
         scalars = {k: _clean(float(v)) for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
-        self.rows.append({"step": step, "epoch": epoch, "kind": "val", "target": target, **scalars})
+        texts = {k: row[k] for k in ("notes", "error") if isinstance(row.get(k), str) and row[k]}
+        self.rows.append({"step": step, "epoch": epoch, "kind": "val", "target": target, **scalars, **texts})
         if self._writer is not None:
             for name, value in scalars.items():
                 if value is not None and name not in ("n_pairs", "n_same", "n_diff", "nfolds"):
                     self._writer.add_scalar(f"val/{target}/{name}", value, step)
-
-    def val_failed(self, step: int, epoch: int, target: str, message: str) -> None:
-        """A ``kind = "val"`` row for ``target`` with ``error = message`` and no figures."""
-        if not self.enabled:
-            return
-        self.rows.append({"step": step, "epoch": epoch, "kind": "val", "target": target, "error": message})
-        if self._writer is not None:
-            self._writer.add_text(f"val/{target}/error", message, step)
 
     # --- status ------------------------------------------------------------------------------------------------
     def status(self, **fields: Any) -> None:

@@ -54,13 +54,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from datasets.errors import FormatError
-from datasets.rec_dataset import RecFaceDataset, normalize_batch
+from datasets.normalization import normalize_batch
+from datasets.rec_dataset import RecFaceDataset
 from tasks import checkpoint as ckpt_io
 from tasks.training.distributed import DistContext, distributed
 from tasks.training.objectives import Objective, make_objective, step_generator
 from tasks.runtime import format_duration, logger
 from tasks.training.config import TrainConfig, parse_args
-from tasks.training.validation import EvalFailure, ValidationSets, resolve_val_targets
+from tasks.training.validation import TargetError, ValidationSets, resolve_val_targets
 from tasks.training.record import RunRecorder
 
 __all__ = ["TrainResult", "EvaluationFailed", "train", "main", "CHECKPOINT_DIR", "LAST", "BEST"]
@@ -124,6 +125,14 @@ def _median(values: list[float]) -> float | None:
     return values[len(values) // 2] if values else None
 
 
+def set_bn_momentum(module: nn.Module, bn_mom: float) -> None:
+    """Give every BatchNorm of ``module`` the MXNet momentum ``bn_mom`` (weight of the old running
+    statistics; PyTorch's ``momentum`` is the weight of the new batch's: ``1 - bn_mom``)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None:
+            m.momentum = round(1.0 - bn_mom, 12)  # 0.9 -> exactly 0.1, the layers' default
+
+
 class _Trainer:
     def __init__(self, cfg: TrainConfig, ctx: DistContext, stop: threading.Event | None):
         if not cfg.dataset:
@@ -146,10 +155,12 @@ class _Trainer:
                              f"{cfg.image_size}; set image_size: {h},{w}")
         self.num_classes = self.dataset.num_classes
         self.val_sets = ValidationSets(resolve_val_targets(cfg.val_targets, cfg.dataset), cfg.image_hw,
-                                       cfg.normalize, cfg.eval_batch_size)
+                                       cfg.normalize, cfg.eval_batch_size,
+                                       fold_seed=cfg.seed if cfg.val_shuffle_folds else None)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.backbone = ckpt_io.build_backbone(cfg.backbone_args()).to(self.device)
+        set_bn_momentum(self.backbone, cfg.bn_mom)
         torch.manual_seed(cfg.seed + 7919 * (ctx.rank + 1))  # each rank's classifier shard starts differently
         self.objective: Objective = make_objective(cfg, self.backbone.emb_size, self.num_classes, self.device)
         if cfg.channels_last:
@@ -288,26 +299,27 @@ class _Trainer:
             started = time.perf_counter()
             results = self.val_sets.evaluate(self.backbone, self.device, self.amp_dtype)
             for name, res in results.items():
-                if isinstance(res, EvalFailure):
-                    failures[name] = res.message
-                    self.recorder.val_failed(self.step, self.epoch, name, res.message)
-                    self.log.error("step %d %s; the checkpoint is kept", self.step, res.summary(name))
-                    continue
                 row = res.to_row()
                 val[name] = row
                 self.recorder.val_point(self.step, self.epoch, name, row)
-                self.log.info("step %d %s", self.step, res.summary(name))
+                if isinstance(res, TargetError):
+                    failures[name] = res.message
+                    self.log.error("step %d %s (the checkpoint is kept)", self.step, res.summary(name))
+                else:
+                    self.log.info("step %d %s", self.step, res.summary(name))
             first = self.val_sets.names[0]
-            if first in val:
-                acc = val[first]["accuracy"]
-                if self.best is None or acc >= self.best["accuracy"]:
-                    self.best = {"target": first, "accuracy": acc, "step": self.step}
-                    improved = True
+            acc = val[first].get("accuracy")
+            if acc is None:  # the first target failed this time: the best checkpoint stays as it was
+                self.log.warning("step %d: %s (the first target, which decides the best checkpoint) has no accuracy: %s",
+                                 self.step, first, val[first].get("error"))
+            elif self.best is None or acc >= self.best["accuracy"]:
+                self.best = {"target": first, "accuracy": acc, "step": self.step}
+                improved = True
             self.last_val = val
             self.recorder.status(eval_errors=failures)
-            best = "none yet" if self.best is None else \
-                f"{self.best['target']} accuracy {self.best['accuracy']:.5f} at step {self.best['step']}"
-            self.log.info("step %d: verification took %.1f s; best %s", self.step, time.perf_counter() - started, best)
+            if self.best is not None:
+                self.log.info("step %d: verification took %.1f s; best %s accuracy %.5f at step %d", self.step,
+                              time.perf_counter() - started, self.best["target"], self.best["accuracy"], self.best["step"])
         policy = self.cfg.ckpt_policy
         if policy != "none":
             numbered = None
