@@ -17,5 +17,11 @@ RUN mkdir -p datasets models tasks flows && touch datasets/__init__.py models/__
 COPY . .
 RUN pip install --no-deps -e . && python -c "import datasets, models, tasks, flows; print('facepipe ok')"
 
+# Run as an unprivileged user: flows write only to /data (the volume) and the user's home. A data
+# volume filled by an older image (root) needs one `docker compose run --rm -u root worker-cpu
+# chown -R facepipe:facepipe /data`.
+RUN useradd --create-home --uid 1000 --user-group facepipe && mkdir -p /data && chown facepipe:facepipe /data
+USER facepipe
+
 VOLUME ["/data"]
 CMD ["prefect", "worker", "start", "--pool", "cpu", "--type", "process"]

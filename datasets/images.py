@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageCms, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageMode, UnidentifiedImageError
 
 from .errors import FormatError
 
@@ -34,6 +34,16 @@ from .errors import FormatError
 #: which Pillow itself refuses a file as a possible decompression bomb (2 x ``MAX_IMAGE_PIXELS``);
 #: a 16-bit 179-megapixel photo would already need 1 GB of memory.
 MAX_PIXELS = 178_956_970
+
+#: Most bytes a decode may take, counted from the header before decoding: width x height (at the
+#: scale decoded) x the larger of the stored bytes per pixel (channels x bytes per sample) and 3
+#: (the RGB result). 512 MiB is an 8-bit RGB photo at :data:`MAX_PIXELS`; a file with more bytes per
+#: pixel (16-bit samples, alpha, CMYK) gets proportionally fewer pixels, since decoding and
+#: converting it takes memory in proportion to its samples, not to its pixel count.
+MAX_DECODED_BYTES = 512 << 20
+
+#: PNG colour type (IHDR byte 25) -> channels.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 
 #: JPEG DCT scale denominators libjpeg can decode at directly.
 _JPEG_REDUCTIONS = (8, 4, 2)
@@ -217,6 +227,25 @@ def _to_rgb_array(img: Image.Image, path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _bytes_per_pixel(img: Image.Image, data: bytes) -> int:
+    """Bytes per pixel of the stored samples according to the header (channels x bytes per
+    sample: PNG IHDR bit depth and colour type, TIFF BitsPerSample, else Pillow's mode), at least 3."""
+    desc = ImageMode.getmode(img.mode)
+    per_pixel = len(desc.bands) * np.dtype(desc.typestr).itemsize
+    if img.format == "PNG" and len(data) >= 26 and data[12:16] == b"IHDR":
+        bit_depth, colour = data[24], data[25]
+        per_pixel = max(per_pixel, _PNG_CHANNELS.get(colour, 4) * max(1, math.ceil(bit_depth / 8)))
+    elif img.format == "TIFF":
+        try:
+            bits = img.tag_v2.get(258) or (8,)
+            bits = bits if isinstance(bits, (tuple, list)) else (bits,)
+            samples = int(img.tag_v2.get(277) or len(bits))
+            per_pixel = max(per_pixel, samples * max(1, math.ceil(max(int(b) for b in bits) / 8)))
+        except (TypeError, ValueError, AttributeError):
+            pass
+    return max(per_pixel, 3)
+
+
 def _jpeg_reduction(size: tuple[int, int], min_long_side: int | None) -> int:
     """Largest libjpeg scale denominator that keeps the longest side >= ``min_long_side``."""
     if not min_long_side or min_long_side <= 0:
@@ -234,12 +263,15 @@ def decode_image(
     *,
     min_long_side: int | None = None,
     max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_DECODED_BYTES,
 ) -> DecodedImage:
     """Decode ``path`` (or its bytes ``data``, if already read) to RGB.
 
     ``min_long_side``: when set and the file is a JPEG, decode at the coarsest DCT scale (1/2,
     1/4, 1/8) whose longest side is still at least this many pixels; other formats are always
-    decoded at full resolution. Raises :class:`UnreadableImage` for unreadable files.
+    decoded at full resolution. Raises :class:`UnreadableImage` for unreadable files, and for
+    files larger than ``max_pixels`` pixels or whose decode would take more than ``max_bytes``
+    (see :data:`MAX_DECODED_BYTES`; checked from the header, before decoding).
     """
     if data is None:
         try:
@@ -269,6 +301,12 @@ def decode_image(
             r = _jpeg_reduction((w, h), min_long_side)
             if r > 1:
                 img.draft(None, (w // r, h // r))
+        dw, dh = img.size  # the scale decoded (a JPEG draft may be smaller)
+        per_pixel = _bytes_per_pixel(img, data)
+        if dw * dh * per_pixel > max_bytes:
+            raise UnreadableImage(
+                path, f"image too large: {w}x{h} at {per_pixel} bytes per pixel needs {dw * dh * per_pixel} bytes "
+                      f"to decode (limit {max_bytes}, decompression-bomb guard)")
         try:
             img.load()
         except MemoryError as exc:

@@ -7,11 +7,11 @@
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import cv2
-import numpy as np
-import torch
+if TYPE_CHECKING:  # imported where used: option models import this module without numpy, torch or OpenCV
+    import numpy as np
+    import torch
 
 __all__ = ["Normalization", "NORMALIZATIONS", "normalization_scale", "normalization_lut", "normalize_batch"]
 
@@ -30,6 +30,8 @@ def normalization_scale(mode: str) -> float:
 
 def normalization_lut(mode: str) -> np.ndarray:
     """float32 table ``x -> (x - 127.5) * scale`` for x in 0..255 (same float32 rounding as the formula)."""
+    import numpy as np
+
     return (np.arange(256, dtype=np.float32) - np.float32(127.5)) * np.float32(normalization_scale(mode))
 
 
@@ -41,7 +43,11 @@ def normalize_batch(x: torch.Tensor, mode: Normalization | None) -> torch.Tensor
     """
     if mode is None:
         return x.float()
+    import torch
+
     if x.device.type == "cpu" and x.dtype == torch.uint8 and x.is_contiguous() and x.dim() >= 2 and x.numel():
+        import cv2
+
         flat = x.numpy().reshape(-1, x.shape[-1])
         return torch.from_numpy(cv2.LUT(flat, normalization_lut(mode)).reshape(tuple(x.shape)))
     return x.float().sub_(127.5).mul_(normalization_scale(mode))

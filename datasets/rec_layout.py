@@ -54,27 +54,30 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
         return {}
     table: dict[str, int] = {}
     seen: dict[int, int] = {}
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header != ["label", "identity"]:
-            raise FormatError(path, f"line 1: header {header!r}", "'label,identity'")
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != 2:
-                raise FormatError(path, f"line {line}: {len(row)} fields {row!r}", "two fields 'label,identity'")
-            try:
-                label = int(row[0])
-            except ValueError:
-                raise FormatError(path, f"line {line}: label {row[0]!r}", "a non-negative integer") from None
-            if label < 0:
-                raise FormatError(path, f"line {line}: label {label}", "a non-negative integer")
-            if row[1] in table or label in seen:
-                raise FormatError(path, f"line {line}: {row!r} repeats a label or identity", "each label and identity once")
-            table[row[1]] = label
-            seen[label] = line
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"byte {exc.start} is not UTF-8 ({exc.reason})", "a UTF-8 'label,identity' CSV") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header != ["label", "identity"]:
+        raise FormatError(path, f"line 1: header {header!r}", "'label,identity'")
+    for row in reader:
+        line = reader.line_num
+        if not row:
+            continue
+        if len(row) != 2:
+            raise FormatError(path, f"line {line}: {len(row)} fields {row!r}", "two fields 'label,identity'")
+        try:
+            label = int(row[0])
+        except ValueError:
+            raise FormatError(path, f"line {line}: label {row[0]!r}", "a non-negative integer") from None
+        if label < 0:
+            raise FormatError(path, f"line {line}: label {label}", "a non-negative integer")
+        if row[1] in table or label in seen:
+            raise FormatError(path, f"line {line}: {row!r} repeats a label or identity", "each label and identity once")
+        table[row[1]] = label
+        seen[label] = line
     return table
 
 
@@ -110,6 +113,9 @@ def read_property(path: str | os.PathLike) -> Property:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FormatError(path, "property file does not exist", "a text file 'num_classes,height,width'") from None
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"byte {exc.start} is not UTF-8 ({exc.reason})",
+                          "a text file 'num_classes,height,width'") from None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise FormatError(path, "property file is empty", "'num_classes,height,width', e.g. '85742,112,112'")
@@ -408,12 +414,23 @@ def _last_offsets(keys: np.ndarray, offsets: np.ndarray, wanted: np.ndarray, idx
     return offsets[order[pos]]
 
 
-def _read_labels(rec_path: Path, keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def _id_mismatch(rec_path: Path, key: int, offset: int, found: int) -> FormatError:
+    return FormatError(rec_path, f"record key {key} at offset {offset}: the record's header id is {found}",
+                       f"header id {key}, the .idx key (a wrong or stale .idx points at another record)")
+
+
+def _read_labels(rec_path: Path, keys: np.ndarray, offsets: np.ndarray, *, check_ids: bool = False) -> np.ndarray:
     """Class label of each record (scalar label, or the first of a label array), vectorised.
 
     Reads the segment and IRHeader words straight from the mapped file; records whose first
     segment is too short to hold the label (multi-segment records) go through the full reader.
+    ``check_ids``: also require each record's ``IRHeader.id`` to equal its ``.idx`` key (true for
+    every InsightFace writer, formats-spec s1.3), so that an ``.idx`` line pointing at another
+    valid record is a :class:`FormatError` naming the key and the id found, not a wrong image.
     """
+    if (offsets < 0).any():
+        i = int(np.flatnonzero(offsets < 0)[0])
+        raise FormatError(rec_path, f"record key {keys[i]}: negative offset {offsets[i]}", "a byte offset >= 0")
     if (offsets % 4).any():
         i = int(np.flatnonzero(offsets % 4)[0])
         raise FormatError(rec_path, f"record key {keys[i]}: offset {offsets[i]} is not a multiple of 4", "the offset of a record start")
@@ -439,13 +456,25 @@ def _read_labels(rec_path: Path, keys: np.ndarray, offsets: np.ndarray) -> np.nd
             needed = np.where(flag > 0, 28, 8)
             simple = (cflag == 0) & (length >= needed) & (label_word < n_words)
             labels[lo:lo + len(w)] = floats[np.where(simple, label_word, 0)]
+            if check_ids:  # id: uint64 at header bytes 8..16 = words w+4 (low), w+5 (high)
+                has_id = (length >= 16) & (w + 6 <= n_words)
+                low = words[np.where(has_id, w + 4, 0)].astype(np.int64)
+                high = words[np.where(has_id, w + 5, 0)].astype(np.int64)
+                wrong = has_id & ((high != 0) | (low != keys[lo:lo + len(w)]))
+                if wrong.any():
+                    i = lo + int(np.flatnonzero(wrong)[0])
+                    found = (int(high[i - lo]) << 32) | int(low[i - lo])
+                    raise _id_mismatch(rec_path, int(keys[i]), int(offsets[i]), found)
+                slow.extend((lo + np.flatnonzero(~has_id & simple)).tolist())
             slow.extend((lo + np.flatnonzero(~simple)).tolist())
         del floats
     if slow:
         with MXRecordIO(rec_path, "r") as rec:
-            for i in slow:
+            for i in sorted(set(slow)):
                 header, _payload = unpack(rec.read_at(int(offsets[i])))
                 labels[i] = header.label[0] if header.flag else header.label
+                if check_ids and header.id != int(keys[i]):
+                    raise _id_mismatch(rec_path, int(keys[i]), int(offsets[i]), int(header.id))
     return labels.astype(np.int64)
 
 
@@ -493,13 +522,16 @@ def read_rec_index(root: str | os.PathLike, *, name: str = "train") -> RecIndex:
         with MXRecordIO(rec_path, "r") as rec:
             for i, (key, off) in enumerate(zip(id_keys.tolist(), id_offsets.tolist())):
                 header, _ = unpack(rec.read_at(off))
+                if header.id != key:
+                    raise _id_mismatch(rec_path, key, off, int(header.id))
                 if header.flag != 2:
                     raise FormatError(rec_path, f"identity record key {key}: flag {header.flag}", "flag 2 with label [start, end)")
                 start, stop = int(header.label[0]), int(header.label[1])
                 if not 1 <= start <= stop <= first_identity:
                     raise FormatError(rec_path, f"identity record key {key}: range [{start}, {stop})", f"a range inside the image keys 1..{first_identity - 1}")
                 identities[i] = (start, stop)
-    return RecIndex(rec_path, idx_path, "insightface", keys, offsets, _read_labels(rec_path, keys, offsets), identities, prop)
+    labels = _read_labels(rec_path, keys, offsets, check_ids=True)
+    return RecIndex(rec_path, idx_path, "insightface", keys, offsets, labels, identities, prop)
 
 
 def identity_of_images(index: RecIndex) -> np.ndarray:

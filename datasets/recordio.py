@@ -604,6 +604,8 @@ def _parse_idx_lines(text: str, path: str, key_type: Callable[[str], Any]) -> tu
             offset = int(fields[1])
         except ValueError:
             raise FormatError(path, f"line {lineno}: offset {fields[1]!r} is not an integer", "a byte offset") from None
+        if offset < 0:
+            raise FormatError(path, f"line {lineno}: key {key!r} has the negative offset {offset}", "a byte offset >= 0 into the .rec")
         keys.append(key)
         offsets.append(offset)
     return keys, offsets

@@ -14,6 +14,7 @@ read as bytes (``encoding='bytes'``, as InsightFace's loaders do).
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
@@ -54,21 +55,105 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 _ALLOWED = _allowed_globals()
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only :data:`_ALLOWED` globals (never imports anything)."""
+#: Bytes that calls made by a pack's pickle may allocate beyond the file's own size (see
+#: :class:`_RestrictedUnpickler`).
+ALLOCATION_SLACK = 1 << 20
 
-    def __init__(self, file, path: str):
+
+def _count(value: Any) -> int:
+    """Bytes a ``bytes``/``bytearray``/``set`` constructor argument makes the call allocate."""
+    if isinstance(value, int):
+        return max(value, 0)
+    try:
+        return len(value)
+    except TypeError:
+        return 0
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only :data:`_ALLOWED` globals (never imports anything) and keeps
+    the memory its calls allocate within a byte budget.
+
+    Every allocation a pickle can request by calling an allowed global (``bytearray(n)``,
+    ``bytes(n)``, ``_codecs.encode(text)``, ``ndarray(shape)`` / ``_reconstruct(ndarray, shape,
+    dtype)``, ``set(items)``) is counted before the call; once the total would exceed ``budget``
+    bytes the load stops with a :class:`FormatError` naming the call, before allocating. The
+    default budget is the file's size plus :data:`ALLOCATION_SLACK`: every image of a pack is
+    spelled out in the file, so honest calls never need more than the file holds, while a
+    49-byte file calling ``bytearray(2**30)`` (or one reusing a memoised string thousands of
+    times) is refused at once.
+    """
+
+    def __init__(self, file, path: str, budget: int):
         super().__init__(file, encoding="bytes")
         self._path = path
+        self._budget = budget
+        self._spent = 0
+
+    def _spend(self, nbytes: int, call: str) -> None:
+        self._spent += nbytes
+        if self._spent > self._budget:
+            raise FormatError(
+                self._path, f"pickle call {call} would allocate {nbytes} bytes ({self._spent} in all)",
+                f"at most {self._budget} bytes for a pack of this size (allocation budget)",
+            )
+
+    def _array_bytes(self, call: str, shape: Any, dtype: Any) -> None:
+        try:
+            dims = tuple(int(d) for d in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+            itemsize = np.dtype(dtype).itemsize
+        except (TypeError, ValueError) as exc:
+            raise FormatError(self._path, f"pickle call {call} with shape {shape!r} ({exc})", "an array shape and dtype") from None
+        self._spend(itemsize * math.prod(max(d, 0) for d in dims), f"{call}(shape {dims})")
+
+    def _guarded(self, module: str, name: str, func: Any) -> Any:
+        """``func`` wrapped so that what it allocates is counted first (see the class docstring)."""
+        call = f"{module}.{name}"
+        if func is np.ndarray:
+            return _NdarrayCall(self, call)
+        if func is _multiarray._reconstruct:
+            def reconstruct(cls: Any, shape: Any = (0,), dtype: Any = b"b", *rest: Any) -> Any:
+                if isinstance(cls, _NdarrayCall):
+                    cls = np.ndarray
+                self._array_bytes(call, shape, dtype)
+                return func(cls, shape, dtype, *rest)
+            return reconstruct
+        if func is _codecs.encode:  # Python 3's protocol-2 bytes: encode(<latin-1 text>, "latin1"), 1 byte a char
+            def encode(text: Any, encoding: Any = "utf-8", *rest: Any) -> Any:
+                if encoding not in ("latin1", "latin-1", b"latin1"):
+                    raise FormatError(self._path, f"pickle call {call} with encoding {encoding!r}",
+                                      "'latin1' (how Python 3 pickles bytes)")
+                self._spend(_count(text), call)
+                return func(text, "latin1", *rest)
+            return encode
+        if func in (bytes, bytearray, set, frozenset):
+            def sized(*args: Any, **kwargs: Any) -> Any:
+                self._spend(_count(args[0]) if args else 0, call)
+                return func(*args, **kwargs)
+            return sized
+        return func
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED[(module, name)]
+            func = _ALLOWED[(module, name)]
         except KeyError:
             raise UnsafePickleError(
                 self._path, f"pickle asks for global {module}.{name}, which is not allowed",
                 "only numpy arrays/scalars, bytes and bools in a verification pack",
             ) from None
+        return self._guarded(module, name, func)
+
+
+class _NdarrayCall:
+    """Stands for ``numpy.ndarray`` in a pickle: as a class argument of ``_reconstruct`` it
+    becomes ``np.ndarray`` again; called directly, its allocation is counted first."""
+
+    def __init__(self, owner: _RestrictedUnpickler, call: str):
+        self._owner, self._call = owner, call
+
+    def __call__(self, shape: Any = (), dtype: Any = float, *args: Any, **kwargs: Any) -> np.ndarray:
+        self._owner._array_bytes(self._call, shape, dtype)
+        return np.ndarray(shape, dtype, *args, **kwargs)
 
 
 def _element_bytes(element: Any, index: int, path: str) -> bytes:
@@ -81,18 +166,22 @@ def _element_bytes(element: Any, index: int, path: str) -> bytes:
     raise FormatError(path, f"image element {index} is a {type(element).__name__}", "bytes, bytearray, Python 2 str or a uint8 ndarray")
 
 
-def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
+def load_bin(path: str | os.PathLike, *, budget: int | None = None) -> tuple[list[bytes], np.ndarray]:
     """Read a verification pack: ``(images, issame)``.
 
     ``images``: list of 2P encoded images (bytes); ``issame``: bool ndarray ``(P,)``.
+    ``budget``: most bytes the pickle's calls may allocate (default: the file's size plus
+    :data:`ALLOCATION_SLACK`); a pickle asking for more raises :class:`FormatError` before the
+    allocation.
     """
     path = os.fspath(path)
     try:
         with open(path, "rb") as fh:
-            obj = _RestrictedUnpickler(fh, path).load()
+            limit = budget if budget is not None else os.fstat(fh.fileno()).st_size + ALLOCATION_SLACK
+            obj = _RestrictedUnpickler(fh, path, limit).load()
     except FileNotFoundError:
         raise FormatError(path, "verification pack does not exist", "a .bin pickle") from None
-    except UnsafePickleError:
+    except FormatError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, UnicodeDecodeError, struct.error) as exc:
         raise FormatError(path, f"not a readable pickle ({type(exc).__name__}: {exc})", "a pickled (images, issame) tuple") from None

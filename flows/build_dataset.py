@@ -34,6 +34,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from datasets.locks import folder_lock
 from datasets.rec_layout import read_rec_index
 from flows.params import AlignConfig, BuildDatasetParams, DatasetLayout
 from flows.runs import make_task_runner, parameters_from, result_of, validated
@@ -79,7 +80,13 @@ def _torch_threads(p: BuildDatasetParams) -> int:
 
 
 def _align_source(label: str, raw: Path, out: Path, cfg: AlignConfig, p: BuildDatasetParams) -> AlignResult:
-    """Plan, align the shards (subflow on the chosen runner), finalize; or the Skipped result."""
+    """Plan, align the shards (subflow on the chosen runner), finalize; or the Skipped result.
+    Holds ``out``'s lock throughout (a second run on the folder fails at once: FolderBusy)."""
+    with folder_lock(out, "align"):
+        return _align_source_locked(label, raw, out, cfg, p)
+
+
+def _align_source_locked(label: str, raw: Path, out: Path, cfg: AlignConfig, p: BuildDatasetParams) -> AlignResult:
     planned = result_of(plan_align_task.with_options(task_run_name=f"align-plan-{label}"),
                         str(raw), str(out), cfg, p.shard_size, p.force)
     if isinstance(planned, AlignResult):

@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from datasets.synthetic import SyntheticFaces, write_identity_folders, write_pairs_csv
 from flows.local import DEFAULT_PORT, REPO, LocalStack, default_data_root, down, up
 from tasks.stage import code_version, commit_record, current_record
 
-__all__ = ["prepare_sample", "build_params", "train_params", "deployment_run_argv", "run_deployment", "main"]
+__all__ = ["prepare_sample", "build_params", "train_params", "deployment_run_argv", "run_deployment", "add_arguments", "main", "run"]
 
 SAMPLE_STAGE = "demo-sample"
 PHOTOS = REPO / "sample" / "faces" / "raw"
@@ -40,6 +39,8 @@ SAMPLE = {"identities": 200, "images": 10, "held_out_identities": 60, "held_out_
 
 def prepare_sample(data_root: Path, sample: dict[str, int] = SAMPLE) -> Path:
     """Write ``<data_root>/sample/{identities,heldout,pairs.csv}`` unless already there; returns the folder."""
+    from datasets.synthetic import SyntheticFaces, write_identity_folders, write_pairs_csv  # OpenCV: only when run
+
     out = data_root / "sample"
     code = code_version("datasets.synthetic", "datasets.face_drawing")
     if current_record(out, SAMPLE_STAGE, sample, {}, code) is not None:
@@ -85,12 +86,22 @@ def run_deployment(stack: LocalStack, deployment: str, params: dict[str, Any], t
                          f"see the run in the UI at {stack.ui_url}/runs and the logs in {stack.home / 'logs'}")
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options (``python -m flows.demo`` and ``facepipe demo``)."""
+    parser.add_argument("--data-root", type=Path, default=default_data_root(),
+                        help="folder of the server database, the sample, data sets and runs (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port of the Prefect server (default: %(default)s)")
+    parser.add_argument("--stop", action="store_true", help="stop the server and the deployment process")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", type=Path, default=default_data_root())
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--stop", action="store_true", help="stop the server and the deployment process")
-    args = parser.parse_args(argv)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo with parsed arguments."""
     stack = LocalStack(args.data_root.resolve(), args.port)
     if args.stop:
         down(stack)

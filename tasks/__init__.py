@@ -23,7 +23,9 @@ embedding extraction, pair and MegaFace metrics).
 
 Shared by every stage: :mod:`tasks.runtime` (logging, progress and artifacts with or without a
 Prefect run), :mod:`tasks.stage` (``stage.json`` records), :mod:`tasks.checkpoint` (the training
-checkpoint format), :mod:`tasks.cli` (command lines generated from the stages' config models).
+checkpoint format), :mod:`tasks.cli` (command lines generated from the stages' config models),
+:mod:`tasks.configs` (the config models of the stages without an engine; the engines keep theirs in
+``tasks.<engine>.config``; all of them import only pydantic, so a parser is built without torch or prefect).
 
 Rules (``tests/test_layout.py``): no stage imports another stage; engines and shared modules import
 no stage; only stages import prefect.

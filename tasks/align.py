@@ -5,13 +5,19 @@ the command line of :mod:`tasks.alignment`, which holds the stage's logic and it
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("align").parse_args()
+    from tasks.align import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import json
-import logging
 import os
-import sys
-import typing
-from typing import Any, Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -31,6 +37,7 @@ from tasks.alignment import (
     plan_align,
     run_align,
 )
+from tasks import cli
 from tasks.runtime import skipped
 from tasks.stage import invalidate
 
@@ -83,51 +90,23 @@ def finalize_align_task(plan_file: str) -> AlignResult:
     return finalize_align(load_plan(plan_file))
 
 
-# --- command line ---------------------------------------------------------------------------------
-
-
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    for name, info in AlignConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        ann = info.annotation
-        kwargs: dict[str, Any] = {"default": None, "help": f"{info.description} (default: {info.default})"}
-        if ann is bool:
-            kwargs.update(action="store_const", const=True)
-        elif typing.get_origin(ann) is Literal:
-            kwargs["choices"] = list(typing.get_args(ann))
-            if name == "image_size":
-                kwargs["type"] = lambda v: v.replace(",", "x").lower()
-        elif typing.get_origin(ann) is tuple:
-            kwargs.update(nargs=len(typing.get_args(ann)), type=typing.get_args(ann)[0], metavar="X")
-        else:
-            kwargs["type"] = ann
-        parser.add_argument(flag, dest=name, **kwargs)
+# --- command line (the parser is generated in tasks.cli from AlignConfig) ------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, AlignConfig]:
     """Command-line arguments and the :class:`AlignConfig` they describe."""
-    parser = argparse.ArgumentParser(
-        prog="python -m tasks.align",
-        description="Detect faces (MTCNN) in RAW_DIR/<identity>/* and write aligned faces and manifest.parquet to OUT_DIR.",
-    )
-    parser.add_argument("raw_dir", help="folder of photos, one sub-folder per identity")
-    parser.add_argument("out_dir", help="output folder (images/, manifest.parquet, stage.json)")
-    _add_config_arguments(parser)
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="files per shard / part file")
-    parser.add_argument("--force", action="store_true", help="redo every file")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser = cli.build_parser("align")
     args = parser.parse_args(argv)
-    fields = {k: v for k, v in vars(args).items() if k in AlignConfig.model_fields and v is not None}
     try:
-        cfg = AlignConfig(**fields)
+        cfg = cli.config_from_args(args, AlignConfig)
     except ValueError as exc:
         parser.error(str(exc))
     return args, cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, cfg = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe align`` / ``python -m tasks.align`` with parsed arguments."""
+    cfg = cli.config_from_args(args, AlignConfig)
     result = run_align(args.raw_dir, args.out_dir, cfg, force=args.force, shard_size=args.shard_size)
     if args.json:
         print(json.dumps({**result.__dict__, "out_dir": str(result.out_dir), "manifest_path": str(result.manifest_path)}))
@@ -139,5 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("align", run_command, argv)
+

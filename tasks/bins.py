@@ -37,14 +37,22 @@ Output (``out_dir``): ``inputs/``, ``faces/`` (the align stage), ``<name>.bin``
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("bins").parse_args()
+    from tasks.bins import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import csv
 import io
 import json
-import logging
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,18 +61,19 @@ import pandas as pd
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from datasets.errors import FormatError
 from datasets.hashing import params_hash, sha256_bytes, sha256_file
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
 from datasets.verification_bin import write_bin
 from tasks import alignment
+from tasks import cli
+from tasks.configs import PairsSet
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
 __all__ = ["STAGE", "EXTRA_COLUMNS", "FOLDS", "Pair", "PairsSet", "BinsPlan", "BinsResult", "read_pairs",
-           "missing_images", "prepare_bins", "bins_align_config", "check_bins_up_to_date", "finalize_bins", "run_bins", "bins_prepare_task", "bins_finalize_task", "main"]
+           "missing_images", "prepare_bins", "bins_align_config", "check_bins_up_to_date", "finalize_bins", "run_bins", "bins_prepare_task", "bins_finalize_task", "main", "recorded_align_config", "command_align_config"]
 
 STAGE = "bins"
 INPUTS_DIR = "inputs"
@@ -72,7 +81,6 @@ FACES_DIR = "faces"
 OUTSIDE_DIR = "_outside"
 FOLDS = 10
 _CODE_MODULES = ("tasks.bins", "datasets.verification_bin")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TRUE, _FALSE = {"1", "true", "yes"}, {"0", "false", "no"}
 
 EXTRA_COLUMNS: dict[str, pa.DataType] = {
@@ -82,31 +90,6 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "fold": pa.int32(),
     "bin_index": pa.int64(),
 }
-
-
-class PairsSet(BaseModel):
-    """One verification set to build: ``<name>.bin`` from the pair list ``file``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="name of the set; the pack is <name>.bin (e.g. lfw, cfp_fp, agedb_30)")
-    file: str = Field(description="pair list: LFW pairs.txt, or CSV path_a,path_b,same")
-    image_root: str | None = Field(None, description="folder the image paths are relative to (default: the list's folder)")
-    aligned: bool = Field(False, description="the images are aligned face crops already (no detection)")
-    format: Literal["auto", "lfw", "csv"] = Field("auto", description="pair list format")
-    no_face: Literal["center_crop", "drop"] = Field(
-        "center_crop", description="photo without a face: spec 5.3 centre crop (keeps the folds) or drop the pair")
-    missing: Literal["fail", "drop"] = Field("fail", description="missing or unreadable image: fail, or drop the pair")
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(f"pairs set name {value!r} must be letters, digits, '.', '_' or '-' (it names <name>.bin)")
-        return value
-
-    def root(self) -> Path:
-        return Path(self.image_root).resolve() if self.image_root else Path(self.file).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -419,26 +402,44 @@ def bins_finalize_task(plan: BinsPlan, force: bool = False) -> BinsResult:
     return finished(finalize_bins(plan, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.bins", description="Build a verification .bin from a pair list.")
-    parser.add_argument("pairs", help="LFW pairs.txt or CSV path_a,path_b,same")
-    parser.add_argument("out_dir")
-    parser.add_argument("--name", required=True, help="the pack is <out_dir>/<name>.bin")
-    parser.add_argument("--image-root")
-    parser.add_argument("--aligned", action="store_true", help="images are aligned crops already")
-    parser.add_argument("--no-face", choices=["center_crop", "drop"], default="center_crop")
-    parser.add_argument("--missing", choices=["fail", "drop"], default="fail")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    spec = PairsSet(name=args.name, file=args.pairs, image_root=args.image_root, aligned=args.aligned,
-                    no_face=args.no_face, missing=args.missing)
-    result = run_bins(spec, args.out_dir, alignment.AlignConfig(device=args.device), force=args.force)
+def recorded_align_config(folder: str | os.PathLike) -> alignment.AlignConfig:
+    """The :class:`AlignConfig` an align-stage folder was made with (its ``stage.json``), so that a
+    ``.bin`` is aligned as the data set it belongs to. ``folder``: the align-stage folder, or a folder
+    holding exactly one (``align/<source>/`` of a build-dataset run, or ``<source>/``)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (expected an align-stage folder with stage.json)")
+    candidates = [root] + sorted(p.parent for p in [*root.glob("*/stage.json"), *root.glob("align/*/stage.json")])
+    for candidate in candidates:
+        record = load_record(candidate)
+        if record is not None and record.stage == alignment.STAGE:
+            params = {k: v for k, v in record.params.items() if k in alignment.AlignConfig.model_fields}
+            return alignment.AlignConfig(**params)
+    raise FormatError(root, "no align stage record found (stage.json of stage 'align')",
+                      "an align-stage folder, or a folder holding align/<source>/")
+
+
+def command_align_config(args: argparse.Namespace) -> alignment.AlignConfig:
+    """The alignment options of ``facepipe bins``: those recorded in ``--align-from`` (if given) with the
+    options given on the command line on top."""
+    if not args.align_from:
+        return cli.config_from_args(args, alignment.AlignConfig)
+    base = recorded_align_config(args.align_from).model_dump()
+    cfg = cli.config_from_args(args, alignment.AlignConfig, **base)
+    logger().info("bins: alignment options of %s: %s", args.align_from, cfg.output_params())
+    return cfg
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe bins`` / ``python -m tasks.bins`` with parsed arguments."""
+    spec = cli.config_from_args(args, PairsSet, file=args.pairs)
+    cfg = command_align_config(args)
+    result = run_bins(spec, args.out_dir, cfg, force=args.force)
     print(json.dumps({"bin": str(result.bin_path), "pairs": result.pairs, "listed": result.listed,
                       "counts": result.counts, "skipped": result.skipped}))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("bins", run_command, argv)
+

@@ -34,11 +34,11 @@ import torch.distributed as dist
 from torch import nn
 
 from datasets.atomic import atomic_paths
-from datasets.errors import FormatError
+from datasets.errors import FormatError, UnsafePickleError
 from models.backbone import Backbone, get_backbone
 from models.partial_fc import gather_shards, shard_bounds
 
-__all__ = ["FORMAT", "VERSION", "resolve_checkpoint", "save_checkpoint", "link_checkpoint", "read_checkpoint",
+__all__ = ["FORMAT", "VERSION", "resolve_checkpoint", "save_checkpoint", "copy_checkpoint", "link_checkpoint", "read_checkpoint",
            "build_backbone", "load_embedder", "check_same_network", "gather_optimizer_state",
            "shard_optimizer_state", "rng_state", "set_rng_state"]
 
@@ -77,16 +77,32 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def link_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Make ``target`` hold the same bytes as ``source`` (hard link, else copy), atomically."""
+def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Make ``target`` an independent copy of ``source`` (its own file, not a hard link: damage to
+    one never reaches the other), written atomically."""
     import shutil
 
     with atomic_paths(target) as (tmp,):
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
+        shutil.copyfile(source, tmp)
     return Path(target)
+
+
+#: The former name (it used to hard-link); now makes an independent copy.
+link_checkpoint = copy_checkpoint
+
+
+#: The global named in torch's weights-only refusal ("... GLOBAL posix.system whose module ...",
+#: "Unsupported global: GLOBAL datetime.datetime was not ...").
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+#: Lines of torch's load errors that give advice (disable weights_only, allow-list globals, docs).
+_ADVICE = re.compile(r"weights_only|trusted source|trust the source|add_safe_globals|documentation", re.IGNORECASE)
+
+
+def _load_error_detail(exc: Exception) -> str:
+    """One line from a ``torch.load`` error: the first that states what is wrong, not torch's advice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    facts = [line for line in lines if not _ADVICE.search(line)] or lines
+    return (facts[0].split(". ")[0] if facts else type(exc).__name__)[:300]
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -97,9 +113,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # zip/pickle errors of a file that is not a torch checkpoint
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = next((line for line in lines if "error" in line.lower()), lines[0] if lines else type(exc).__name__)[:300]
-        raise FormatError(path, f"cannot be read as a torch checkpoint ({detail})", "a file written by tasks.training.trainer") from None
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused:
+            raise UnsafePickleError(path, f"refused: its pickle asks for the global {refused[1]}, which weights-only "
+                                          "loading does not allow (nothing was executed)",
+                                    "a file written by tasks.training.trainer") from None
+        raise FormatError(path, f"cannot be read as a torch checkpoint ({_load_error_detail(exc)})",
+                          "a file written by tasks.training.trainer") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise FormatError(path, f"format {found!r}", f"a facepipe training checkpoint (format {FORMAT!r})")

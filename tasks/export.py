@@ -15,9 +15,18 @@ torch's; otherwise nothing is written and ``ValueError`` names the difference.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("export").parse_args()
+    from tasks.export import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import json
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -33,6 +42,7 @@ from prefect.cache_policies import NO_CACHE
 from datasets.atomic import atomic_paths
 from datasets.hashing import sha256_file
 from tasks.checkpoint import load_embedder
+from tasks import cli
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate
 
@@ -179,19 +189,10 @@ def export_task(checkpoint: str, out_dir: str, opset: int = 17, force: bool = Fa
     return finished(run_export_stage(checkpoint, out_dir, opset=opset, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="training checkpoint (.pt) or 'prefix,epoch'")
-    parser.add_argument("out", help="ONNX file to write")
-    parser.add_argument("--opset", type=int, default=17)
-    parser.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto")
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed |onnxruntime - torch| of the L2-normalised embeddings")
-    args = parser.parse_args(argv)
-    try:
-        result = export_onnx(args.checkpoint, args.out, opset=args.opset, exporter=args.exporter, atol=args.atol)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe export`` / ``python -m tasks.export`` with parsed arguments."""
+    result = export_onnx(cli.existing_model(args.checkpoint), args.out, opset=args.opset, exporter=args.exporter,
+                         atol=args.atol)
     summary = asdict(result)
     summary["path"] = str(result.path)
     summary["meta"] = {k: result.meta[k] for k in ("network", "emb_size", "image_size", "normalize", "step")}
@@ -199,5 +200,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("export", run_command, argv)

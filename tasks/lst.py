@@ -31,11 +31,19 @@ millions of faces; an unchanged stage (same source records, parameters, code) is
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("lst").parse_args()
+    from tasks.lst import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import json
-import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,7 +53,6 @@ import pandas as pd
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_write_text
 from datasets.errors import FormatError
@@ -55,6 +62,8 @@ from datasets.lst import InsightFaceLine, write_insightface_lst
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
 from datasets.rec_layout import LABELS_FILE, read_labels, write_labels
 from tasks import alignment
+from tasks import cli
+from tasks.configs import LstConfig
 from tasks.runtime import finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
@@ -73,16 +82,6 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "image_path": pa.string(),
     "fallback": pa.bool_(),
 }
-
-
-class LstConfig(BaseModel):
-    """Parameters of the ``.lst`` stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_images: int = Field(2, ge=1, description="identities with fewer aligned faces are dropped (dir2lst keeps >= 2)")
-    include_fallback: bool = Field(
-        True, description="list the centre-crop fallbacks of photos without a detected face (align no_face=center_crop)")
 
 
 @dataclass
@@ -273,21 +272,13 @@ def lst_task(sources: Mapping[str, str] | Sequence[str], out_dir: str | os.PathL
     return finished(run_lst(sources, out_dir, cfg, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.lst", description="Write train.lst and labels.csv from align-stage folders.")
-    parser.add_argument("out_dir")
-    parser.add_argument("sources", nargs="+", help="align-stage folders (source name = folder name)")
-    parser.add_argument("--min-images", type=int, default=2)
-    parser.add_argument("--no-fallback", action="store_true", help="do not list centre-crop fallbacks")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = run_lst(args.sources, args.out_dir, LstConfig(min_images=args.min_images, include_fallback=not args.no_fallback),
-                     force=args.force)
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe lst`` / ``python -m tasks.lst`` with parsed arguments."""
+    result = run_lst(args.sources, args.out_dir, cli.config_from_args(args, LstConfig), force=args.force)
     print(json.dumps({"lst": str(result.lst_path), "images": result.images, "identities": result.identities,
                       "num_classes": result.num_classes, "counts": result.counts, "skipped": result.skipped}))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("lst", run_command, argv)

@@ -35,14 +35,22 @@ sha256.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("megaface").parse_args()
+    from tasks.megaface import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import collections
 import itertools
 import json
-import logging
 import math
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,7 +62,6 @@ import numpy as np
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import atomic_paths, atomic_write_text, remove_partials
 from datasets.errors import FormatError
@@ -65,8 +72,10 @@ from datasets.images import decode_image
 from datasets.megaface import feature_path, read_image_list, read_noise_list, write_feature
 from datasets.rec_dataset import RecFaceDataset
 from datasets.rec_layout import LABELS_FILE, PROPERTY_FILE, read_labels, rec_paths
-from tasks.evaluation.model import EvalModel, ExtractionConfig, ModelSource, load_eval_model, model_digest, rows_table
-from tasks.evaluation.megaface import DEFAULT_RANKS, DEFAULT_SIZES, identification, noisy_distractors, noisy_probes, remove_noises, verification_roc
+from tasks.evaluation.config import ExtractionConfig, ImageSet, MegaFaceConfig
+from tasks.evaluation.model import EvalModel, ModelSource, load_eval_model, model_digest, rows_table
+from tasks.evaluation.megaface import identification, noisy_distractors, noisy_probes, remove_noises, verification_roc
+from tasks import cli
 from tasks.runtime import Progress, finished, logger, publish_table
 from tasks.stage import code_version, commit_record, current_record, invalidate
 from tasks.evaluation.pairs import far_key
@@ -82,35 +91,6 @@ FEATURES_DIR = "features"
 PROBES_FILE, DISTRACTORS_FILE = "probes.npy", "distractors.npy"
 _CODE_MODULES = ("tasks.megaface", "tasks.evaluation.megaface", "tasks.evaluation.model", "tasks.evaluation.embed", "datasets.megaface")
 _FEATURE_CODE_MODULES = ("tasks.evaluation.model", "tasks.evaluation.embed", "datasets.normalization")
-
-
-class ImageSet(BaseModel):
-    """Probes or distractors: an image list under ``root``, or a ``.rec`` set."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(description="image list (one relative path per line), or a .rec file / dataset folder")
-    root: str | None = Field(None, description="folder the list's paths are relative to (default: the list's folder)")
-
-
-class MegaFaceConfig(ExtractionConfig):
-    """Parameters of the MegaFace stage (extraction settings plus the protocol's)."""
-
-    algo: str = Field("facepipe", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="algorithm name in file names")
-    probe_set: str = Field("facescrub", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="probe set name in file names")
-    sizes: list[int] = Field(list(DEFAULT_SIZES), description="distractor counts to evaluate (the first N of the list)")
-    ranks: list[int] = Field(list(DEFAULT_RANKS), description="CMC ranks")
-    far: float = Field(1e-6, gt=0, lt=1, description="FAR of the headline TAR")
-    roc_fars: list[float] = Field([1e-6, 1e-5, 1e-4, 1e-3], description="FARs of the ROC points in the CMC/ROC json")
-    metric: Literal["euclidean", "cosine"] = Field("euclidean", description="devkit: euclidean (honours noise removal)")
-    probe_noise: str | None = Field(None, description="FaceScrub noise list (facescrub_noises.txt)")
-    distractor_noise: str | None = Field(None, description="MegaFace noise list (megaface_noises.txt)")
-    strict_noise: bool = Field(True, description="a noise-list entry naming no image of the sets is an error")
-    noise_seed: int = Field(0, description="seed of the noise added to replaced probes")
-    devkit_dir: str | None = Field(None, description="also write devkit feature files here")
-    devkit_size_suffix: bool = Field(False, description="devkit file names <img>_<algo>_<H>x<W>.bin (2018 form)")
-    decode_threads: int = Field(4, ge=1, description="threads decoding images")
-    chunk_images: int = Field(8192, ge=1, description="images per extraction chunk (the unit an interrupted run resumes at)")
 
 
 @dataclass
@@ -478,41 +458,15 @@ def megaface_task(model: str, probes: ImageSet | str, distractors: ImageSet | st
     return finished(result)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.megaface",
-                                     description="MegaFace identification and verification of an embedding model.")
-    parser.add_argument("model", help="a training checkpoint or a .onnx file")
-    parser.add_argument("--probes", required=True, help="probe image list (facescrub_lst) or .rec set")
-    parser.add_argument("--probe-root", help="folder the probe list's paths are relative to")
-    parser.add_argument("--distractors", required=True, help="distractor image list (megaface_lst) or .rec set")
-    parser.add_argument("--distractor-root")
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--devkit-dir", help="also write devkit feature files here")
-    parser.add_argument("--algo", default="facepipe")
-    parser.add_argument("--probe-noise", help="facescrub_noises.txt")
-    parser.add_argument("--distractor-noise", help="megaface_noises.txt")
-    parser.add_argument("--sizes", type=_ints, default=list(DEFAULT_SIZES), help="comma-separated distractor counts")
-    parser.add_argument("--far", type=float, default=1e-6)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
-    parser.add_argument("--decode-threads", type=int, default=4)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = MegaFaceConfig(algo=args.algo, sizes=args.sizes, far=args.far, probe_noise=args.probe_noise,
-                         distractor_noise=args.distractor_noise, devkit_dir=args.devkit_dir, batch_size=args.batch_size,
-                         device=args.device, precision="bf16" if args.bf16 else "fp32", decode_threads=args.decode_threads)
-    result = run_megaface(args.model, ImageSet(path=args.probes, root=args.probe_root),
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe megaface`` / ``python -m tasks.megaface`` with parsed arguments."""
+    cfg = cli.config_from_args(args, MegaFaceConfig)
+    result = run_megaface(cli.existing_model(args.model), ImageSet(path=args.probes, root=args.probe_root),
                           ImageSet(path=args.distractors, root=args.distractor_root), args.out_dir, cfg, force=args.force)
     print(json.dumps({"metrics": str(result.metrics_path), "skipped": result.skipped,
                       "rank_1": {r["distractors"]: r.get("rank_1") for r in result.rows}}))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("megaface", run_command, argv)

@@ -38,11 +38,19 @@ with; ``stage.json`` last.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("merge").parse_args()
+    from tasks.merge import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import json
-import logging
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +62,6 @@ import pyarrow as pa
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
 from datasets.atomic import remove_partials
 from datasets.errors import FormatError
@@ -76,6 +83,8 @@ from datasets.recordio import MXRecordIO, unpack
 from datasets.verification_bin import decode_bin
 from tasks.evaluation.embed import OnnxEmbedder, extract_embeddings
 from tasks.evaluation.model import load_eval_model, model_digest
+from tasks import cli
+from tasks.configs import MergeConfig
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate
 
@@ -99,28 +108,6 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
 }
 
 Embedder = Callable[[Any], Any]
-
-
-class MergeConfig(BaseModel):
-    """Parameters of the merge stage (dataset_merge.py's ``--model``, ``--param1``, ``--param2``, ``--exclude``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dedup: Literal["none", "name", "model"] = Field(
-        "none", description="none: concatenate; name: same identity name = one identity; model: embedding de-duplication")
-    model: str | None = Field(None, description="embedding model: a .onnx file or a training checkpoint")
-    normalize: Literal["arcface", "mxnet"] = Field(
-        "arcface", description="input normalisation of the model: (x-127.5)/127.5 or (x-127.5)/128")
-    param1: float = Field(0.3, ge=-1.0, le=1.0, description="an identity of a later dataset is dropped at cosine >= param1 with a kept one")
-    param2: float = Field(0.4, ge=-1.0, le=1.0, description="a kept identity is removed at cosine >= param2 with an exclusion vector")
-    exclude: list[str] = Field(default_factory=list, description="packed dataset folders or verification .bin files to keep out")
-    batch_size: int = Field(64, ge=1, description="images per model call")
-    label_format: Literal["scalar", "array"] = Field(
-        "scalar", description="image record label: scalar (dataset_merge.py, flag 0) or [label, aligned]")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where a torch model runs")
-
-    def needs_embeddings(self) -> bool:
-        return self.dedup == "model" or bool(self.exclude)
 
 
 @dataclass
@@ -480,26 +467,14 @@ def merge_task(datasets: Sequence[str], out_dir: str | os.PathLike, cfg: MergeCo
     return finished(run_merge(datasets, out_dir, cfg, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.merge", description="Merge packed datasets (dataset_merge.py).")
-    parser.add_argument("--include", required=True, help="comma-separated dataset folders, in order")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--dedup", choices=["none", "name", "model"], default="none")
-    parser.add_argument("--model", help=".onnx file or training checkpoint")
-    parser.add_argument("--param1", type=float, default=0.3)
-    parser.add_argument("--param2", type=float, default=0.4)
-    parser.add_argument("--exclude", default="", help="comma-separated dataset folders or .bin files")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = MergeConfig(dedup=args.dedup, model=args.model, param1=args.param1, param2=args.param2,
-                      exclude=[e for e in args.exclude.split(",") if e], batch_size=args.batch_size)
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe merge`` / ``python -m tasks.merge`` with parsed arguments."""
+    cfg = cli.config_from_args(args, MergeConfig)
     result = run_merge([d for d in args.include.split(",") if d], args.output, cfg, force=args.force)
     print(json.dumps({"rec": str(result.rec_path), "images": result.images, "identities": result.identities,
                       "counts": result.counts, "skipped": result.skipped}))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("merge", run_command, argv)

@@ -44,14 +44,22 @@ bytes are synced.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("pack").parse_args()
+    from tasks.pack import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import hashlib
 import io
 import itertools
 import json
-import logging
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,18 +71,20 @@ import pyarrow as pa
 from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
-from datasets.atomic import atomic_write_bytes, remove_partials
+from datasets.atomic import atomic_paths, atomic_write_bytes, remove_partials
 from datasets.errors import FormatError
 from datasets.face_codec import encode_jpeg
 from datasets.face_align import center_crop, warp_face
 from datasets.hashing import params_hash, sha256_file
 from datasets.image_size import parse_image_size
 from datasets.images import UnreadableImage, decode_image
+from datasets.locks import folder_lock
 from datasets.lst import InsightFaceColumns, InsightFaceLine, read_lst_columns
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
 from datasets.rec_layout import IDX_FILE, LABELS_FILE, PROPERTY_FILE, REC_FILE, InsightFaceRecWriter
+from tasks import cli
+from tasks.configs import PackConfig
 from tasks.runtime import Progress, finished, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate, load_record
 
@@ -94,18 +104,6 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "line": pa.int64(),
     "aligned": pa.bool_(),
 }
-
-
-class PackConfig(BaseModel):
-    """Parameters of the pack stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    shuffle: bool = Field(False, description="shuffle identity order and order within identities (seeded)")
-    seed: int = Field(0, ge=0, description="seed of the shuffle")
-    label_format: Literal["array", "scalar"] = Field(
-        "array", description="image record label: [label, aligned] (face2rec2, flag 2) or the scalar label (flag 0)")
-    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of faces aligned here (aligned=0 lines only)")
 
 
 @dataclass
@@ -399,11 +397,20 @@ def run_pack(
 
     ``image_size`` (height, width), ``num_classes`` and ``labels`` (a ``label,identity`` CSV)
     default to the lst stage's when ``lst`` is its folder; otherwise to the first aligned image's
-    size (112x112 when every line is a photo to align), the largest label + 1, and none. Skipped (``skipped=True``) when the stage record matches
-    (same list, image sizes and mtimes, parameters, code); ``force`` rebuilds.
+    size (112x112 when every line is a photo to align), the largest label + 1, and none. Skipped
+    (``skipped=True``) when the stage record matches (same list, image sizes and mtimes, parameters,
+    code); ``force`` rebuilds. Holds ``out_dir``'s lock (:func:`datasets.locks.folder_lock`) while it runs.
     """
     cfg = cfg or PackConfig()
     out = Path(out_dir).resolve()
+    with folder_lock(out, STAGE):  # a second pack into out_dir fails at once (FolderBusy)
+        return _run_pack_locked(lst, out, cfg, image_size=image_size, num_classes=num_classes, labels=labels,
+                                force=force)
+
+
+def _run_pack_locked(lst: str | os.PathLike, out: Path, cfg: PackConfig, *,
+                     image_size: str | tuple[int, int] | None, num_classes: int | None,
+                     labels: str | os.PathLike | None, force: bool) -> PackResult:
     source = Path(lst).resolve()
     stage_info: dict = {}
     if source.is_dir():
@@ -452,7 +459,11 @@ def run_pack(
     reader = _FaceReader(lst_rows, paths, size, cfg.jpeg_quality, source)
     sha256 = hashlib.sha256
     progress = Progress("pack", total=n, description="pack: copy faces into train.rec", log_every_s=30)
-    with ThreadPoolExecutor(1, thread_name_prefix="pack-manifest") as manifest_thread:
+    # The manifest goes to a temporary name and is renamed into place only after train.rec/.idx/
+    # property were: a pack that fails on the way (disk full) leaves no manifest of a set it did
+    # not write.
+    with atomic_paths(out / MANIFEST_FILE) as (manifest_tmp,), \
+            ThreadPoolExecutor(1, thread_name_prefix="pack-manifest") as manifest_thread:
         with InsightFaceRecWriter(out, image_size=size, label_format=cfg.label_format, num_classes=num_classes,
                                   background_writes=True) as writer:
             for start in range(0, n, _BATCH):
@@ -470,7 +481,7 @@ def run_pack(
                                  cropped)
             # written while the .rec is synced to disk and renamed into place (the stage record,
             # written last, commits both)
-            manifest_written = manifest_thread.submit(write_manifest, out / MANIFEST_FILE, manifest, stage=STAGE,
+            manifest_written = manifest_thread.submit(write_manifest, manifest_tmp, manifest, stage=STAGE,
                                                       extra=EXTRA_COLUMNS)
         manifest_written.result()
     progress.update(n)
@@ -535,24 +546,14 @@ def pack_task(lst: str | os.PathLike, out_dir: str | os.PathLike, cfg: PackConfi
     return finished(run_pack(lst, out_dir, cfg, image_size=image_size, force=force))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.pack", description="Pack an InsightFace .lst into train.rec/train.idx/property.")
-    parser.add_argument("lst", help="a .lst file or an lst-stage folder")
-    parser.add_argument("out_dir")
-    parser.add_argument("--image-size", help="height,width (default: the lst stage's, or the first image's)")
-    parser.add_argument("--num-classes", type=int)
-    parser.add_argument("--shuffle", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label-format", choices=["array", "scalar"], default="array")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = PackConfig(shuffle=args.shuffle, seed=args.seed, label_format=args.label_format)
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe pack`` / ``python -m tasks.pack`` with parsed arguments."""
+    cfg = cli.config_from_args(args, PackConfig)
     result = run_pack(args.lst, args.out_dir, cfg, image_size=args.image_size, num_classes=args.num_classes, force=args.force)
     print(json.dumps({"rec": str(result.rec_path), "images": result.images, "identities": result.identities,
                       "num_classes": result.num_classes, "skipped": result.skipped}))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("pack", run_command, argv)

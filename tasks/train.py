@@ -16,6 +16,16 @@ Options that do not change what is learned (``num_workers``, ``eval_batch_size``
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("train", "python -m tasks.train").parse_args()
+    from tasks.training.trainer import run_command
+
+    sys.exit(run_command(_args))
+
 import contextlib
 import hashlib
 import os
@@ -182,10 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     kept under the stage's name for scripts written before the engine moved."""
     from tasks.training.trainer import main as train_main
 
-    return train_main(argv)
+    return train_main(argv, prog="python -m tasks.train")
 
 
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -31,13 +31,21 @@ threshold: ``shuffle_folds`` splits a seeded permutation of the pairs (``fold_se
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    import sys
+
+    from tasks import cli
+
+    _args = cli.build_parser("evaluate").parse_args()
+    from tasks.verification import run_command
+
+    sys.exit(cli.execute(run_command, _args))
+
 import argparse
 import base64
 import io
 import json
-import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +56,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field
 
 from datasets.atomic import atomic_paths, atomic_write_bytes, remove_partials
 from datasets.errors import FormatError
 from datasets.hashing import sha256_file
 from datasets.verification_bin import decode_bin
-from tasks.evaluation.model import EvalModel, ExtractionConfig, ModelSource, load_eval_model, model_digest, rows_table
+from tasks.evaluation.config import ExtractionConfig, VerificationConfig
+from tasks.evaluation.model import EvalModel, ModelSource, load_eval_model, model_digest, rows_table
+from tasks import cli
 from tasks.runtime import Progress, finished, logger, publish_markdown, publish_table
 from tasks.stage import code_version, commit_record, current_record, invalidate
-from tasks.evaluation.pairs import DEFAULT_FAR_TARGETS, evaluate_verification, far_key
+from tasks.evaluation.pairs import evaluate_verification, far_key
 
 __all__ = ["STAGE", "METRICS_FILE", "ROC_FILE", "PLOT_FILE", "VerificationConfig", "VerificationStageResult",
            "run_verification", "plot_roc", "metrics_table", "row_text", "verification_task", "main"]
@@ -70,17 +79,6 @@ _CODE_MODULES = ("tasks.verification", "tasks.evaluation.model", "tasks.evaluati
                  "datasets.verification_bin", "datasets.normalization")
 _TABLE_COLUMNS = ("target", "accuracy", "accuracy_std", "threshold_mean", "val@far=1e-03", "xnorm", "n_pairs", "seconds",
                   "notes", "error")
-
-
-class VerificationConfig(ExtractionConfig):
-    """Parameters of the verification stage (extraction settings plus the protocol's)."""
-
-    nfolds: int = Field(10, ge=1, description="contiguous folds of the accuracy protocol (1 = train on the test set)")
-    shuffle_folds: bool = Field(
-        False, description="split a seeded permutation of the pairs into folds (for pair lists not laid out in "
-                           "LFW's balanced blocks, e.g. a CSV sorted by person)")
-    fold_seed: int = Field(0, ge=0, description="seed of shuffle_folds")
-    far_targets: list[float] = Field(list(DEFAULT_FAR_TARGETS), description="FARs at which TAR is reported")
 
 
 @dataclass
@@ -330,28 +328,14 @@ def verification_task(model: str, targets: list[str] | dict[str, str], out_dir: 
     return finished(result)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.verification",
-                                     description="Verification accuracy of an embedding model on .bin packs.")
-    parser.add_argument("model", help="a training checkpoint or a .onnx file")
-    parser.add_argument("targets", nargs="+", help="verification packs (lfw.bin, cfp_fp.bin, ...)")
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
-    parser.add_argument("--no-flip", action="store_true")
-    parser.add_argument("--normalize", choices=["arcface", "mxnet"])
-    parser.add_argument("--nfolds", type=int, default=10)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = VerificationConfig(batch_size=args.batch_size, device=args.device, precision="bf16" if args.bf16 else "fp32",
-                             flip=not args.no_flip, normalize=args.normalize, nfolds=args.nfolds)
-    result = run_verification(args.model, args.targets, args.out_dir, cfg, force=args.force)
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe evaluate`` / ``python -m tasks.verification`` with parsed arguments."""
+    cfg = cli.config_from_args(args, VerificationConfig)
+    result = run_verification(cli.existing_model(args.model), args.targets, args.out_dir, cfg, force=args.force)
     print("\n".join(result.summary_lines()))
     print(json.dumps({"metrics": str(result.metrics_path), "plot": str(result.plot_path), "skipped": result.skipped}))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("evaluate", run_command, argv, prog="python -m tasks.verification")

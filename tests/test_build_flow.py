@@ -188,7 +188,7 @@ def test_bad_input_fails_fast_naming_the_path(prefect_server, tmp_path, inputs):
     assert state.is_failed() and "pairs.csv line 22 names" in state.message
     assert not (tmp_path / "datasets" / "bad" / "align").exists(), "nothing may run before the inputs are checked"
     state = build_dataset(name="bad name", aligned_dirs=[str(inputs["aligned"])], data_root=str(tmp_path), return_state=True)
-    assert state.is_failed() and "name: name 'bad name' must start with a letter" in state.message
+    assert state.is_failed() and "option 'name': name 'bad name' must start with a letter" in state.message
     with pytest.raises(ValueError, match="give raw_dir"):
         BuildDatasetParams(name="x")
     with pytest.raises(ValueError, match="needs merge_with"):

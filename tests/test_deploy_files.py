@@ -82,3 +82,41 @@ def test_prefect_yaml_deployments():
     assert set(deps) == {("build_dataset", "default"), ("train_and_eval", "default")}
     assert deps[("build_dataset", "default")]["work_pool"]["name"] == "cpu"
     assert deps[("train_and_eval", "default")]["work_pool"]["name"] == "gpu"
+
+
+def test_secrets_and_local_state_stay_out_of_the_image():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".env", ".git", ".venv", "data", "runs"):
+        assert entry in ignored, entry
+    # the placeholder is gone from the example: an unchanged copy fails `docker compose config`
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert example["POSTGRES_PASSWORD"] == ""
+
+
+def test_image_runs_as_an_unprivileged_user():
+    lines = [line.split() for line in (ROOT / "Dockerfile").read_text().splitlines() if line.strip()]
+    users = [words[1] for words in lines if words[0] == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the last USER of the image must not be root"
+    last_user = max(i for i, words in enumerate(lines) if words[0] == "USER")
+    assert any(words[0] in ("CMD", "ENTRYPOINT") for words in lines[last_user:])
+
+
+def test_postgres_refuses_the_placeholder_password(tmp_path):
+    """The postgres service's entry point, run by sh as compose would ($$ -> $), with a stand-in for
+    the image's docker-entrypoint.sh: change-me stops it with one line, a real password starts it."""
+    cfg = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    entrypoint = cfg["services"]["postgres"]["entrypoint"]
+    assert entrypoint[:2] == ["sh", "-c"]
+    script = entrypoint[2].replace("$$", "$")
+    stand_in = tmp_path / "docker-entrypoint.sh"
+    stand_in.write_text('#!/bin/sh\necho "postgres started with $*"\n')
+    stand_in.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    refused = subprocess.run(["sh", "-c", script], env={**env, "POSTGRES_PASSWORD": "change-me"},
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "started" not in refused.stdout
+    assert refused.stderr.strip() == "POSTGRES_PASSWORD is the placeholder change-me: set a real password in .env"
+    started = subprocess.run(["sh", "-c", script], env={**env, "POSTGRES_PASSWORD": "a-real-one"},
+                             capture_output=True, text=True)
+    assert started.returncode == 0 and started.stdout.strip() == "postgres started with postgres"

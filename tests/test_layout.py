@@ -50,7 +50,7 @@ def test_imports_point_down(package):
 
 TASKS = ROOT / "tasks"
 ENGINES = {"tasks.alignment", "tasks.training", "tasks.evaluation"}
-SHARED = {"tasks.runtime", "tasks.stage", "tasks.checkpoint", "tasks.cli"}
+SHARED = {"tasks.runtime", "tasks.stage", "tasks.checkpoint", "tasks.cli", "tasks.configs"}
 STAGES = {f"tasks.{p.stem}" for p in TASKS.glob("*.py") if p.stem != "__init__"} - SHARED
 
 

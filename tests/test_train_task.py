@@ -43,8 +43,8 @@ def test_a_run_streams_its_log_and_returns_its_checkpoints(tmp_path: Path, caplo
 
 
 def test_a_failing_child_raises_with_its_error(tmp_path: Path):
-    with pytest.raises(RuntimeError, match=r"failed \(exit code 2\): error: .*images are 32x32 \(property\), but option "
-                                           r"'image_size' is 40,40"):
+    with pytest.raises(RuntimeError, match=r"failed \(exit code 2\): error: .*images are 32x32 \(property\), but the run's "
+                                           r"image size is 40,40 .*pass --image-size 32,32"):
         run_training(tiny_config(tmp_path, image_size="40,40"))
 
 

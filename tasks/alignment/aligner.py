@@ -20,7 +20,9 @@ Output (``out_dir``):
 
 Statuses: ``ok`` (face aligned), ``fallback`` (no face; spec 5.3 centre crop written, when
 ``no_face="center_crop"``), ``no_face`` (no face; nothing written), ``unreadable`` (cannot be
-read or decoded; ``reason`` says why), ``duplicate`` (same bytes as an earlier file in sorted
+read or decoded, or a file or folder name that is not valid UTF-8, which Parquet and the output
+names cannot hold: its ``source_path`` shows the bad bytes as ``\\xNN`` and such a folder is not
+searched; ``reason`` says why), ``duplicate`` (same bytes as an earlier file in sorted
 order, named in ``reason``; not processed), ``ignored`` (hidden file or folder), ``error`` (an
 unexpected failure while processing the file; the message is in ``reason``, and the file is
 retried on the next run). Nothing ever raises out of a shard because of one file.
@@ -75,7 +77,6 @@ import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from datasets.atomic import atomic_write_bytes, remove_partials
 from datasets.errors import FormatError
@@ -94,10 +95,11 @@ from datasets.face_align import (
     warp_affine,
 )
 from datasets.hashing import params_hash, sha256_bytes, sha256_file
-from datasets.image_size import parse_image_size
+from datasets.locks import folder_lock
 from datasets.images import DecodedImage, UnreadableImage, decode_image
 from datasets.manifest import MANIFEST_FILE, clear_parts, read_manifest, split_reusable, status_counts, write_manifest, write_part
 from models.face_detector import Detections, FaceDetector
+from tasks.alignment.config import AlignConfig
 from tasks.runtime import Progress, logger
 from tasks.stage import code_version, commit_record, current_record, invalidate
 
@@ -108,10 +110,6 @@ __all__ = [
 ]
 
 STAGE = "align"
-#: Bump when a code change alters what is written for the same input and parameters; it is part
-#: of the parameter hash, so rows made by older code are redone. 2: ``batch_size`` 1 by default
-#: (every photo detected on its own, so its face no longer depends on the photos beside it).
-ALGORITHM_VERSION = 2
 IMAGES_DIR = "images"
 PLAN_FILE = "parts/plan.pickle"
 DEFAULT_SHARD_SIZE = 64
@@ -123,8 +121,8 @@ _DECODED_BUDGET = 1 << 30
 STATUSES = ("ok", "fallback", "no_face", "unreadable", "duplicate", "ignored", "error")
 #: Rows with these statuses are decided again on every run instead of being reused.
 _NOT_REUSED = {"duplicate", "ignored", "error"}
-_CODE_MODULES = ("tasks.alignment.aligner", "datasets.images", "datasets.face_align", "datasets.face_codec",
-                 "models.face_detector")
+_CODE_MODULES = ("tasks.alignment.aligner", "tasks.alignment.config", "datasets.images", "datasets.face_align",
+                 "datasets.face_codec", "models.face_detector")
 
 EXTRA_COLUMNS: dict[str, pa.DataType] = {
     "identity": pa.string(),
@@ -141,103 +139,6 @@ EXTRA_COLUMNS: dict[str, pa.DataType] = {
 }
 _INT_COLUMNS = {"face_index": "int32", "num_faces": "int32", "width": "int32", "height": "int32",
                 "source_size": "int64", "source_mtime_ns": "int64"}
-_OUTPUT_FIELDS = ("image_size", "min_face_size", "thresholds", "factor", "face_policy", "no_face",
-                  "jpeg_quality", "max_side", "min_score", "refine_passes")
-
-
-class AlignConfig(BaseModel):
-    """Parameters of the align stage. All but ``device`` change the output; ``batch_size`` and
-    ``detect_threads`` only when they are above 1.
-
-    Batch invariance: MTCNN's convolutions may sum in a different order for a different batch
-    shape (oneDNN picks kernels and blocking by shape, and they differ between CPU models), so a
-    photo detected together with others can get landmarks a few 1e-4 px away from the same photo
-    detected alone, enough to change some JPEG bytes of its face. With ``batch_size=1`` (the
-    default) every photo, and every refinement crop, is its own MTCNN call, run with
-    ``detect_threads`` torch threads whatever the worker's setting (the thread count changes the
-    sums too): its face is a function of its own bytes and the parameters only, on a given machine,
-    whatever the other photos, their order, the shard size, the number of workers and their
-    threads, or an interrupted and resumed run. With ``batch_size > 1``
-    (faster mostly on CUDA) the faces depend on which photos share a batch, so ``batch_size`` and
-    the plan's ``shard_size`` become part of the parameter hash and the stage record.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    image_size: Literal["112x112", "112x96"] = Field(
-        "112x112", description="output height x width; '112,96' (InsightFace spelling) is accepted")
-    min_face_size: int = Field(20, ge=8, description="MTCNN minimum face size, pixels of the detection image")
-    thresholds: tuple[float, float, float] = Field((0.6, 0.7, 0.7), description="P-, R-, O-Net score thresholds")
-    factor: float = Field(0.709, gt=0.1, lt=1.0, description="MTCNN image pyramid scale step")
-    face_policy: Literal["insightface", "first", "all"] = Field(
-        "insightface",
-        description="insightface: largest area minus 2x squared distance to the image centre; "
-                    "first: highest score; all: every face its own item")
-    no_face: Literal["skip", "center_crop"] = Field(
-        "skip", description="no face found: skip (status no_face) or write the spec 5.3 centre crop (status fallback)")
-    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the aligned faces")
-    max_side: int = Field(640, ge=0, description="longest side photos are downscaled to for detection; 0: never")
-    detect_threads: int = Field(
-        1, ge=1, le=256,
-        description="torch threads MTCNN runs with on the CPU, whatever the process's setting (the thread count "
-                    "changes the convolutions' sums); parallelism comes from shards on several workers")
-    batch_size: int = Field(
-        1, ge=1,
-        description="photos per MTCNN call; 1: each photo's face is independent of the other photos (byte-"
-                    "reproducible on one machine); >1: faster on CUDA, but faces depend on their batch mates, so "
-                    "batch_size and shard_size enter the parameter hash")
-    min_score: float = Field(0.0, ge=0.0, le=1.0, description="faces scoring lower are ignored")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
-    refine_passes: int = Field(
-        2, ge=0, le=3,
-        description="landmark refinement passes: MTCNN again on each chosen face, aligned at 2x scale with a "
-                    "margin from the warp decode; 0: align with the first detection's landmarks")
-    already_aligned: bool = Field(
-        False, description="inputs are aligned face crops: no detection; scaled to image_size only if needed")
-
-    @field_validator("image_size", mode="before")
-    @classmethod
-    def _spell_size(cls, value: Any) -> Any:
-        try:
-            return str(parse_image_size(value))  # "112,112", (112, 112) -> "112x112"
-        except ValueError:
-            return value  # the Literal names the allowed sizes
-
-    @field_validator("thresholds")
-    @classmethod
-    def _check_thresholds(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if not all(0.0 < v < 1.0 for v in value):
-            raise ValueError(f"thresholds must lie in (0, 1), got {value}")
-        return value
-
-    def output_params(self) -> dict[str, Any]:
-        """The parameters that change what is written (plus the algorithm version)."""
-        params = self.model_dump(mode="json", include=set(_OUTPUT_FIELDS))
-        params["algorithm"] = ALGORITHM_VERSION
-        if self.batch_size > 1 and not self.already_aligned:  # batch mates change the faces (class docstring)
-            params["batch_size"] = self.batch_size
-        if self.detect_threads != 1 and not self.already_aligned:
-            params["detect_threads"] = self.detect_threads
-        if self.already_aligned:  # only when set, so that hashes of detected outputs stay as they were
-            params["already_aligned"] = True
-        return params
-
-    def params_hash(self) -> str:
-        return params_hash(self.output_params())
-
-    def plan_params(self, shard_size: int) -> dict[str, Any]:
-        """:meth:`output_params` of a run split into shards of ``shard_size`` files: with
-        ``batch_size > 1`` the shards decide which photos share a batch, so ``shard_size`` is added."""
-        params = self.output_params()
-        if "batch_size" in params:
-            params["shard_size"] = int(shard_size)
-        return params
-
-    def make_detector(self) -> FaceDetector:
-        return FaceDetector(
-            min_face_size=self.min_face_size, thresholds=self.thresholds, factor=self.factor,
-            max_side=self.max_side, batch_size=self.batch_size, device=self.device, threads=self.detect_threads,
-        )
 
 
 @dataclass
@@ -386,6 +287,25 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+_NOT_UTF8 = "name is not valid UTF-8 (shown with \\x escapes); rename it to align it"
+
+
+def _is_utf8(rel: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (``os.fsdecode`` turns them into lone
+    surrogates, which Parquet, JSON and the output file names cannot hold)."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(rel: str) -> str:
+    """``rel`` as valid UTF-8 text: bytes that are not UTF-8 written as ``\\xNN``
+    (``b"caf\\xe9.jpg"`` -> ``"caf\\\\xe9.jpg"``), the form a manifest row can hold."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def _walk(raw: Path, exclude: Path | None) -> tuple[list[str], dict[str, str]]:
     """Relative POSIX paths of the files below ``raw`` (sorted), and ``{path: reason}`` for
     entries that are not searched (hidden or unlistable folders, hidden files)."""
@@ -395,7 +315,7 @@ def _walk(raw: Path, exclude: Path | None) -> tuple[list[str], dict[str, str]]:
 
     def on_error(exc: OSError) -> None:
         rel = Path(exc.filename).relative_to(raw).as_posix() if exc.filename else "."
-        skipped[rel + "/"] = f"unreadable:cannot list folder ({exc.strerror or exc})"
+        skipped[_printable(rel) + "/"] = f"unreadable:cannot list folder ({exc.strerror or exc})"
 
     for dirpath, dirnames, filenames in os.walk(raw, onerror=on_error, followlinks=True):
         here = Path(dirpath)
@@ -409,14 +329,18 @@ def _walk(raw: Path, exclude: Path | None) -> tuple[list[str], dict[str, str]]:
             rel = (here / name).relative_to(raw).as_posix()
             if exclude is not None and (here / name).resolve() == exclude:
                 continue
-            if _is_hidden(name):
+            if not _is_utf8(rel):
+                skipped[_printable(rel) + "/"] = f"unreadable:{_NOT_UTF8}; not searched"
+            elif _is_hidden(name):
                 skipped[rel + "/"] = "ignored:hidden folder (name starts with '.'); not searched"
             else:
                 keep.append(name)
         dirnames[:] = keep
         for name in filenames:
             rel = (here / name).relative_to(raw).as_posix()
-            if _is_hidden(name):
+            if not _is_utf8(rel):
+                skipped[_printable(rel)] = f"unreadable:{_NOT_UTF8}"
+            elif _is_hidden(name):
                 skipped[rel] = "ignored:hidden file (name starts with '.')"
             else:
                 files.append(rel)
@@ -961,9 +885,19 @@ def run_align(
     detector: FaceDetector | None = None,
 ) -> AlignResult:
     """Plan, align every shard in this process, finalize. Returns at once, marked ``skipped``,
-    when the stage record matches and no file needs work; ``force`` redoes every file."""
+    when the stage record matches and no file needs work; ``force`` redoes every file.
+
+    Holds ``out_dir``'s lock (:func:`datasets.locks.folder_lock`) throughout: a second run on the
+    same folder raises :class:`datasets.locks.FolderBusy` at once and leaves this one undisturbed.
+    """
     cfg = cfg or AlignConfig()
     out = Path(out_dir).resolve()
+    with folder_lock(out, STAGE):
+        return _run_align_locked(raw_dir, out, cfg, force=force, shard_size=shard_size, detector=detector)
+
+
+def _run_align_locked(raw_dir: str | os.PathLike, out: Path, cfg: AlignConfig, *, force: bool, shard_size: int,
+                      detector: FaceDetector | None) -> AlignResult:
     if force:
         invalidate(out)
     plan = plan_align(raw_dir, out, cfg, shard_size=shard_size, force=force)

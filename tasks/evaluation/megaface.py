@@ -26,13 +26,12 @@ import numpy as np
 import torch
 
 from tasks.runtime import logger
+from tasks.evaluation.config import DEFAULT_RANKS, DEFAULT_SIZES  # re-exported
 from tasks.evaluation.pairs import TarAtFar, tar_at_far
 
 Metric = Literal["euclidean", "cosine"]
 NOISY_DISTRACTOR_VALUE = 100.0
 """Extra-dimension value of a neutralised distractor (InsightFace remove_noises)."""
-DEFAULT_SIZES = (10, 100, 1000, 10000, 100000, 1000000)
-DEFAULT_RANKS = tuple(range(1, 11))
 _MAX_TOP_IMPOSTORS = 50_000_000
 
 

@@ -22,13 +22,13 @@ from typing import Any, Callable, Iterable, Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from datasets.errors import FormatError
 from datasets.hashing import sha256_file
 from datasets.image_size import parse_image_size
 from datasets.normalization import Normalization
+from tasks.evaluation.config import ExtractionConfig
 from tasks.evaluation.embed import EmbeddingResult, OnnxEmbedder, extract_embeddings
 
 __all__ = ["ExtractionConfig", "EvalModel", "ModelSource", "model_digest", "load_eval_model", "rows_table"]
@@ -37,22 +37,6 @@ ModelSource = str | os.PathLike | nn.Module
 DEFAULT_IMAGE_SIZE = (112, 112)
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"
-
-
-class ExtractionConfig(BaseModel):
-    """How embeddings are extracted (shared by the verification and MegaFace stages)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    batch_size: int = Field(256, ge=1, description="images per forward pass")
-    flip: bool = Field(True, description="flip test: embed each image and its mirror, sum, L2-normalise")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where a torch model runs (auto: CUDA when present)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast for torch models (CUDA); fp32 otherwise")
-    normalize: Literal["arcface", "mxnet"] | None = Field(
-        None, description="input normalisation; default: the checkpoint's, else arcface (x-127.5)/127.5")
-    image_size: tuple[int, int] | None = Field(
-        None, description="input (height, width); default: the model's, else 112x112")
-    network: str | None = Field(None, description="expected network code; a checkpoint of another network is refused")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,13 +27,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from datasets.atomic import atomic_paths
+from tasks.evaluation.config import DEFAULT_FAR_TARGETS  # re-exported
 
 ACCURACY_GRID = np.arange(0, 4, 0.01)
 """Thresholds searched for the accuracy (400 values 0.00 ... 3.99), as InsightFace ``evaluate``."""
 VAL_GRID = np.arange(0, 4, 0.001)
 """Thresholds for VAL@FAR (4000 values), as InsightFace ``evaluate``."""
 VAL_FAR_TARGET = 1e-3
-DEFAULT_FAR_TARGETS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
 def fuse_flip(emb: np.ndarray, emb_flip: np.ndarray) -> np.ndarray:

@@ -30,15 +30,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from datasets.errors import validation_message
 from datasets.image_size import ImageSize, parse_image_size
-from models.backbone import network_code
-from models.embedding import normalize_option
-from models.margins import HEADS, LOSS_TYPES, head_options
 
 __all__ = ["TrainConfig", "LOSS_NAMES", "CKPT_POLICIES", "ALIASES", "REPLACED", "load_config", "parse_args", "config_error"]
 
 TRIPLET = "triplet"
-LOSS_NAMES = (*HEADS, TRIPLET)
-LOSS_NUMBERS = {**LOSS_TYPES, 12: TRIPLET}
+# The tables of network codes, losses and embedding options live in models/ (which imports torch); they
+# are read when a value is validated, so that building a command line does not import torch.
+
+
+def _loss_names() -> tuple[str, ...]:
+    from models.margins import HEADS
+
+    return (*HEADS, TRIPLET)
+
+
+def _loss_numbers() -> dict[int, str]:
+    from models.margins import LOSS_TYPES
+
+    return {**LOSS_TYPES, 12: TRIPLET}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LOSS_NAMES":
+        return _loss_names()
+    if name == "LOSS_NUMBERS":
+        return _loss_numbers()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 CKPT_POLICIES = {0: "none", 1: "best", 2: "all", 3: "last"}
 SPHEREFACE_OPTIONS = ("beta", "beta_min", "beta_freeze", "gamma", "power")
 # Old option names -> field names (after dashes became underscores).
@@ -81,7 +99,8 @@ def _csv_list(value: Any) -> Any:
 class TrainConfig(BaseModel):
     """One training run. Defaults are the 2018 ``train_softmax.py`` defaults unless noted."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: 'lr inf', 'margin_s nan', ... are refused naming the option
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # --- data ---------------------------------------------------------------------------------------------
     dataset: str = Field("", description="training set folder: train.rec, train.idx, property (and .bin files)")
@@ -189,11 +208,15 @@ class TrainConfig(BaseModel):
     @field_validator("network", mode="before")
     @classmethod
     def _network(cls, value: Any) -> str:
+        from models.backbone import network_code  # imported when validating: --help needs no torch
+
         return network_code(value)
 
     @field_validator("version_output", mode="before")
     @classmethod
     def _output(cls, value: Any) -> Any:
+        from models.embedding import normalize_option
+
         return None if value in (None, "") else normalize_option(str(value))
 
     @field_validator("image_size", mode="before")
@@ -205,6 +228,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _loss(cls, value: Any) -> str:
         key = str(value).strip().lower()
+        LOSS_NUMBERS, LOSS_NAMES = _loss_numbers(), _loss_names()  # noqa: N806
         if key.lstrip("-").isdigit():
             number = int(key)
             if number not in LOSS_NUMBERS:
@@ -274,7 +298,52 @@ class TrainConfig(BaseModel):
         sphere = [n for n in SPHEREFACE_OPTIONS if getattr(self, n) is not None]
         if sphere and self.loss != "sphereface":
             raise ValueError(f"{', '.join(sphere)} apply to loss sphereface (loss type 1) only, not to {self.loss!r}")
+        self._check_margins()
         return self
+
+    def _check_margins(self) -> None:
+        """Refuse margins outside the range where the loss still asks for a margin, one line naming
+        the option, the loss and the valid range (checked before any data is read):
+
+        * angular margins (``arcface``, ``curricularface`` m; ``combined`` m2): ``[0, pi/2)``. The
+          target logit is ``cos(theta + m)``; m < 0 gives the target a bonus (the loss falls
+          towards 0 without separating classes), and from pi/2 on ``cos(theta + m) <= 0`` for every
+          theta in ``[0, pi/2]``: even a sample on its class centre scores below an orthogonal
+          negative, so the loss cannot be made small and the margin no longer ranks anything.
+        * additive cosine margins (``cosface`` m, ``combined`` m3, ``adaface`` m): ``[0, 1)``. The
+          target logit is ``cos(theta) - m``; m < 0 is a bonus as above (the probe's ``-1`` ran to
+          loss 0.0), and from 1 on a sample on its class centre (``cos = 1``) scores no higher than
+          an orthogonal negative (``cos = 0``). Published values are 0.35 (CosFace) and 0.2-0.4.
+        * ``combined`` m1 (multiplies the angle): ``(0, 2]``; the 2019 combinations use 0.9-1.0.
+        * ``sphereface`` m: a whole number from 1 to 8 (the 2018 operator's multiple-angle
+          polynomials; InsightFace uses 4).
+        """
+        import math
+
+        if self.is_triplet:
+            return
+        angular = (0.0, math.pi / 2, "[0, pi/2) (angular margin: cos(theta + m))")
+        additive = (0.0, 1.0, "[0, 1) (cosine margin: cos(theta) - m)")
+        m_ranges = {"arcface": angular, "curricularface": angular, "cosface": additive, "amsoftmax": additive,
+                    "adaface": additive}
+        checks: list[tuple[str, float | None, tuple[float, float, str]]] = []
+        if self.loss in m_ranges:
+            checks.append(("margin_m", self.margin_m, m_ranges[self.loss]))
+        if self.loss in ("combined", "margin_softmax"):
+            checks += [("margin_m" if self.margin_m is not None else "margin_m2",
+                        self.margin_m if self.margin_m is not None else self.margin_m2, angular),
+                       ("margin_m3", self.margin_m3, additive)]
+            m1 = self.margin_m1
+            if m1 is not None and not 0.0 < m1 <= 2.0:
+                raise ValueError(f"option 'margin_m1' {m1!r} is outside (0, 2] for loss {self.loss} "
+                                 "(it multiplies the angle: cos(m1 theta + m2) - m3; 0.9-1.0 in use)")
+        for name, value, (low, high, text) in checks:
+            if value is not None and not low <= value < high:
+                raise ValueError(f"option {name!r} {value!r} is outside {text} for loss {self.loss}")
+        if self.loss == "sphereface" and self.margin_m is not None \
+                and not (float(self.margin_m).is_integer() and 1 <= self.margin_m <= 8):
+            raise ValueError(f"option 'margin_m' {self.margin_m!r} must be a whole number from 1 to 8 for loss "
+                             "sphereface (the multiple of the angle; 4 in InsightFace)")
 
     # --- derived values -------------------------------------------------------------------------------------
     @property
@@ -307,6 +376,8 @@ class TrainConfig(BaseModel):
         """Keyword arguments of ``models.get_margin`` for this loss (:func:`models.margins.head_options`)."""
         if self.is_triplet:
             raise ValueError("the triplet loss has no margin head")
+        from models.margins import head_options
+
         return head_options(self.loss, strict=False, margin_s=self.margin_s, margin_m=self.margin_m,
                             loss_m1=self.margin_m1, loss_m2=self.margin_m2, loss_m3=self.margin_m3,
                             easy_margin=self.easy_margin or None,
@@ -367,21 +438,15 @@ def _option_names() -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m tasks.training") -> TrainConfig:
-    """``--config x.yaml`` plus any option as ``--per-batch-size 64`` or ``--per_batch_size=64``."""
-    parser = argparse.ArgumentParser(prog=prog, description="Train a face-recognition model (see tasks/training/config.py).",
-                                     allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of options (configs/*.yaml)")
-    for name in _option_names():
-        field = TrainConfig.model_fields.get(ALIASES.get(name, name))
-        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
-        kind = field.annotation if field is not None else None
-        nargs = "?" if kind is bool or name in REPLACED else None
-        if field is not None:
-            text = field.description
-        else:
-            text = f"alias of {ALIASES[name]}" if name in ALIASES else f"not an option here: {REPLACED[name]}"
-        parser.add_argument(*flags, dest=f"opt_{name}", nargs=nargs, const="true" if kind is bool or name in REPLACED else None,
-                            default=None, metavar="VALUE", help=text)
-    args = parser.parse_args(argv)
-    overrides = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    """``--config x.yaml`` plus any option as ``--per-batch-size 64`` or ``--per_batch_size=64`` (the parser
+    is generated from :class:`TrainConfig` in :mod:`tasks.cli`)."""
+    from tasks import cli
+
+    return config_from_args(cli.build_parser("train", prog).parse_args(argv))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``facepipe train`` arguments: ``--config`` with the options on top."""
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
+    overrides |= {k.removeprefix("replaced_"): v for k, v in vars(args).items() if k.startswith("replaced_") and v is not None}
     return load_config(args.config, overrides)

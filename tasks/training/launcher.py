@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from datasets.atomic import atomic_write_text
+from datasets.locks import FolderLock, folder_lock
 from tasks.runtime import Progress, in_run, logger, publish_markdown, publish_table
 from tasks.training.config import TrainConfig
 from tasks.training.record import read_metrics, read_status
@@ -236,7 +237,16 @@ def run_training(cfg: TrainConfig, nproc: int = 1, *, timeout_s: float | None = 
     if not cfg.output:
         raise ValueError("option 'output' is empty: run_training needs a run folder")
     output = Path(cfg.output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
+    # The run folder's lock, held until the child is gone and handed to it (a second launcher or
+    # trainer on this folder fails at once with FolderBusy, before touching config.yaml or the pid file).
+    with folder_lock(output, "training") as lock:
+        return _run_training_locked(cfg, output, lock, nproc, timeout_s=timeout_s, grace_s=grace_s,
+                                    log_every_s=log_every_s, slot=slot, env=env, python=python)
+
+
+def _run_training_locked(cfg: TrainConfig, output: Path, lock: FolderLock, nproc: int, *, timeout_s: float | None,
+                         grace_s: float, log_every_s: float, slot: contextlib.AbstractContextManager | None,
+                         env: dict[str, str] | None, python: str) -> TrainingRun:
     config_path = output / CONFIG_FILE
     atomic_write_text(config_path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     device = cfg.resolve_device()
@@ -244,6 +254,8 @@ def run_training(cfg: TrainConfig, nproc: int = 1, *, timeout_s: float | None = 
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = os.pathsep.join([str(_ROOT)] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
     child_env["PYTHONUNBUFFERED"] = "1"
+    lock_env, lock_fds = lock.child_env()
+    child_env.update(lock_env)
     if nproc > 1 and device == "cpu":
         child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     log = logger()
@@ -256,7 +268,7 @@ def run_training(cfg: TrainConfig, nproc: int = 1, *, timeout_s: float | None = 
             argv = [python, "-c", _EXEC_WITH_PDEATHSIG, *command]
             child_env["FACEPIPE_TRAIN_PARENT"] = str(os.getpid())
         proc = subprocess.Popen(argv, cwd=str(_ROOT), env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1, start_new_session=True)
+                                text=True, bufsize=1, start_new_session=True, pass_fds=lock_fds)
         pid_file = output / PID_FILE
         atomic_write_text(pid_file, str(proc.pid))
         lines: queue.Queue = queue.Queue()

@@ -35,6 +35,7 @@ the sampler continues after the images all ranks had consumed.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import json
 import logging
@@ -53,16 +54,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from datasets.atomic import PARTIAL_SUFFIX, remove_partials
 from datasets.errors import FormatError
+from datasets.locks import FolderBusy, folder_lock
 from datasets.normalization import normalize_batch
 from datasets.rec_dataset import RecFaceDataset
 from tasks import checkpoint as ckpt_io
 from tasks.training.distributed import DistContext, distributed
 from tasks.training.objectives import Objective, make_objective, step_generator
 from tasks.runtime import format_duration, logger
-from tasks.training.config import TrainConfig, parse_args
+from tasks.training.config import TrainConfig
 from tasks.training.validation import TargetError, ValidationSets, resolve_val_targets
-from tasks.training.record import RunRecorder
+from tasks.training.record import METRICS_FILE, STATUS_FILE, RunRecorder
 
 __all__ = ["TrainResult", "EvaluationFailed", "train", "main", "CHECKPOINT_DIR", "LAST", "BEST"]
 
@@ -151,8 +154,9 @@ class _Trainer:
         self.dataset = RecFaceDataset(cfg.dataset, normalize=None)
         if self.dataset.image_size is not None and tuple(self.dataset.image_size) != cfg.image_hw:
             h, w = self.dataset.image_size
-            raise ValueError(f"{cfg.dataset}: images are {h}x{w} (property), but option 'image_size' is "
-                             f"{cfg.image_size}; set image_size: {h},{w}")
+            raise ValueError(f"{cfg.dataset}: images are {h}x{w} (property), but the run's image size is "
+                             f"{cfg.image_size} (from the preset or --image-size); pass --image-size {h},{w} "
+                             f"(YAML: image-size: {h},{w}; flow: -p image_size={h},{w})")
         self.num_classes = self.dataset.num_classes
         self.val_sets = ValidationSets(resolve_val_targets(cfg.val_targets, cfg.dataset), cfg.image_hw,
                                        cfg.normalize, cfg.eval_batch_size,
@@ -207,6 +211,9 @@ class _Trainer:
             self.sampler.load_state_dict(state)
         planned = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+        if ctx.is_main:
+            for line in schedule_warnings(cfg, self.steps_per_epoch):
+                self.log.warning("%s", line)
         self.recorder = RunRecorder(self.output, enabled=ctx.is_main, total_steps=self.total_steps,
                                     world_size=ctx.world_size, resume_step=self.step if resume_path else None)
         self.recorder.status_fields.update(best=self.best, checkpoints=[str(p) for p in self.checkpoints])
@@ -331,11 +338,11 @@ class _Trainer:
             if self.ctx.is_main:
                 last = ckpt_io.save_checkpoint(self.ckpt_dir / LAST, state)
                 if numbered is not None:
-                    ckpt_io.link_checkpoint(last, numbered)
+                    ckpt_io.copy_checkpoint(last, numbered)
                 if improved and policy in ("best", "all"):
                     target = self.ckpt_dir / BEST if policy == "best" else numbered
                     if policy == "best":
-                        ckpt_io.link_checkpoint(last, target)
+                        ckpt_io.copy_checkpoint(last, target)
                     self.best["checkpoint"] = str(target)
                 self.log.info("step %d: checkpoint %s%s", self.step, numbered or last,
                               " (best)" if improved and policy in ("best", "all") else "")
@@ -451,6 +458,9 @@ class _Trainer:
                         if ctx.any(self.stop.is_set()):
                             state = "stopped"
                             break
+                    elif not ctx.active and self.stop.is_set():  # one process: stop at the next step
+                        state = "stopped"
+                        break
                     if self.step % cfg.verbose == 0:
                         self._checkpoint_point()
                         saved_at = self.step
@@ -508,12 +518,48 @@ class EvaluationFailed(RuntimeError):
     """Raised after the checkpoint when a val target's evaluation failed and ``on_eval_failure`` is ``stop``."""
 
 
+def _output(cfg: TrainConfig) -> Path:
+    if not cfg.output:
+        raise ValueError("option 'output' is empty: give the run folder for checkpoints and metrics")
+    return Path(cfg.output).resolve()
+
+
+#: Files whose presence means the output folder holds a run (finished, stopped or killed).
+_RUN_FILES = (f"{CHECKPOINT_DIR}/{LAST}", f"{CHECKPOINT_DIR}/{BEST}", METRICS_FILE, STATUS_FILE)
+
+
+def _claim_output(cfg: TrainConfig) -> None:
+    """Before a run writes into ``cfg.output`` (rank 0, holding the folder's lock): refuse to
+    overwrite an earlier run unless it is resumed, and sweep the temporary files a killed
+    checkpoint or metrics write left (``.last.pt.<pid>-<id>.partial``)."""
+    output = _output(cfg)
+    if cfg.resume is None:
+        found = [name for name in _RUN_FILES if (output / name).exists()]
+        found += sorted(p.relative_to(output).as_posix() for p in (output / CHECKPOINT_DIR).glob("model-*.pt"))
+        if found:
+            raise ValueError(
+                f"{output} already holds a run ({', '.join(found[:4])}); refusing to overwrite it: continue it with "
+                "--resume auto (resume: auto), or give another --output")
+    # the checkpoint folder is the trainer's alone; in the run folder only its own files' temporaries
+    # (a launcher may be writing config.yaml or the pid file there)
+    ours = tuple(f".{name}." for name in (METRICS_FILE, STATUS_FILE))
+    stale = remove_partials(output / CHECKPOINT_DIR)
+    for path in output.glob(f".*{PARTIAL_SUFFIX}"):
+        if path.name.startswith(ours):
+            path.unlink(missing_ok=True)
+            stale.append(path)
+    for path in stale:
+        logger().info("removed %s, left by an interrupted write", path)
+
+
 def train(cfg: TrainConfig, stop: threading.Event | None = None) -> TrainResult:
     """Run (or resume) training for ``cfg`` in this process: the whole run, or this rank's part under torchrun.
 
     ``stop``: set it (e.g. from a signal handler) to end at the next log point with a checkpoint.
-    Raises ``ValueError`` / ``FileNotFoundError`` / ``FormatError`` naming the option or file for bad input,
-    ``FloatingPointError`` after ``nan_max_consecutive`` non-finite steps.
+    Raises ``ValueError`` / ``FileNotFoundError`` / ``FormatError`` naming the option or file for bad input
+    (``ValueError`` too when ``output`` holds a run and ``resume`` is not set: nothing is overwritten),
+    ``FloatingPointError`` after ``nan_max_consecutive`` non-finite steps, and
+    :class:`datasets.locks.FolderBusy` when another run writes ``output`` (rank 0 holds its lock).
     """
     device = cfg.resolve_device()
     if cfg.deterministic and device == "cuda":
@@ -521,21 +567,51 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> TrainResult:
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         with distributed(device) as ctx:
-            return _Trainer(cfg, ctx, stop).run()
+            with folder_lock(_output(cfg), "training") if ctx.is_main else contextlib.nullcontext():
+                if ctx.is_main:
+                    _claim_output(cfg)
+                return _Trainer(cfg, ctx, stop).run()
     finally:
         torch.use_deterministic_algorithms(deterministic)  # leave the caller's process as it was
 
 
+def schedule_warnings(cfg: TrainConfig, steps_per_epoch: int) -> list[str]:
+    """What of the schedule a run cannot reach: ``epochs`` x ``steps_per_epoch`` optimiser steps end
+    the run before ``max_steps`` or an ``lr_steps`` entry (a preset sized for another data set)."""
+    planned = cfg.epochs * steps_per_epoch
+    end = min(planned, cfg.max_steps) if cfg.max_steps else planned
+    need = max([cfg.max_steps, *cfg.lr_steps])
+    if planned >= need:
+        return []
+    epochs = -(-need // steps_per_epoch)
+    missed = [str(s) for s in cfg.lr_steps if s > end]
+    what = [f"max-steps {cfg.max_steps}"] if cfg.max_steps > planned else []
+    what += [f"lr-steps {','.join(missed)} (the learning rate never drops there)"] if missed else []
+    return [f"schedule: --epochs {cfg.epochs} x {steps_per_epoch} steps per epoch ends the run at step {end}, before "
+            f"{' and '.join(what)}; pass --epochs {epochs} to reach step {need}"]
+
+
 def _install_stop_handlers(stop: threading.Event) -> None:
-    """SIGTERM or SIGINT: stop at the next log point with a checkpoint; a second SIGINT (Ctrl-C): exit now.
+    """SIGTERM or SIGINT: stop at the next step (one process; the next log point on several ranks, which
+    must agree) with a checkpoint; a second SIGINT (Ctrl-C): exit now, without a traceback.
 
     Repeated SIGTERMs stay graceful: a parent-death signal arrives once per exiting thread of a
     multi-threaded parent, and the launcher escalates to SIGKILL after its grace period anyway.
     """
 
+    owner = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != owner:  # a forked DataLoader worker: the main process decides and stops it
+            return
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt(f"signal {signum}")
+        if not stop.is_set():
+            try:
+                print(f"{signal.Signals(signum).name}: stopping at the next step with a checkpoint "
+                      f"(Ctrl-C again: stop now without one)", file=sys.stderr, flush=True)
+            except OSError:  # stderr is a pipe to a parent that is gone (the parent-death signal)
+                pass
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -554,7 +630,12 @@ def _die_with_launcher() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(args) -> int:
+    """``facepipe train`` / ``python -m tasks.training`` with parsed arguments: one run, stopped cleanly by
+    SIGTERM or Ctrl-C (:func:`_install_stop_handlers`). Bad input: one ``error:`` line, exit status 2;
+    a second Ctrl-C: one line, exit status 130."""
+    from tasks.training.config import config_from_args
+
     rank = int(os.environ.get("RANK", "0"))
     _die_with_launcher()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
@@ -562,17 +643,29 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     _install_stop_handlers(stop)
     try:
-        cfg = parse_args(argv)
+        cfg = config_from_args(args)
         result = train(cfg, stop)
-    except (ValueError, FileNotFoundError, FormatError) as exc:  # bad input: one line, no traceback
+    except (ValueError, FileNotFoundError, FormatError, FolderBusy) as exc:  # bad input, busy folder: one line
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except (FloatingPointError, EvaluationFailed) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # another Ctrl-C during exit: no traceback from exit hooks
+        print("interrupted: stopped now; the last checkpoint written is kept (--resume auto continues from it)",
+              file=sys.stderr, flush=True)
+        return 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: a Ctrl-C during exit must not interrupt exit hooks
     if rank == 0:
         print("result: " + json.dumps(result.to_dict(), default=str), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m tasks.training") -> int:
+    from tasks import cli
+
+    return run_command(cli.build_parser("train", prog).parse_args(argv))
 
 
 if __name__ == "__main__":
