@@ -8,9 +8,10 @@
 2. :func:`prepare_sample` writes ``<data_root>/sample/``: generated identities (aligned 112x112 faces,
    :mod:`datasets.synthetic`), held-out generated identities and a pairs CSV over them. The bundled
    real photos (``sample/faces/raw``, licences in ``sample/faces/``) go through MTCNN detection.
-3. ``prefect deployment run build-dataset/default --params ... --watch``: the training set
-   ``<data_root>/datasets/sample/`` with the verification set ``synth_val.bin``.
-4. ``prefect deployment run train-and-eval/default --params ... --watch``: the ``cpu-demo`` preset
+3. ``python -m flows.follow build-dataset/default --params ...`` (:mod:`flows.follow`: starts the run
+   and prints its log lines live, with every stage's done/total, rate and time left): the training
+   set ``<data_root>/datasets/sample/`` with the verification set ``synth_val.bin``.
+4. ``python -m flows.follow train-and-eval/default --params ...``: the ``cpu-demo`` preset
    (MobileNet 0.5, CosFace) at 112x112 on the CPU for a few minutes, verification, ONNX export.
 
 Every stage is cached, so a second run takes seconds (the stages show as Skipped in the UI).
@@ -69,15 +70,16 @@ def train_params(data_root: Path) -> dict[str, Any]:
 
 
 def deployment_run_argv(deployment: str, params: dict[str, Any], timeout_s: float = 3600) -> list[str]:
-    """argv of ``prefect deployment run <deployment> --params <json> --watch`` (exit code 0 only when the run completes)."""
-    return [sys.executable, "-m", "prefect", "deployment", "run", deployment, "--params", json.dumps(params),
-            "--watch", "--watch-timeout", str(int(timeout_s))]
+    """argv of ``python -m flows.follow <deployment> --params <json>``: start the run and print its logs
+    live (exit code 0 only when the run completes)."""
+    return [sys.executable, "-m", "flows.follow", deployment, "--params", json.dumps(params),
+            "--timeout", str(int(timeout_s))]
 
 
 def run_deployment(stack: LocalStack, deployment: str, params: dict[str, Any], timeout_s: float = 3600) -> None:
-    """Run ``deployment`` through the CLI, streaming its events; raises SystemExit when the run does not complete."""
+    """Run ``deployment`` and print its log lines as they come; raises SystemExit when the run does not complete."""
     argv = deployment_run_argv(deployment, params, timeout_s)
-    print(f"\n$ prefect deployment run {deployment} --params '{json.dumps(params)}' --watch", flush=True)
+    print(f"\n$ python -m flows.follow {deployment} --params '{json.dumps(params)}'", flush=True)
     done = subprocess.run(argv, cwd=REPO, env=stack.env(), check=False)
     if done.returncode != 0:
         raise SystemExit(f"{deployment}: the flow run did not complete (exit code {done.returncode}); "

@@ -9,6 +9,13 @@ share its batch; images of equal padded size are stacked and MTCNN runs once per
 ``batch_size`` of them. Padding does not move coordinates; detections whose centre falls in the
 padding are dropped.
 
+On the CPU, MTCNN runs with ``threads`` intra-op threads (default 1) whatever the calling thread's
+torch setting (set for the call and restored; OpenMP thread counts are per calling thread, so
+concurrent callers do not disturb each other): convolution kernels split their work, and some
+their sums, by thread count, so with another count a landmark can move by ~1e-4 px. With
+``batch_size=1`` an image's detections are then a function of the image alone on a given machine
+and torch build.
+
 ``min_face_size`` is in pixels of the downscaled image: with ``max_side=640`` and
 ``min_face_size=20`` a face must span at least 1/32 of the photo's longest side.
 """
@@ -68,6 +75,7 @@ class FaceDetector:
         batch_size: int = 16,
         device: str | torch.device = "auto",
         pad_multiple: int = 32,
+        threads: int | None = 1,
     ):
         if max_side < 0 or batch_size < 1 or pad_multiple < 1:
             raise ValueError(
@@ -77,6 +85,7 @@ class FaceDetector:
         self.max_side = int(max_side)
         self.batch_size = int(batch_size)
         self.pad_multiple = int(pad_multiple)
+        self.threads = None if threads is None else max(1, int(threads))
         self.device = resolve_device(device)
         self.mtcnn = MTCNN(
             min_face_size=self.min_face_size,
@@ -134,8 +143,16 @@ class FaceDetector:
         return results
 
     def _run(self, stack: np.ndarray) -> list[Detections]:
-        with torch.inference_mode():
-            boxes, probs, points = self.mtcnn.detect(stack, landmarks=True)
+        before = torch.get_num_threads()
+        pin = self.device.type == "cpu" and self.threads is not None and self.threads != before
+        if pin:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                boxes, probs, points = self.mtcnn.detect(stack, landmarks=True)
+        finally:
+            if pin:
+                torch.set_num_threads(before)
         out = []
         for b, p, pts in zip(boxes, probs, points):
             if b is None:

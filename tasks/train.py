@@ -51,7 +51,7 @@ from tasks.training.launcher import CONFIG_FILE, TrainingRun, run_training
 __all__ = ["STAGE", "TrainStageResult", "dataset_digest", "run_train_stage", "train_stage_task"]
 
 STAGE = "train"
-_NOT_LEARNED = ("num_workers", "eval_batch_size", "frequent", "resume")
+_NOT_LEARNED = ("num_workers", "eval_batch_size", "frequent", "resume", "on_eval_failure")
 GPU_LIMIT = "gpu"
 
 

@@ -59,7 +59,7 @@ from tasks.evaluation.config import ExtractionConfig, VerificationConfig
 from tasks.evaluation.model import EvalModel, ModelSource, load_eval_model, model_digest, rows_table
 from tasks.evaluation.plots import plot_roc
 from tasks import cli
-from tasks.runtime import finished, logger, publish_markdown, publish_table
+from tasks.runtime import Progress, finished, logger, publish_markdown, publish_table
 from tasks.stage import code_version, commit_record, current_record, invalidate
 from tasks.evaluation.pairs import evaluate_verification, far_key
 
@@ -164,10 +164,18 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
         pq.write_table(table, tmp)
 
 
+def _with_progress(images: np.ndarray, name: str, batch_size: int):
+    """``images`` in batches of ``batch_size`` rows, reporting done/total, rate and time left as they are taken."""
+    progress = Progress(f"verification-embed-{name}", total=len(images), description=f"verification: embed {name}")
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size]
+        progress.update(min(start + batch_size, len(images)))
+
+
 def _evaluate_target(model: EvalModel, name: str, path: Path, digest: str, cfg: VerificationConfig) -> tuple[dict, pa.Table]:
     start = time.perf_counter()
     images, issame = decode_bin(path, model.image_size)
-    emb = model.embed(images, cfg)
+    emb = model.embed(_with_progress(images, name, cfg.batch_size), cfg)
     try:
         result = evaluate_verification(emb.fused, issame, nfolds=cfg.nfolds, far_targets=cfg.far_targets,
                                        raw_norms=emb.raw_norms, fold_seed=cfg.fold_seed if cfg.shuffle_folds else None)

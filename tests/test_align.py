@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from facenet_pytorch import MTCNN
 from PIL import Image
 
@@ -170,7 +171,11 @@ def test_rerun_add_remove_and_parameter_change(tmp_path, small_raw):
 
     again = run_align(small_raw, out, CPU)
     assert again.skipped and again.processed == 0 and again.counts == first.counts
-    assert run_align(small_raw, out, CPU.model_copy(update={"batch_size": 3})).skipped  # not an output parameter
+    # batch_size 1 (default): shard_size is no output parameter; batch_size > 1 is (batch mates move
+    # landmarks by ~1e-4 px on some CPUs), and then so is shard_size (the shards make the batches).
+    batched = CPU.model_copy(update={"batch_size": 3})
+    assert batched.params_hash() != CPU.params_hash()
+    assert batched.plan_params(3) != batched.plan_params(64) and CPU.plan_params(3) == CPU.plan_params(64)
 
     _copy(["rose_leslie/2.jpg"], small_raw)
     added = run_align(small_raw, out, CPU)
@@ -178,6 +183,16 @@ def test_rerun_add_remove_and_parameter_change(tmp_path, small_raw):
     after = _image_bytes(out)
     assert {p: after[p] for p in before} == before
     assert all((out / p).stat().st_mtime_ns == t for p, t in mtimes.items()), "reused faces were rewritten"
+    # Batch invariance by construction: these five faces were made in three runs (shards of 3 + 1,
+    # then one alone); the same photos all in one shard, from a caller with another torch thread
+    # count (MTCNN runs at detect_threads whatever the caller's), give the same bytes on any CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        at_once = run_align(small_raw, tmp_path / "at-once", CPU, shard_size=64)
+    finally:
+        torch.set_num_threads(threads)
+    assert _image_bytes(at_once.out_dir) == after
 
     narrow = run_align(small_raw, out, AlignConfig(device="cpu", image_size="112,96"))
     assert (narrow.processed, narrow.reused) == (5, 0)

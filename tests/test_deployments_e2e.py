@@ -1,10 +1,11 @@
 """End to end through the user's interface: a real Prefect server, ``python -m flows.serve`` registering
-``build-dataset/default`` and ``train-and-eval/default``, both run with ``prefect deployment run ... --watch``
-on small data, re-runs that are Skipped, bad input failing in one line, ``prefect.yaml``'s entrypoints,
+``build-dataset/default`` and ``train-and-eval/default``, both run with ``python -m flows.follow`` (the demo's
+way: start the run, print its log lines live) on small data, re-runs that are Skipped, bad input failing in one line, ``prefect.yaml``'s entrypoints,
 and the Prefect UI in headless Chromium showing the runs and their artifacts (screenshots saved)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,7 +42,15 @@ def served(prefect_server, tmp_path_factory):
     """The deployments served against the session's server, and inputs: photos, generated faces, pairs."""
     from datasets.synthetic import write_pairs_csv
 
-    start_serve(prefect_server, timeout_s=240)
+    level = os.environ.get("PREFECT_LOGGING_LEVEL")
+    os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"  # the served runs log as a user's do (the suite runs at WARNING)
+    try:
+        start_serve(prefect_server, timeout_s=240)
+    finally:
+        if level is None:
+            os.environ.pop("PREFECT_LOGGING_LEVEL", None)
+        else:
+            os.environ["PREFECT_LOGGING_LEVEL"] = level
     root = tmp_path_factory.mktemp("e2e")
     raw = copy_photos(root / "photos")
     faces = root / "faces"
@@ -63,6 +72,11 @@ def first_runs(served):
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     trained = _run(stack, "train-and-eval/default", served["train"])
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    # Progress where people look: the terminal shows the UI address and the stages' progress lines.
+    for out in (built.stdout, trained.stdout):
+        assert f"Prefect UI: {stack.ui_url}/runs/flow-run/" in out and out.rstrip().endswith("COMPLETED")
+    assert re.search(r"align raw: detect \+ warp: (\d+)/\1 \(100%\), [0-9.]+ items/s, 0s left", built.stdout), built.stdout[-3000:]
+    assert re.search(r"step 4/4 .* left", trained.stdout), trained.stdout[-3000:]
     with api.client() as client:
         return {"build": _flow_run(client, built.stdout), "train": _flow_run(client, trained.stdout)}
 

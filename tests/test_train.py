@@ -17,7 +17,7 @@ import yaml
 
 from conftest import ROOT
 from tasks.checkpoint import read_checkpoint
-from tasks.training.trainer import train
+from tasks.training.trainer import EvaluationFailed, train
 from tasks.training.record import read_metrics, read_status
 from train_data import tiny_config, tiny_dataset
 
@@ -169,3 +169,41 @@ def test_command_line_errors_are_one_line(tmp_path: Path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: config: option 'network': network 'r7' is not a known code")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_failed_evaluation_keeps_the_checkpoint_and_is_recorded(tmp_path: Path, caplog):
+    # (the metrics rows of a failed target: tests/test_protocol_112x96.py)
+    caplog.set_level(logging.ERROR, logger="facepipe")
+    broken = tmp_path / "broken.bin"
+    broken.write_bytes((tiny_dataset() / "tiny_val.bin").read_bytes()[:100])  # torn pickle
+    targets = ["tiny_val", str(broken)]
+    result = train(tiny_config(tmp_path / "go", max_steps=2, verbose=2, ckpt=1, val_targets=targets))
+    assert result.state == "finished" and result.step == 2 and result.best["target"] == "tiny_val"
+    assert read_checkpoint(result.last_checkpoint)["progress"]["step"] == 2
+    assert "broken.bin" in read_status(tmp_path / "go")["eval_errors"]["broken"]
+    assert any("[broken]error: " in r.getMessage() and "checkpoint is kept" in r.getMessage() for r in caplog.records)
+
+    # on_eval_failure=stop: the step's checkpoint is written first, then the run stops; it resumes.
+    stop = tiny_config(tmp_path / "stop", max_steps=4, verbose=2, ckpt=3, val_targets=targets, on_eval_failure="stop")
+    with pytest.raises(EvaluationFailed, match=r"step 2: evaluation failed .*broken.*last.pt \(resume with"):
+        train(stop)
+    assert read_checkpoint(tmp_path / "stop" / "checkpoints" / "last.pt")["progress"]["step"] == 2
+    assert read_status(tmp_path / "stop")["state"] == "failed"
+    resumed = train(stop.model_copy(update={"resume": "auto", "val_targets": ["tiny_val"]}))
+    assert resumed.state == "finished" and resumed.step == 4
+
+
+def test_non_finite_embeddings_name_diverged_weights(tmp_path: Path):
+    from tasks.checkpoint import build_backbone
+    from tasks.training.validation import TargetError, ValidationSets
+
+    cfg = tiny_config(tmp_path)
+    model = build_backbone(cfg.backbone_args()).eval()
+    sets = ValidationSets([("tiny_val", tiny_dataset() / "tiny_val.bin")], cfg.image_hw, cfg.normalize)
+    assert not isinstance(sets.evaluate(model, torch.device("cpu"))["tiny_val"], TargetError)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    failure = sets.evaluate(model, torch.device("cpu"))["tiny_val"]
+    assert isinstance(failure, TargetError)
+    assert "non-finite embedding" in failure.message and "weights diverged" in failure.message
+    assert all(word in failure.message for word in ("lr", "margin_m", "grad_clip"))

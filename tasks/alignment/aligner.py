@@ -165,6 +165,7 @@ class AlignPlan:
     fixed_rows: pd.DataFrame
     reused_rows: pd.DataFrame
     shards: list[AlignShard] = field(default_factory=list)
+    shard_size: int = DEFAULT_SHARD_SIZE
 
     @property
     def todo_files(self) -> int:
@@ -176,7 +177,13 @@ class AlignPlan:
 
     @property
     def record_params(self) -> dict[str, Any]:
-        return self.cfg.output_params()
+        return self.cfg.plan_params(self.shard_size)
+
+    def check_cfg(self, cfg: AlignConfig, what: str) -> None:
+        """Raise ``ValueError`` when ``cfg`` would write other faces than this plan's."""
+        if params_hash(cfg.plan_params(self.shard_size)) != self.params_hash:
+            raise ValueError(f"{what}: cfg {cfg.plan_params(self.shard_size)} differs from the plan's "
+                             f"({self.params_hash})")
 
     def save(self) -> Path:
         """Write this plan to ``<out_dir>/parts/plan.pickle`` (atomically; :func:`finalize_align`
@@ -379,7 +386,7 @@ def plan_align(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if out == raw or out / IMAGES_DIR in (raw, *raw.parents):
         raise ValueError(f"out_dir {out} must not be raw_dir {raw} or hold it in its {IMAGES_DIR}/ folder")
-    ph = cfg.params_hash()
+    ph = params_hash(cfg.plan_params(shard_size))
     policy = cfg.face_policy
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out / MANIFEST_FILE, stage=STAGE, extra=EXTRA_COLUMNS)
@@ -475,6 +482,7 @@ def plan_align(
         raw_dir=raw, out_dir=out, cfg=cfg, params_hash=ph,
         inputs_digest=params_hash({"files": sorted(digest_items)}, 64),
         num_files=len(digest_items), fixed_rows=fixed_rows, reused_rows=reused_rows, shards=shards,
+        shard_size=shard_size,
     )
     logger().info(
         "align plan: %d files in %s: %d reused, %d to align in %d shards, %d decided while planning",
@@ -683,7 +691,7 @@ def make_refiner(cfg: AlignConfig) -> FaceDetector:
     """The detector that finds landmarks again in refinement crops (all the same size, so one
     MTCNN batch per ``batch_size`` crops; no pyramid levels for faces much smaller than expected)."""
     return FaceDetector(min_face_size=round(40 * REFINE_SCALE), thresholds=cfg.thresholds, factor=cfg.factor,
-                        max_side=0, batch_size=cfg.batch_size, device=cfg.device)
+                        max_side=0, batch_size=cfg.batch_size, device=cfg.device, threads=cfg.detect_threads)
 
 
 def _refine(prepared: list[_Faces], refiner: FaceDetector) -> None:
@@ -763,8 +771,7 @@ def align_shard(
         shard = plan.shards[int(shard)]
     out = Path(out_dir).resolve() if out_dir is not None else plan.out_dir
     cfg = cfg or plan.cfg
-    if cfg.params_hash() != plan.params_hash:
-        raise ValueError(f"align_shard: cfg {cfg.output_params()} differs from the plan's ({plan.params_hash})")
+    plan.check_cfg(cfg, "align_shard")
     done = _finished_part(out, shard, plan.params_hash)
     if done is not None:
         logger().info("align: shard %s already done (%d rows)", shard.name, len(done))
@@ -828,8 +835,8 @@ def finalize_align(plan: AlignPlan, out_dir: str | os.PathLike | None = None, cf
     """Fold the shards' part files and the reused and planned rows into ``manifest.parquet``,
     delete images no row refers to, clear the parts and commit ``stage.json``."""
     out = Path(out_dir).resolve() if out_dir is not None else plan.out_dir
-    if cfg is not None and cfg.params_hash() != plan.params_hash:
-        raise ValueError(f"finalize_align: cfg {cfg.output_params()} differs from the plan's ({plan.params_hash})")
+    if cfg is not None:
+        plan.check_cfg(cfg, "finalize_align")
     frames = [plan.fixed_rows, plan.reused_rows]
     for shard in plan.shards:
         part = _finished_part(out, shard, plan.params_hash)

@@ -174,6 +174,10 @@ class TrainConfig(BaseModel):
     # --- checkpoints, evaluation, logging -------------------------------------------------------------------
     ckpt: int = Field(1, description="checkpoints: 0 none, 1 best (by the first val target) + last, 2 all, 3 last")
     verbose: int = Field(2000, ge=1, description="evaluate and checkpoint every N steps")
+    on_eval_failure: Literal["continue", "stop"] = Field(
+        "continue", description="a val target's evaluation fails (e.g. non-finite embeddings): the checkpoint is "
+                                "written and the failure recorded, then continue training, or stop (resume with "
+                                "--resume auto)")
     frequent: int = Field(20, ge=1, description="log every N steps")
     pretrained: str | None = Field(None, description="start from weights: a checkpoint path or 'prefix,epoch' (prefix-0001.pt), "
                                                      "an arcface_torch backbone.pth, an MXNet 'prefix,epoch' (prefix-0001.params)")

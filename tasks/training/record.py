@@ -11,7 +11,8 @@ Files in the run folder:
 * ``tensorboard/``: the same scalars as ``train/<name>`` and ``val/<target>/<name>``.
 * ``status.json``: ``state`` (starting, running, evaluating, finished, stopped, failed), ``step``,
   ``total_steps``, ``epoch``, last ``loss``/``lr``/``samples_per_s``, ``eta_s``, ``best``,
-  ``last_checkpoint``, ``checkpoints``, ``pid``, ``world_size``, ``updated`` (unix time), ``message``.
+  ``last_checkpoint``, ``checkpoints``, ``pid``, ``world_size``, ``updated`` (unix time), ``message``,
+  ``eval_errors`` (``{target: reason}`` of the last evaluation, empty when it succeeded).
   Rewritten atomically at every log line, so a reader never sees a torn file; the write (with its
   fsyncs) happens on a background thread, the newest state wins, and ``close()`` waits for it, so the
   training loop never waits for the disk.

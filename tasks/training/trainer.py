@@ -27,9 +27,13 @@ skipped step restores the batch-norm statistics its forward pass changed, so one
 poison the model).
 
 Every ``verbose`` steps and at the end, rank 0 evaluates the ``val_targets`` (the others wait) and
-checkpoints are written by the ``ckpt`` policy (:mod:`tasks.checkpoint`): 0 none; 1 ``best.pt``
-(first val target's accuracy) and ``last.pt``; 2 ``model-NNNN.pt`` every time and ``last.pt``;
-3 ``last.pt``. ``last.pt`` is the resume point. Every ``frequent`` steps rank 0 logs loss, lr,
+checkpoints are written by the ``ckpt`` policy. A target whose evaluation fails never costs the
+training: the checkpoint is written all the same, the failure (with its cause, e.g. diverged weights)
+goes to the log, ``metrics.parquet`` (an ``error`` row) and ``status.json`` (``eval_errors``), and
+the run goes on, or with ``on_eval_failure: stop`` ends with :class:`EvaluationFailed` after the
+checkpoint (``--resume auto`` continues from it). The checkpoint policy (:mod:`tasks.checkpoint`):
+0 none; 1 ``best.pt`` (first val target's accuracy) and ``last.pt``; 2 ``model-NNNN.pt`` every time
+and ``last.pt``; 3 ``last.pt``. ``last.pt`` is the resume point. Every ``frequent`` steps rank 0 logs loss, lr,
 samples/s, the data-wait fraction and memory, and updates ``metrics.parquet``, TensorBoard and
 ``status.json`` (:mod:`tasks.training.record`).
 
@@ -70,12 +74,12 @@ from datasets.rec_dataset import RecFaceDataset
 from tasks import checkpoint as ckpt_io
 from tasks.training.distributed import DistContext, distributed
 from tasks.training.objectives import Objective, make_objective, step_generator
-from tasks.runtime import logger
+from tasks.runtime import format_duration, logger
 from tasks.training.config import TrainConfig
-from tasks.training.validation import ValidationSets, resolve_val_targets
+from tasks.training.validation import TargetError, ValidationSets, resolve_val_targets
 from tasks.training.record import METRICS_FILE, STATUS_FILE, RunRecorder
 
-__all__ = ["TrainResult", "train", "main", "CHECKPOINT_DIR", "LAST", "BEST"]
+__all__ = ["TrainResult", "EvaluationFailed", "train", "main", "CHECKPOINT_DIR", "LAST", "BEST"]
 
 CHECKPOINT_DIR = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
@@ -367,8 +371,12 @@ class _Trainer:
                 "progress": progress, "rng": rng, "config": cfg.model_dump(mode="json")}
 
     def _checkpoint_point(self, evaluate: bool = True) -> None:
-        """Evaluate (rank 0) and write checkpoints by the ``ckpt`` policy; every rank takes part."""
+        """Evaluate (rank 0) and write checkpoints by the ``ckpt`` policy; every rank takes part.
+
+        A failed evaluation is recorded and the checkpoint still written; with ``on_eval_failure:
+        stop`` every rank then raises :class:`EvaluationFailed`."""
         val: dict[str, dict[str, Any]] = {}
+        failures: dict[str, str] = {}
         improved = False
         if self.ctx.is_main and evaluate and self.val_sets.targets:
             self.recorder.status(state="evaluating", step=self.step)
@@ -378,7 +386,11 @@ class _Trainer:
                 row = res.to_row()
                 val[name] = row
                 self.recorder.val_point(self.step, self.epoch, name, row)
-                self.log.info("step %d %s", self.step, res.summary(name))
+                if isinstance(res, TargetError):
+                    failures[name] = res.message
+                    self.log.error("step %d %s (the checkpoint is kept)", self.step, res.summary(name))
+                else:
+                    self.log.info("step %d %s", self.step, res.summary(name))
             first = self.val_sets.names[0]
             acc = val[first].get("accuracy")
             if acc is None:  # the first target failed this time: the best checkpoint stays as it was
@@ -388,6 +400,7 @@ class _Trainer:
                 self.best = {"target": first, "accuracy": acc, "step": self.step}
                 improved = True
             self.last_val = val
+            self.recorder.status(eval_errors=failures)
             if self.best is not None:
                 self.log.info("step %d: verification took %.1f s; best %s accuracy %.5f at step %d", self.step,
                               time.perf_counter() - started, self.best["target"], self.best["accuracy"], self.best["step"])
@@ -416,6 +429,11 @@ class _Trainer:
         self.recorder.status(best=self.best)
         self.recorder.flush(force=True)
         self.ctx.barrier()
+        if self.ctx.any(bool(failures) and self.cfg.on_eval_failure == "stop"):
+            where = f"{self.ckpt_dir / LAST} (resume with --resume auto)" if policy != "none" else "no checkpoint (ckpt=0)"
+            raise EvaluationFailed(
+                f"step {self.step}: evaluation failed and on_eval_failure=stop: "
+                + "; ".join(f"{k}: {v}" for k, v in failures.items()) + f"; saved {where}")
 
     def _save_job(self, state: dict[str, Any], numbered: Path | None, best_link: Path | None,
                   checkpoints: list[str], best: dict[str, Any] | None) -> None:
@@ -669,9 +687,14 @@ class _Trainer:
                              samples_per_s=rate, data_wait=wait, eta_s=remaining)
         if self.ctx.is_main:
             extra = "".join(f" {k} {v:g}" for k, v in self.objective.step_metrics().items())
-            self.log.info("step %d/%d epoch %d loss %.4f lr %.6f samples/s %.1f data-wait %.1f%% mem %.2fGiB%s",
-                          self.step, self.total_steps, self.epoch, loss, lr, rate, 100 * wait, memory, extra)
+            self.log.info("step %d/%d epoch %d loss %.4f lr %.6f samples/s %.1f data-wait %.1f%% mem %.2fGiB%s, %s left",
+                          self.step, self.total_steps, self.epoch, loss, lr, rate, 100 * wait, memory, extra,
+                          format_duration(remaining))
         return rate, wait
+
+
+class EvaluationFailed(RuntimeError):
+    """Raised after the checkpoint when a val target's evaluation failed and ``on_eval_failure`` is ``stop``."""
 
 
 def _output(cfg: TrainConfig) -> Path:
@@ -804,7 +827,7 @@ def run_command(args) -> int:
     except (ValueError, FileNotFoundError, FormatError, FolderBusy) as exc:  # bad input, busy folder: one line
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except FloatingPointError as exc:
+    except (FloatingPointError, EvaluationFailed) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3
     except KeyboardInterrupt:

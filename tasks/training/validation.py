@@ -7,7 +7,9 @@ flip-fused embeddings (``tasks.evaluation.embed``) and applies the InsightFace 1
 
 A target that cannot be evaluated (a malformed pack, images of another size, non-finite embeddings)
 gives a :class:`TargetError` in its place; the other targets are evaluated as usual, and training
-goes on.
+goes on. Non-finite embeddings are diagnosed in the message: with non-finite weights the run diverged
+(too high an ``lr``, a margin the loss cannot meet, no ``grad_clip``); with finite weights the
+activations overflowed.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from datasets.verification_bin import decode_bin
 from tasks.evaluation.embed import extract_embeddings
 from tasks.evaluation.pairs import VerificationResult, evaluate_verification
 
-__all__ = ["resolve_val_targets", "ValidationSets", "TargetError"]
+__all__ = ["resolve_val_targets", "ValidationSets", "TargetError", "diagnose"]
 
 
 def resolve_val_targets(targets: Sequence[str] | None, dataset: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -68,6 +70,28 @@ class TargetError:
         return f"[{name or self.target}]error: {self.message}"
 
 
+def _non_finite_tensors(model: nn.Module) -> tuple[list[str], int]:
+    """Names of the floating-point parameters and buffers of ``model`` holding NaN or inf, and how many were checked."""
+    tensors = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
+    with torch.no_grad():
+        bad = [n for n, t in tensors if not bool(torch.isfinite(t).all())]
+    return bad, len(tensors)
+
+
+def diagnose(model: nn.Module, exc: BaseException) -> str:
+    """Why ``model`` failed an evaluation, when its weights tell (``""`` otherwise): diverged weights
+    (non-finite) or overflowing activations (finite weights, non-finite embeddings)."""
+    bad, checked = _non_finite_tensors(model)
+    if bad:
+        return (f"; the weights diverged ({len(bad)} of {checked} tensors hold NaN/inf, first {', '.join(bad[:3])}): "
+                f"lower lr or add warmup, check margin_m/margin_s for this loss, or set grad_clip (arcface_torch "
+                f"clips the gradient norm at 5)")
+    if "non-finite" in str(exc):
+        return ("; the weights are finite, so the activations overflowed: the weights grew too large (lower lr or "
+                "set grad_clip) or the evaluation precision is too low (bf16, not fp16)")
+    return ""
+
+
 class ValidationSets:
     """Decoded verification sets; :meth:`evaluate` runs a model over all of them."""
 
@@ -106,5 +130,6 @@ class ValidationSets:
                 text = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
                 if str(path) not in text:
                     text = f"{path}: {text}"
+                text += diagnose(model, exc)
                 results[name] = TargetError(name, Path(path), text.replace("\n", " "))
         return results
