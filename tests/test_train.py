@@ -153,7 +153,7 @@ def test_triplet_fine_tuning_from_a_trained_checkpoint(tmp_path: Path):
 
 
 def test_bad_input_names_the_option_or_file(tmp_path: Path):
-    with pytest.raises(ValueError, match=r"images are 32x32 \(property\), but option 'image_size' is 56,56"):
+    with pytest.raises(ValueError, match=r"images are 32x32 \(property\), but the run's image size is 56,56 .*pass --image-size 32,32"):
         train(tiny_config(tmp_path, image_size="56,56"))
     with pytest.raises(FileNotFoundError, match=r"val target 'lfw': neither .*lfw.bin nor lfw exists \(.bin files in .*: tiny_val\)"):
         train(tiny_config(tmp_path, val_targets=["lfw"]))
