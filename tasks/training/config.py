@@ -65,6 +65,14 @@ class TrainConfig(BaseModel):
     normalize: Literal["arcface", "mxnet"] = Field(
         "arcface", description="input normalisation: arcface (x-127.5)/127.5, mxnet (x-127.5)/128")
     flip: bool = Field(True, description="random horizontal mirror of training images (rand_mirror)")
+    color: int = Field(0, ge=0, le=2, description="colour augmentation (2018 --color): 1 jitter of brightness, contrast "
+                                                  "and saturation by +-color_jitter; 2 also JPEG re-encoding at quality 2-20 (p 0.5)")
+    color_jitter: float = Field(0.125, ge=0.0, lt=1.0, description="strength of the color jitter (2018: 0.125)")
+    cutoff: int = Field(0, ge=0, description="random erasing (2018 --cutoff): with p 0.5 a cutoff x cutoff pixel square "
+                                             "is set to grey 128; 0 off")
+    rand_scale: float = Field(0.0, ge=0.0, lt=1.0, description="random scale of the aligned crop by 1 +- rand_scale (0 off)")
+    rand_shift: float = Field(0.0, ge=0.0, lt=1.0, description="random shift of the aligned crop by up to this fraction "
+                                                               "of its width/height (0 off)")
     num_workers: int = Field(4, ge=0, description="data loader processes per rank")
 
     # --- network ------------------------------------------------------------------------------------------
@@ -250,6 +258,13 @@ class TrainConfig(BaseModel):
         if self.version_output is not None:
             args["version_output"] = self.version_output
         return args
+
+    def augmenter(self) -> "Augmenter":
+        """The loader's per-sample augmentation (:class:`datasets.augment.Augmenter`) for these options."""
+        from datasets.augment import Augmenter
+
+        return Augmenter(color=self.color, color_jitter=self.color_jitter, cutoff=self.cutoff,
+                         rand_scale=self.rand_scale, rand_shift=self.rand_shift, seed=self.seed)
 
     def margin_args(self) -> dict[str, Any]:
         """Keyword arguments of ``models.get_margin`` for this loss (InsightFace option names)."""

@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from datasets.augment import tag_epochs
 from datasets.errors import FormatError
 from datasets.rec_dataset import RecFaceDataset, normalize_batch
 from tasks import checkpoint as ckpt_io
@@ -135,7 +136,7 @@ class _Trainer:
         self.amp_dtype = _AMP[self.amp]
         _set_backend_flags(cfg, self.device.type)
 
-        self.dataset = RecFaceDataset(cfg.dataset, normalize=None)
+        self.dataset = RecFaceDataset(cfg.dataset, normalize=None, augment=cfg.augmenter())
         if self.dataset.image_size is not None and tuple(self.dataset.image_size) != cfg.image_hw:
             h, w = self.dataset.image_size
             raise ValueError(f"{cfg.dataset}: images are {h}x{w} (property), but option 'image_size' is "
@@ -181,7 +182,7 @@ class _Trainer:
         self.loader = DataLoader(
             self.dataset, num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-            generator=torch.Generator().manual_seed(cfg.seed), **self.objective.loader_args(self.sampler, cfg.per_batch_size))
+            generator=torch.Generator().manual_seed(cfg.seed), **self._loader_args())
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{cfg.dataset}: {len(self.dataset)} images give no full batch of per_batch_size "
@@ -194,13 +195,19 @@ class _Trainer:
         self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
         self.recorder = RunRecorder(self.output, enabled=ctx.is_main, total_steps=self.total_steps,
                                     world_size=ctx.world_size, resume_step=self.step if resume_path else None)
-        self.recorder.status_fields.update(best=self.best, checkpoints=[str(p) for p in self.checkpoints])
+        self.recorder.status_fields.update(best=self.best, checkpoints=[str(p) for p in self.checkpoints],
+                                           augment=self.dataset.augment.describe() if self.dataset.augment else None)
         self.flip_generator = torch.Generator()
         # Restore the random states last: nothing above may draw from them after this point.
         if rng_states:
             ckpt_io.set_rng_state(rng_states[ctx.rank] if ctx.rank < len(rng_states) else rng_states[0])
         else:
             torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)  # per-rank dropout streams
+
+    def _loader_args(self) -> dict[str, Any]:
+        """The objective's sampler arguments; with augmentation the items carry the epoch (per-sample seeds)."""
+        args = self.objective.loader_args(self.sampler, self.cfg.per_batch_size)
+        return tag_epochs(args) if self.dataset.augment is not None else args
 
     # --- starting points ----------------------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
