@@ -12,6 +12,9 @@ trainer). Steps, in the order of the 2018 ``FaceImageIter.next``:
   the image's mean grey) and saturation (blend with each pixel's grey), in random order;
   2 = also, with p = 0.5 before the jitter, a JPEG re-encoding at quality ``U{2..20}`` (2018's
   ``compress_aug``).
+* ``rand_light`` (new): side lighting, the image multiplied by a linear ramp ``1 + g * d`` where ``d`` in
+  [-1, 1] is the position along a random direction and ``g = U(-rand_light, rand_light)`` (one half
+  of the face darker, the other brighter, as with a lamp to one side).
 * ``cutoff`` (2018 ``--cutoff``): with p = 0.5 a ``cutoff x cutoff`` square (clipped at the borders;
   centre uniform over the image) is set to grey 128 (random erasing).
 
@@ -49,6 +52,7 @@ class Augmenter:
     cutoff: int = 0
     rand_scale: float = 0.0
     rand_shift: float = 0.0
+    rand_light: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -58,12 +62,13 @@ class Augmenter:
             raise ValueError(f"color_jitter must lie in [0, 1), got {self.color_jitter}")
         if self.cutoff < 0:
             raise ValueError(f"cutoff must be >= 0 pixels, got {self.cutoff}")
-        if not 0 <= self.rand_scale < 1 or not 0 <= self.rand_shift < 1:
-            raise ValueError(f"rand_scale and rand_shift must lie in [0, 1), got {self.rand_scale}, {self.rand_shift}")
+        if not 0 <= self.rand_scale < 1 or not 0 <= self.rand_shift < 1 or not 0 <= self.rand_light <= 1:
+            raise ValueError(f"rand_scale and rand_shift must lie in [0, 1) and rand_light in [0, 1], got "
+                             f"{self.rand_scale}, {self.rand_shift}, {self.rand_light}")
 
     @property
     def active(self) -> bool:
-        return bool(self.color or self.cutoff or self.rand_scale or self.rand_shift)
+        return bool(self.color or self.cutoff or self.rand_scale or self.rand_shift or self.rand_light)
 
     def describe(self) -> dict[str, Any]:
         """The options as a dict (for run records)."""
@@ -91,12 +96,22 @@ class Augmenter:
                 ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
                 img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
             img = self._jitter(img, rng)
+        if self.rand_light:
+            img = self._light(img, rng)
         if self.cutoff and rng.integers(2):
             cy, cx = int(rng.integers(h)), int(rng.integers(w))
             half = self.cutoff // 2
             img = np.array(img, copy=True) if img is source or not img.flags.writeable else img
             img[max(0, cy - half):min(h, cy + half), max(0, cx - half):min(w, cx + half)] = 128
         return img
+
+    def _light(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        h, w = img.shape[:2]
+        gain = rng.uniform(-self.rand_light, self.rand_light)
+        angle = rng.uniform(0, 2 * np.pi)
+        ys, xs = np.linspace(-1, 1, h, dtype=np.float32), np.linspace(-1, 1, w, dtype=np.float32)
+        ramp = 1.0 + np.float32(gain) * (np.float32(np.cos(angle)) * xs[None, :] + np.float32(np.sin(angle)) * ys[:, None])
+        return np.clip(img * ramp[:, :, None] + 0.5, 0, 255).astype(np.uint8)
 
     def _jitter(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         x = img.astype(np.float32)

@@ -73,6 +73,8 @@ class TrainConfig(BaseModel):
     rand_scale: float = Field(0.0, ge=0.0, lt=1.0, description="random scale of the aligned crop by 1 +- rand_scale (0 off)")
     rand_shift: float = Field(0.0, ge=0.0, lt=1.0, description="random shift of the aligned crop by up to this fraction "
                                                                "of its width/height (0 off)")
+    rand_light: float = Field(0.0, ge=0.0, le=1.0, description="random side lighting: the image times a linear ramp "
+                                                               "1 +- rand_light across a random direction (0 off)")
     num_workers: int = Field(4, ge=0, description="data loader processes per rank")
 
     # --- network ------------------------------------------------------------------------------------------
@@ -264,7 +266,8 @@ class TrainConfig(BaseModel):
         from datasets.augment import Augmenter
 
         return Augmenter(color=self.color, color_jitter=self.color_jitter, cutoff=self.cutoff,
-                         rand_scale=self.rand_scale, rand_shift=self.rand_shift, seed=self.seed)
+                         rand_scale=self.rand_scale, rand_shift=self.rand_shift, rand_light=self.rand_light,
+                         seed=self.seed)
 
     def margin_args(self) -> dict[str, Any]:
         """Keyword arguments of ``models.get_margin`` for this loss (InsightFace option names)."""
