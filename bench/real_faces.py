@@ -27,7 +27,8 @@ Protocol, fixed before any measurement:
 Printed and written to ``bench/results/real_faces.json``: accuracy +- std per method per fold and
 seed, the mean over folds and seeds, the model's margin over each baseline, wall times; a ROC plot
 of the model against the baselines (pairs of all folds pooled, first seed) in
-``bench/results/real_faces_roc.png``.
+``bench/results/real_faces_roc.png``. Folds can run in separate processes (``--folds 1 --output
+real_faces_f1`` ...) and be summarised together (``--combine real_faces_f1,real_faces_f2,real_faces_f3``).
 """
 from __future__ import annotations
 
@@ -310,26 +311,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", type=Path, default=DEFAULT_SCRATCH, help="aligned faces, packed folds, runs")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--output", default="real_faces", help="result name under bench/results/ ('' = none)")
+    parser.add_argument("--combine", default="", metavar="NAME,NAME",
+                        help="summarise earlier results (bench/results/NAME.json, e.g. one per fold) instead of running")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    from bench.machine import machine, write_result
+    from bench.machine import RESULTS, machine, write_result
 
     if not args.raw_dir.is_dir():
         print(f"skipped: {args.raw_dir} is absent (faces_dev is read from ../shared/data, never bundled)")
         return 0
-    info = machine()
-    print(json.dumps(info))
+    print(json.dumps(machine()))
     seeds = [int(s) for s in args.seeds.split(",")]
     folds = [int(f) for f in args.folds.split(",")]
     overrides = _parse_set(args.set)
     started = time.perf_counter()
-    faces = load_aligned(args.raw_dir, args.scratch)
-    print(f"aligned: {len(faces.images)} faces of {len(faces.people)} people ({time.perf_counter() - started:.1f} s)")
-    results = [run_fold(faces, f, args.preset, seeds, args.scratch, overrides, args.pca_k) for f in folds]
+    if args.combine:  # several partial runs (e.g. one process per fold) -> one result
+        parts = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.combine.split(",")]
+        results = [f for p in parts for f in p["per_fold"]]
+        seeds, folds = parts[0]["seeds"], [f["fold"] for f in results]
+        overrides, args.preset, wall = parts[0]["overrides"], parts[0]["preset"], sum(p["wall_s"] for p in parts)
+    else:
+        faces = load_aligned(args.raw_dir, args.scratch)
+        print(f"aligned: {len(faces.images)} faces of {len(faces.people)} people ({time.perf_counter() - started:.1f} s)")
+        results = [run_fold(faces, f, args.preset, seeds, args.scratch, overrides, args.pca_k) for f in folds]
+        wall = time.perf_counter() - started
     summary = summarize(results)
-    wall = time.perf_counter() - started
     print(f"\npreset {args.preset} {overrides or ''}; seeds {seeds}; folds {folds}; {wall:.0f} s in all")
     print(f"{'method':22s} {'accuracy':>9s}   per fold")
     for name in ("model", *BASELINES):
@@ -340,15 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training time per run: mean {summary['model']['train_s_mean']:.0f} s, max {summary['model']['train_s_max']:.0f} s "
           f"({args.threads} threads)")
     if args.output:
-        from bench.machine import RESULTS
-
-        roc_path = RESULTS / f"{args.output}_roc.png"
         RESULTS.mkdir(parents=True, exist_ok=True)
-        plot_roc(results, roc_path, f"faces_dev unseen people, {args.preset}, folds {args.folds} pooled, seed {seeds[0]}")
-        for f in results:
-            f.pop("roc")
+        roc_path = RESULTS / f"{args.output}_roc.png"
+        plot_roc(results, roc_path, f"faces_dev unseen people, {args.preset}, folds {','.join(map(str, folds))} pooled, "
+                                    f"seed {seeds[0]}")
         path = write_result(args.output, {"preset": args.preset, "overrides": overrides, "seeds": seeds, "folds": folds,
                                           "pca_k": args.pca_k, "threads": args.threads, "wall_s": round(wall, 1),
+                                          "load_average_1min_end": round(os.getloadavg()[0], 2),
                                           "summary": summary, "per_fold": results})
         print(f"wrote {path} and {roc_path}")
     return 0

@@ -43,6 +43,7 @@ def test_a_short_training_beats_raw_pixels_on_unseen_people(tmp_path: Path):
                     pairs, issame)
     data = rf.pack_train(faces, train_p, tmp_path / "train", (56, 56))
     result, _ = rf.train_model("small-real", data, tmp_path / "run", seed=0,
-                               overrides={"max_steps": 60, "lr_steps": [45], "warmup": 5, "frequent": 20})
+                               overrides={"max_steps": 60, "lr_steps": [45], "warmup": 5, "frequent": 20,
+                                          "per_batch_size": 32})
     model = rf.verify(rf.model_embeddings(result.last_checkpoint, faces.images[test_idx]), pairs, issame)
     assert model.accuracy > raw.accuracy + 0.03, (model.accuracy, raw.accuracy)
