@@ -263,6 +263,17 @@ def summarize(folds: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _merge_folds(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Entries of the same fold from separate runs (e.g. one process per seed) -> one entry per fold."""
+    merged: dict[int, dict[str, Any]] = {}
+    for part in sorted(parts, key=lambda f: (f["fold"], min(r["seed"] for r in f["model_runs"]))):
+        if part["fold"] not in merged:
+            merged[part["fold"]] = part
+        else:
+            merged[part["fold"]]["model_runs"] += part["model_runs"]
+    return [merged[k] for k in sorted(merged)]
+
+
 def plot_roc(folds: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -329,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.combine:  # several partial runs (e.g. one process per fold) -> one result
         parts = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.combine.split(",")]
-        results = [f for p in parts for f in p["per_fold"]]
-        seeds, folds = parts[0]["seeds"], [f["fold"] for f in results]
+        results = _merge_folds([f for p in parts for f in p["per_fold"]])
+        seeds = sorted({r["seed"] for f in results for r in f["model_runs"]})
+        folds = [f["fold"] for f in results]
         overrides, args.preset, wall = parts[0]["overrides"], parts[0]["preset"], sum(p["wall_s"] for p in parts)
     else:
         faces = load_aligned(args.raw_dir, args.scratch)
