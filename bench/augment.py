@@ -4,7 +4,7 @@
     python bench/augment.py --baseline /path/to/main     # also the same loop in another checkout (before the hook)
 
 Runs the configurations interleaved (``--rounds`` times, best of each), on a ``.rec`` of 112x112 generated
-faces (``datasets.synthetic_set``, cached under ``--data``), through the same DataLoader path the trainer
+faces (``datasets.synthetic``, written once under ``--data``), through the same DataLoader path the trainer
 uses with augmentation (``(index, epoch)`` items). ``--baseline`` times ``dataset[i]`` of the other
 checkout in a child process, so "off" can be compared with the code before the augmentation hook.
 Results: ``bench/results/augment.json``.
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,6 +45,22 @@ print(n / (time.perf_counter() - t))
 """
 
 
+def _faces_rec(out: Path) -> Path:
+    """500 generated 112x112 faces (100 identities x 5) as JPEG records, written once into ``out``."""
+    import cv2
+
+    from datasets.rec_layout import InsightFaceRecWriter
+    from datasets.synthetic import SyntheticFaces
+
+    if (out / "train.idx").exists():
+        return out
+    images, labels = SyntheticFaces(100, 5, image_size=(112, 112), seed=0).render_array(workers=1)
+    with InsightFaceRecWriter(out, image_size=(112, 112)) as writer:
+        for image, label in zip(images, labels):
+            writer.add(int(label), cv2.imencode(".jpg", np.ascontiguousarray(image[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    return out
+
+
 def rate(ds, n: int, tagged: bool) -> float:
     for i in range(50):
         ds[(i, 0)] if tagged else ds[i]
@@ -65,10 +83,7 @@ def main() -> None:
     from bench.machine import machine, write_result
     from datasets.augment import Augmenter
     from datasets.rec_dataset import RecFaceDataset
-    from datasets.synthetic_set import write_synthetic_set
-
-    data = write_synthetic_set(args.data, identities=100, images_per_identity=5, image_size=(112, 112),
-                               held_out_identities=10, held_out_images=2, pairs=10).folder
+    data = _faces_rec(args.data)
     sets = {name: RecFaceDataset(data, normalize=None, augment=Augmenter(**opts, seed=0) if opts else None)
             for name, opts in CONFIGS.items()}
     best: dict[str, float] = {}
