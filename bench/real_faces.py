@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [run_fold(faces, f, args.preset, seeds, args.scratch, overrides, args.pca_k) for f in folds]
         wall = time.perf_counter() - started
     summary = summarize(results)
-    print(f"\npreset {args.preset} {overrides or ''}; seeds {seeds}; folds {folds}; {wall:.0f} s in all")
+    print(f"\npreset {args.preset} {overrides or ''}; seeds {seeds}; folds {folds}; {wall:.0f} s in all"
+          + (" (sum of the combined runs)" if args.combine else ""))
     print(f"{'method':22s} {'accuracy':>9s}   per fold")
     for name in ("model", *BASELINES):
         s = summary[name]
