@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .augment import Augmenter
 from .errors import FormatError
 from .face_codec import decode_bgr
 from .normalization import Normalization, normalization_lut
@@ -40,6 +41,9 @@ class RecFaceDataset(Dataset):
     ``flip``: random horizontal flip with p = 0.5. ``normalize``: ``"mxnet"``, ``"arcface"`` or
     ``None`` (uint8 output). ``image_size``: ``(H, W)`` every image must have (default: from
     ``property`` if present, else unchecked); a mismatch raises :class:`FormatError`.
+    ``augment``: a :class:`datasets.augment.Augmenter` applied to every decoded image; its draws are
+    seeded by ``(seed, epoch, index)``, so index the dataset with ``(index, epoch)`` tuples
+    (:func:`datasets.augment.tag_epochs`); a plain index means epoch 0.
     """
 
     def __init__(
@@ -50,7 +54,9 @@ class RecFaceDataset(Dataset):
         normalize: NormalizeMode = "arcface",
         image_size: tuple[int, int] | None = None,
         name: str = "train",
+        augment: Augmenter | None = None,
     ):
+        self.augment = augment if augment is not None and augment.active else None
         self._lut = None if normalize is None else normalization_lut(normalize)  # one cv2.LUT pass normalises an image
         self.index: RecIndex = read_rec_index(root, name=name)
         self.flip = flip
@@ -98,8 +104,15 @@ class RecFaceDataset(Dataset):
         """Image ``i`` as uint8 ``(H, W, 3)`` RGB (a channel-reversed view of OpenCV's BGR)."""
         return self._decode_bgr(i)[:, :, ::-1]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        chw = self._decode_bgr(i).transpose(2, 0, 1)[::-1]  # RGB planes (a view)
+    def __getitem__(self, i: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(i, tuple):  # (index, epoch) from datasets.augment.EpochTaggedSampler
+            i, epoch = i
+        else:
+            epoch = 0
+        img = self._decode_bgr(i)
+        if self.augment is not None:
+            img = self.augment(img, i, epoch)
+        chw = img.transpose(2, 0, 1)[::-1]  # RGB planes (a view)
         if self.flip and torch.rand(()) < 0.5:
             chw = chw[:, :, ::-1]
         chw = np.ascontiguousarray(chw)  # the one copy: HWC BGR -> CHW RGB (+ flip)

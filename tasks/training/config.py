@@ -115,6 +115,16 @@ class TrainConfig(BaseModel):
     val_shuffle_folds: bool = Field(
         False, description="verification: split a permutation of the pairs (seeded by seed) into folds, for pair lists "
                            "not laid out in LFW's balanced blocks")
+    color: int = Field(0, ge=0, le=2, description="colour augmentation (2018 --color): 1 jitter of brightness, contrast "
+                                                  "and saturation by +-color_jitter; 2 also JPEG re-encoding at quality 2-20 (p 0.5)")
+    color_jitter: float = Field(0.125, ge=0.0, lt=1.0, description="strength of the color jitter (2018: 0.125)")
+    cutoff: int = Field(0, ge=0, description="random erasing (2018 --cutoff): with p 0.5 a cutoff x cutoff pixel square "
+                                             "is set to grey 128; 0 off")
+    rand_scale: float = Field(0.0, ge=0.0, lt=1.0, description="random scale of the aligned crop by 1 +- rand_scale (0 off)")
+    rand_shift: float = Field(0.0, ge=0.0, lt=1.0, description="random shift of the aligned crop by up to this fraction "
+                                                               "of its width/height (0 off)")
+    rand_light: float = Field(0.0, ge=0.0, le=1.0, description="random side lighting: the image times a linear ramp "
+                                                               "1 +- rand_light across a random direction (0 off)")
     num_workers: int = Field(4, ge=0, description="data loader processes per rank")
 
     # --- network ------------------------------------------------------------------------------------------
@@ -379,6 +389,14 @@ class TrainConfig(BaseModel):
         if self.version_multiplier is not None:
             args["multiplier"] = self.version_multiplier
         return args
+
+    def augmenter(self) -> "Augmenter":
+        """The loader's per-sample augmentation (:class:`datasets.augment.Augmenter`) for these options."""
+        from datasets.augment import Augmenter
+
+        return Augmenter(color=self.color, color_jitter=self.color_jitter, cutoff=self.cutoff,
+                         rand_scale=self.rand_scale, rand_shift=self.rand_shift, rand_light=self.rand_light,
+                         seed=self.seed)
 
     def margin_args(self) -> dict[str, Any]:
         """Keyword arguments of ``models.get_margin`` for this loss (:func:`models.margins.head_options`)."""

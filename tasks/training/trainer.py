@@ -67,6 +67,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from datasets.atomic import PARTIAL_SUFFIX, remove_partials
+from datasets.augment import tag_epochs
 from datasets.errors import FormatError
 from datasets.locks import FolderBusy, folder_lock
 from datasets.normalization import normalize_batch
@@ -202,7 +203,7 @@ class _Trainer:
         self.amp_dtype = _AMP[self.amp]
         _set_backend_flags(cfg, self.device.type)
 
-        self.dataset = RecFaceDataset(cfg.dataset, normalize=None)
+        self.dataset = RecFaceDataset(cfg.dataset, normalize=None, augment=cfg.augmenter())
         if self.dataset.image_size is not None and tuple(self.dataset.image_size) != cfg.image_hw:
             h, w = self.dataset.image_size
             raise ValueError(f"{cfg.dataset}: images are {h}x{w} (property), but the run's image size is "
@@ -259,7 +260,7 @@ class _Trainer:
         self.loader = DataLoader(
             self.dataset, num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-            generator=torch.Generator().manual_seed(cfg.seed), **self.objective.loader_args(self.sampler, cfg.per_batch_size))
+            generator=torch.Generator().manual_seed(cfg.seed), **self._loader_args())
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{cfg.dataset}: {len(self.dataset)} images give no full batch of per_batch_size "
@@ -275,7 +276,8 @@ class _Trainer:
                 self.log.warning("%s", line)
         self.recorder = RunRecorder(self.output, enabled=ctx.is_main, total_steps=self.total_steps,
                                     world_size=ctx.world_size, resume_step=self.step if resume_path else None)
-        self.recorder.status_fields.update(best=self.best, checkpoints=[str(p) for p in self.checkpoints])
+        self.recorder.status_fields.update(best=self.best, checkpoints=[str(p) for p in self.checkpoints],
+                                           augment=self.dataset.augment.describe() if self.dataset.augment else None)
         self.flip_generator = torch.Generator(device=self.device)  # the mirror mask is drawn where it is used
         self._save_thread: threading.Thread | None = None
         self._save_error: BaseException | None = None
@@ -296,6 +298,11 @@ class _Trainer:
                 state = self.optimizer.state[p]
                 if state.get("momentum_buffer") is None:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _loader_args(self) -> dict[str, Any]:
+        """The objective's sampler arguments; with augmentation the items carry the epoch (per-sample seeds)."""
+        args = self.objective.loader_args(self.sampler, self.cfg.per_batch_size)
+        return tag_epochs(args) if self.dataset.augment is not None else args
 
     # --- starting points ----------------------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
