@@ -25,14 +25,14 @@ index: :func:`tag_epochs` wraps the trainer's sampler so that it yields ``(index
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import cv2
 import numpy as np
+from torch.utils.data import Sampler
 
 from .face_codec import decode_bgr, encode_jpeg
-from torch.utils.data import Sampler
 
 __all__ = ["Augmenter", "EpochTaggedSampler", "tag_epochs"]
 
