@@ -4,7 +4,7 @@
     facepipe lst OUT_DIR ALIGNED_DIR... ; facepipe pack LST OUT_DIR ; facepipe merge --include A,B --output C
     facepipe bins PAIRS OUT_DIR --name lfw [--align-from data/datasets/faces]
     facepipe train --config configs/r50-cosface.yaml --dataset DIR --output RUN_DIR [--per-batch-size 64 ...]
-    facepipe evaluate RUN_DIR/checkpoints/last.pt lfw.bin --out-dir DIR ; facepipe megaface ... ; facepipe export CKPT OUT.onnx
+    facepipe evaluate RUN_DIR/checkpoints/last.pt lfw.bin --out-dir DIR ; facepipe megaface ... ; facepipe ijb ... ; facepipe export CKPT OUT.onnx
     facepipe serve ; facepipe demo [--stop]
 
 The stage and engine commands are :mod:`tasks.cli`'s (the same parsers as ``python -m tasks.<stage>``,
@@ -27,7 +27,7 @@ _FLOW_COMMANDS = {
              "(PREFECT_API_URL) until SIGTERM/Ctrl-C.",
     "demo": "The one-command demo on the local embedded default (what scripts/demo.sh runs).",
 }
-_ORDER = ["align", "lst", "pack", "merge", "bins", "train", "evaluate", "megaface", "export", "serve", "demo"]
+_ORDER = ["align", "lst", "pack", "merge", "bins", "train", "evaluate", "megaface", "ijb", "export", "serve", "demo"]
 
 
 def _description(name: str) -> str:

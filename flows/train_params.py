@@ -19,7 +19,8 @@ from flows.local import default_data_root
 from datasets.rec_layout import REC_FILES
 from flows.params import check_name
 from tasks.verification import VerificationConfig
-from tasks.ijb import IjbConfig, available_targets
+from tasks.evaluation.config import IjbConfig
+from tasks.ijb import available_targets
 from tasks.megaface import ImageSet, MegaFaceConfig
 from tasks.training.config import TrainConfig, load_config
 from tasks.training.validation import resolve_val_targets

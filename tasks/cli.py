@@ -295,6 +295,21 @@ def _evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo the stage even when it is up to date")
 
 
+def _ijb(p: argparse.ArgumentParser) -> None:
+    from tasks.evaluation.config import IjbConfig
+
+    p.add_argument("model", help="a training checkpoint (.pt), an arcface_torch backbone.pth, an MXNet checkpoint ('prefix,epoch' or "
+                                  "prefix-NNNN.params) or an .onnx file")
+    p.add_argument("root", help="folder holding IJBB/ and/or IJBC/ (each with meta/ and loose_crop/), or one of them")
+    p.add_argument("--target", action="append", choices=["IJBB", "IJBC"],
+                   help="IJBB or IJBC (repeatable; default: every one under root)")
+    p.add_argument("--out-dir", required=True, metavar="DIR",
+                   help="output folder (ijb.parquet, ijb_roc.parquet, ijb_roc.png, features/) (required)")
+    add_config_arguments(p, IjbConfig, title="IJB options (IjbConfig)")
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
+    p.add_argument("--force", action="store_true", help="redo the stage even when it is up to date")
+
+
 def _megaface(p: argparse.ArgumentParser) -> None:
     from tasks.evaluation.config import MegaFaceConfig
 
@@ -349,6 +364,8 @@ COMMANDS: dict[str, Command] = {
                         _evaluate, "tasks.verification:run_command"),
     "megaface": Command("MegaFace identification and verification of an embedding model.", _megaface,
                         "tasks.megaface:run_command"),
+    "ijb": Command("IJB-B / IJB-C 1:1 verification (and 1:N identification) of an embedding model.", _ijb,
+                   "tasks.ijb:run_command"),
     "export": Command("Export a training checkpoint to ONNX and check it against torch.", _export,
                       "tasks.export:run_command"),
 }
@@ -368,10 +385,30 @@ def build_parser(name: str, prog: str | None = None, parser: argparse.ArgumentPa
 # --- running a command ------------------------------------------------------------------------------------
 
 
-def setup_logging(level: int = logging.INFO, fmt: str = "%(asctime)s %(message)s") -> None:
-    """INFO lines (progress included) to the terminal. ``force=True``: importing prefect has put a
-    WARNING-level handler on the root logger already, which would make a plain ``basicConfig`` a no-op."""
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+class _TerminalHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.<name>`` is when a line is logged, so that a command run
+    in-process (a notebook, a test capturing output) never writes to a stream that was replaced or closed."""
+
+    def __init__(self, name: str):
+        self._stream_name = name
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return getattr(sys, self._stream_name)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns one; the current one is used instead
+        pass
+
+
+def setup_logging(level: int = logging.INFO, fmt: str = "%(asctime)s %(message)s", stream: str = "stderr") -> None:
+    """INFO lines (progress included) to the terminal (``sys.stderr``, or ``sys.stdout`` with
+    ``stream="stdout"``). The root logger's handlers are replaced: importing prefect has put a
+    WARNING-level handler there already, which would make a plain ``basicConfig`` a no-op."""
+    handler = _TerminalHandler(stream)
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("facepipe").setLevel(level)
 
 

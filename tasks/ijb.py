@@ -31,12 +31,15 @@ Output (``out_dir``):
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # parse first: --help and bad options answer before prefect and torch are imported
+    from tasks.cli import run_command_line
+
+    run_command_line("ijb")
+
 import argparse
 import base64
 import json
-import logging
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,7 +51,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field
 
 from datasets.atomic import atomic_paths, remove_partials
 from datasets.chunked_array import ChunkedArray
@@ -56,7 +58,9 @@ from datasets.hashing import params_hash, sha256_file
 from datasets.ijb import TARGETS, IjbMeta, load_meta, meta_file, read_aligned_face, target_dir
 from tasks.evaluation.ijb import (FAR_TARGETS, FPIR_TARGETS, RANKS, identification, image_features, pair_scores,
                                   pool_templates, roc_auc, roc_curve, tar_at_far)
-from tasks.evaluation.model import EvalModel, ExtractionConfig, ModelSource, load_eval_model, model_digest, rows_table
+from tasks import cli
+from tasks.evaluation.config import ExtractionConfig, IjbConfig
+from tasks.evaluation.model import EvalModel, ModelSource, load_eval_model, model_digest, rows_table
 from tasks.evaluation.pairs import far_key
 from tasks.evaluation.plots import plot_roc
 from tasks.runtime import Progress, finished, logger, publish_markdown, publish_table
@@ -74,17 +78,6 @@ _CODE_MODULES = ("tasks.ijb", "tasks.evaluation.ijb", "tasks.evaluation.model", 
 _FEATURE_CODE_MODULES = ("tasks.evaluation.model", "tasks.evaluation.embed", "datasets.ijb", "datasets.face_align")
 _TABLE_COLUMNS = ("target", *(far_key(f) for f in FAR_TARGETS), "auc", "rank_1", "rank_5", "rank_10",
                   "tpir@fpir=1e-02", "tpir@fpir=1e-01", "pairs", "templates", "images")
-
-
-class IjbConfig(ExtractionConfig):
-    """Parameters of the IJB stage (extraction settings plus ``eval_ijbc.py``'s switches)."""
-
-    norm_score: bool = Field(True, description="keep each image's feature norm as its weight (eval_ijbc use_norm_score)")
-    detector_score: bool = Field(True, description="weight each image by its detector score (eval_ijbc use_detector_score)")
-    identification: bool = Field(True, description="1:N identification too when the 1:N protocol files are there")
-    features_dir: str | None = Field(None, description="feature cache folder (default <out_dir>/features); share it between runs")
-    decode_threads: int = Field(4, ge=1, description="threads decoding and aligning images")
-    chunk_images: int = Field(8192, ge=1, description="images per extraction chunk (the unit an interrupted run resumes at)")
 
 
 @dataclass
@@ -349,37 +342,14 @@ def ijb_task(model: str, root: str, out_dir: str, targets: list[str] | None = No
     return finished(result)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.ijb",
-                                     description="IJB-B / IJB-C 1:1 verification (and 1:N identification) of an embedding model.")
-    parser.add_argument("model", help="a training checkpoint or a .onnx file")
-    parser.add_argument("root", help="folder holding IJBB/ and/or IJBC/ (each with meta/ and loose_crop/), or one of them")
-    parser.add_argument("--target", action="append", choices=TARGETS, help="IJBB or IJBC (repeatable; default: every one under root)")
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--features-dir", help="feature cache folder (default OUT_DIR/features)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (torch models)")
-    parser.add_argument("--no-flip", action="store_true")
-    parser.add_argument("--no-norm-score", action="store_true", help="L2-normalise image features before pooling")
-    parser.add_argument("--no-detector-score", action="store_true", help="do not weight images by detector score")
-    parser.add_argument("--decode-threads", type=int, default=4)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        cfg = IjbConfig(batch_size=args.batch_size, device=args.device, precision="bf16" if args.bf16 else "fp32",
-                        flip=not args.no_flip, norm_score=not args.no_norm_score,
-                        detector_score=not args.no_detector_score, features_dir=args.features_dir,
-                        decode_threads=args.decode_threads)
-        result = run_ijb(args.model, args.root, args.out_dir, args.target, cfg, force=args.force)
-    except (ValueError, FileNotFoundError, KeyError) as exc:  # FormatError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run_command(args: argparse.Namespace) -> int:
+    """``facepipe ijb`` / ``python -m tasks.ijb`` with parsed arguments."""
+    cfg = cli.config_from_args(args, IjbConfig)
+    result = run_ijb(cli.existing_model(args.model), args.root, args.out_dir, args.target, cfg, force=args.force)
     print("\n".join(result.summary_lines()))
     print(json.dumps({"metrics": str(result.metrics_path), "plot": str(result.plot_path), "skipped": result.skipped}))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("ijb", run_command, argv)

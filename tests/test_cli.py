@@ -30,7 +30,7 @@ from tasks.stage import commit_record
 from tasks.training.config import TrainConfig, load_config
 from train_data import tiny_config, tiny_dataset
 
-COMMANDS = ["align", "lst", "pack", "merge", "bins", "train", "evaluate", "megaface", "export", "serve", "demo"]
+COMMANDS = ["align", "lst", "pack", "merge", "bins", "train", "evaluate", "megaface", "ijb", "export", "serve", "demo"]
 HEAVY = ("torch", "prefect", "cv2")
 #: ``python -m <module> --help`` parses before importing the stage's dependencies too.
 STAGE_MODULES = ["tasks.align", "tasks.lst", "tasks.pack", "tasks.merge", "tasks.bins", "tasks.verification",

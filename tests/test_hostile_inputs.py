@@ -284,6 +284,7 @@ def test_training_refuses_to_overwrite_a_run_and_its_checkpoints_are_independent
     # the command line without --resume, as after a finished run or a kill: refused, nothing touched
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    capsys.readouterr()  # the finished run's own log lines
     assert _command(["--config", str(config), "--max-steps", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {tmp_path / 'run'} already holds a run (checkpoints/last.pt"), err

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from datasets.normalization import Normalization
 
 __all__ = ["DEFAULT_FAR_TARGETS", "DEFAULT_RANKS", "DEFAULT_SIZES", "ExtractionConfig", "ImageSet", "MegaFaceConfig",
-           "VerificationConfig"]
+           "VerificationConfig", "IjbConfig"]
 
 #: FARs at which TAR is reported by the pair protocol.
 DEFAULT_FAR_TARGETS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -80,4 +80,15 @@ class MegaFaceConfig(ExtractionConfig):
     devkit_dir: str | None = Field(None, description="also write devkit feature files here")
     devkit_size_suffix: bool = Field(False, description="devkit file names <img>_<algo>_<H>x<W>.bin (2018 form)")
     decode_threads: int = Field(4, ge=1, description="threads decoding images")
+    chunk_images: int = Field(8192, ge=1, description="images per extraction chunk (the unit an interrupted run resumes at)")
+
+
+class IjbConfig(ExtractionConfig):
+    """Parameters of the IJB stage (extraction settings plus ``eval_ijbc.py``'s switches)."""
+
+    norm_score: bool = Field(True, description="keep each image's feature norm as its weight (eval_ijbc use_norm_score)")
+    detector_score: bool = Field(True, description="weight each image by its detector score (eval_ijbc use_detector_score)")
+    identification: bool = Field(True, description="1:N identification too when the 1:N protocol files are there")
+    features_dir: str | None = Field(None, description="feature cache folder (default <out_dir>/features); share it between runs")
+    decode_threads: int = Field(4, ge=1, description="threads decoding and aligning images")
     chunk_images: int = Field(8192, ge=1, description="images per extraction chunk (the unit an interrupted run resumes at)")

@@ -824,8 +824,10 @@ def run_command(args) -> int:
 
     rank = int(os.environ.get("RANK", "0"))
     _die_with_launcher()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format=f"%(asctime)s %(levelname)s rank{rank}: %(message)s", force=True)
+    from tasks.cli import setup_logging
+
+    setup_logging(logging.INFO if rank == 0 else logging.WARNING, f"%(asctime)s %(levelname)s rank{rank}: %(message)s",
+                  stream="stdout")
     stop = threading.Event()
     _install_stop_handlers(stop)
     try:
