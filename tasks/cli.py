@@ -282,39 +282,44 @@ def _bins(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="redo the stage even when it is up to date")
 
 
+MODEL_HELP = ("a training checkpoint (.pt), an arcface_torch backbone.pth, an MXNet checkpoint ('prefix,epoch' or "
+              "prefix-NNNN.params) or an .onnx file")
+
+
+def _evaluation_flags(p: argparse.ArgumentParser) -> None:
+    """``--bf16`` and ``--force`` of the evaluation stages."""
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
+    p.add_argument("--force", action="store_true", help="redo the stage even when it is up to date")
+
+
 def _evaluate(p: argparse.ArgumentParser) -> None:
     from tasks.evaluation.config import VerificationConfig
 
-    p.add_argument("model", help="a training checkpoint (.pt), an arcface_torch backbone.pth, an MXNet checkpoint ('prefix,epoch' or "
-                                  "prefix-NNNN.params) or an .onnx file")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("targets", nargs="+", help="verification packs (lfw.bin, cfp_fp.bin, ...)")
     p.add_argument("--out-dir", required=True, metavar="DIR",
                    help="output folder (verification.parquet, roc.npz, roc.png) (required)")
     add_config_arguments(p, VerificationConfig, title="verification options (VerificationConfig)")
-    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
-    p.add_argument("--force", action="store_true", help="redo the stage even when it is up to date")
+    _evaluation_flags(p)
 
 
 def _ijb(p: argparse.ArgumentParser) -> None:
     from tasks.evaluation.config import IjbConfig
 
-    p.add_argument("model", help="a training checkpoint (.pt), an arcface_torch backbone.pth, an MXNet checkpoint ('prefix,epoch' or "
-                                  "prefix-NNNN.params) or an .onnx file")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("root", help="folder holding IJBB/ and/or IJBC/ (each with meta/ and loose_crop/), or one of them")
     p.add_argument("--target", action="append", choices=["IJBB", "IJBC"],
                    help="IJBB or IJBC (repeatable; default: every one under root)")
     p.add_argument("--out-dir", required=True, metavar="DIR",
                    help="output folder (ijb.parquet, ijb_roc.parquet, ijb_roc.png, features/) (required)")
     add_config_arguments(p, IjbConfig, title="IJB options (IjbConfig)")
-    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
-    p.add_argument("--force", action="store_true", help="redo the stage even when it is up to date")
+    _evaluation_flags(p)
 
 
 def _megaface(p: argparse.ArgumentParser) -> None:
     from tasks.evaluation.config import MegaFaceConfig
 
-    p.add_argument("model", help="a training checkpoint (.pt), an arcface_torch backbone.pth, an MXNet checkpoint ('prefix,epoch' or "
-                                  "prefix-NNNN.params) or an .onnx file")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--probes", required=True, help="probe image list (facescrub_lst) or .rec set (required)")
     p.add_argument("--probe-root", metavar="DIR", help="folder the probe list's paths are relative to (default: the list's folder)")
     p.add_argument("--distractors", required=True, help="distractor image list (megaface_lst) or .rec set (required)")
@@ -322,8 +327,7 @@ def _megaface(p: argparse.ArgumentParser) -> None:
                    help="folder the distractor list's paths are relative to (default: the list's folder)")
     p.add_argument("--out-dir", required=True, metavar="DIR", help="output folder (megaface.parquet, CMC/ROC json) (required)")
     add_config_arguments(p, MegaFaceConfig, title="MegaFace options (MegaFaceConfig)")
-    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
-    p.add_argument("--force", action="store_true", help="redo the stage even when it is up to date")
+    _evaluation_flags(p)
 
 
 def _export(p: argparse.ArgumentParser) -> None:
