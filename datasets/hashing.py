@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 _CHUNK = 1 << 20
 
@@ -40,3 +41,17 @@ def params_hash(params: Any, length: int = 16) -> str:
     """
     text = json.dumps(params, default=_jsonable, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def file_stats(root: str | os.PathLike, names: Sequence[str]) -> tuple[list[tuple[int, int]], list[str]]:
+    """``([(size, mtime_ns) of each existing file], [names that do not exist])`` for ``root/<name>``:
+    what a stage's input stamp is made of (a changed, added or removed file changes it)."""
+    base = Path(root)
+    stats, missing = [], []
+    for name in names:
+        try:
+            st = (base / name).stat()
+            stats.append((st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            missing.append(name)
+    return stats, missing

@@ -16,7 +16,7 @@
 # Versions are those of the development venv (keep them in step with it). Total: well under 64 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PIP=${PIP:-"$(command -v /work/main/.venv/bin/python >/dev/null 2>&1 && echo /work/main/.venv/bin/python || echo python3) -m pip"}
+PIP=${PIP:-"$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3) -m pip"}  # the project venv (scripts/setup.sh) when there is one
 OUT=.whl
 WHEELS=(
   "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" "typing-inspection==0.4.5"

@@ -54,7 +54,7 @@ from prefect.cache_policies import NO_CACHE
 
 from datasets.atomic import atomic_paths, remove_partials
 from datasets.chunked_array import ChunkedArray
-from datasets.hashing import params_hash, sha256_file
+from datasets.hashing import file_stats, params_hash, sha256_file
 from datasets.ijb import TARGETS, IjbMeta, load_meta, meta_file, read_aligned_face, target_dir
 from tasks.evaluation.ijb import (FAR_TARGETS, FPIR_TARGETS, RANKS, identification, image_features, pair_scores,
                                   pool_templates, roc_auc, roc_curve, tar_at_far)
@@ -119,13 +119,7 @@ def available_targets(root: str | os.PathLike) -> list[str]:
 
 
 def _image_stamp(meta: IjbMeta) -> str:
-    stats, missing = [], []
-    for name in meta.names:
-        try:
-            st = (meta.image_dir / name).stat()
-            stats.append((st.st_size, st.st_mtime_ns))
-        except FileNotFoundError:
-            missing.append(name)
+    stats, missing = file_stats(meta.image_dir, meta.names)
     if missing:
         raise FileNotFoundError(f"{meta.image_dir}: {len(missing)} of {len(meta)} listed images do not exist, "
                                 f"e.g. {', '.join(repr(m) for m in missing[:5])}")

@@ -62,7 +62,7 @@ from datasets.atomic import atomic_paths, atomic_write_text, remove_partials
 from datasets.chunked_array import ChunkedArray
 from datasets.errors import FormatError
 from datasets.face_codec import decode_face
-from datasets.hashing import params_hash, sha256_file
+from datasets.hashing import file_stats, params_hash, sha256_file
 from datasets.image_size import parse_image_size
 from datasets.images import decode_image
 from datasets.megaface import feature_path, read_image_list, read_noise_list, write_feature
@@ -139,13 +139,7 @@ def _list_source(spec: ImageSet, what: str, need_identity: bool) -> ImageSource:
     names = read_image_list(path)
     if not names:
         raise FormatError(path, f"{what} image list is empty", "one relative image path per line")
-    stats, missing = [], []
-    for name in names:
-        try:
-            st = (root / name).stat()
-            stats.append((st.st_size, st.st_mtime_ns))
-        except FileNotFoundError:
-            missing.append(name)
+    stats, missing = file_stats(root, names)
     if missing:
         raise FileNotFoundError(f"{path}: {len(missing)} of {len(names)} listed {what} images do not exist under {root}, "
                                 f"e.g. {', '.join(repr(m) for m in missing[:5])}")
