@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between reads of the API")
     parser.add_argument("--timeout", type=float, default=None, help="stop following after this many seconds")
     args = parser.parse_args(argv)
+    import httpx
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
     api = PREFECT_API_URL.value()
@@ -159,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ObjectNotFound:
+        print(f"error: {args.target}: no such deployment (or flow run) on {api}; `prefect deployment ls` lists them",
+              file=sys.stderr)
+        return 2
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach the Prefect API at {api} ({exc}); is the server running? (bash scripts/demo.sh "
+              "starts the local one)", file=sys.stderr)
+        return 2
     print(f"Prefect UI: {ui_address(str(api))}/runs/flow-run/{run_id}  (logs follow; Ctrl-C stops following, "
           f"not the run)", flush=True)
     try:
@@ -166,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nstopped following; the run goes on: {ui_address(str(api))}/runs/flow-run/{run_id}")
         return 130
+    except httpx.HTTPError as exc:
+        print(f"error: lost the Prefect API at {api} ({exc}); the run may go on: "
+              f"{ui_address(str(api))}/runs/flow-run/{run_id}", file=sys.stderr)
+        return 1
     print(f"flow run {run_id}: {final}", flush=True)
     return 0 if final == "COMPLETED" else 1
 

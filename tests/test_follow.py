@@ -65,3 +65,12 @@ def test_parameters_and_errors_of_the_command(prefect_server, capsys):
     with pytest.raises(ValueError, match="expected name=value"):
         _parse_params(["oops"], None)
     assert main(["not-a-uuid"]) == 2 and "error:" in capsys.readouterr().err
+
+
+def test_an_unreachable_server_is_one_line(capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # the discard port: nobody listens
+        assert main(["build-dataset/default", "-p", "name=x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach the Prefect API at http://127.0.0.1:9/api") and "\n" not in err
