@@ -1,9 +1,10 @@
 """One writer per folder: an exclusive lock that a stage or a training run holds on its output folder.
 
-A second align, pack or training run started on a folder that another run is writing fails at
-once with :class:`FolderBusy`, one line naming the folder and the holder's process id, instead
-of both writing into it (a misleading error in one of them, each deleting the other's temporary
-files, two trainings interleaving checkpoints). The first run is not disturbed.
+A second align, lst, pack, merge, bins, megaface, ijb or training run started on a folder that
+another run is writing fails at once with :class:`FolderBusy`, one line naming the folder and the
+holder's process id, instead of both writing into it (a misleading error in one of them, each
+deleting the other's temporary files, two trainings interleaving checkpoints). The first run is
+not disturbed.
 
 Mechanism: ``fcntl.flock(LOCK_EX | LOCK_NB)`` on the file ``<folder>/.lock``, which holds the
 holder's pid and what it does (text, one line, for the message only). The kernel releases the
@@ -70,8 +71,8 @@ class FolderLock:
 def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[FolderLock]:
     """Hold the exclusive lock of ``folder`` (created if missing) for the ``with`` block.
 
-    ``what`` says who holds it (``"align"``, ``"pack"``, ``"training"``), for the message a
-    second run gets. Raises :class:`FolderBusy` at once if the lock is held. Yields the
+    ``what`` says who holds it (a stage's name, ``"align"``, ``"pack"``, ..., or ``"training"``), for
+    the message a second run gets. Raises :class:`FolderBusy` at once if the lock is held. Yields the
     :class:`FolderLock`. Inside a child started with :meth:`FolderLock.child_env` for this
     folder, the parent's lock stands for this one and nothing is locked again.
     """

@@ -59,6 +59,7 @@ from prefect.cache_policies import NO_CACHE
 
 from datasets.errors import FormatError
 from datasets.hashing import params_hash, sha256_bytes, sha256_file
+from datasets.locks import folder_lock
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
 from datasets.verification_bin import write_bin
 from tasks import alignment
@@ -380,10 +381,14 @@ def _result(plan: BinsPlan, summary: dict, skipped: bool) -> BinsResult:
 
 def run_bins(spec: PairsSet, out_dir: str | os.PathLike, cfg: alignment.AlignConfig | None = None, *,
              force: bool = False) -> BinsResult:
-    """Prepare, align (in this process) and pack one set; skipped when nothing changed."""
-    plan = prepare_bins(spec, out_dir, cfg)
-    alignment.run_align(plan.inputs_dir, plan.faces_dir, plan.align_cfg, force=force)
-    return finalize_bins(plan, force=force)
+    """Prepare, align (in this process) and pack one set; skipped when nothing changed. Holds
+    ``out_dir``'s lock (:func:`datasets.locks.folder_lock`) while it runs; the align stage locks
+    ``faces/`` inside it, a lock of its own (``faces/.lock``), as it does for any align run."""
+    out = Path(out_dir).resolve()
+    with folder_lock(out, STAGE):  # a second bins into out_dir fails at once (FolderBusy)
+        plan = prepare_bins(spec, out, cfg)
+        alignment.run_align(plan.inputs_dir, plan.faces_dir, plan.align_cfg, force=force)
+        return finalize_bins(plan, force=force)
 
 
 @task(name="bins-prepare", cache_policy=NO_CACHE, task_run_name="bins-prepare-{spec.name}")

@@ -56,6 +56,7 @@ from datasets.atomic import atomic_paths, remove_partials
 from datasets.chunked_array import ChunkedArray
 from datasets.hashing import file_stats, params_hash, sha256_file
 from datasets.ijb import TARGETS, IjbMeta, load_meta, meta_file, read_aligned_face, target_dir
+from datasets.locks import folder_lock
 from tasks.evaluation.ijb import (FAR_TARGETS, FPIR_TARGETS, RANKS, identification, image_features, pair_scores,
                                   pool_templates, roc_auc, roc_curve, tar_at_far)
 from tasks import cli
@@ -242,9 +243,16 @@ def run_ijb(model: ModelSource, root: str | os.PathLike, out_dir: str | os.PathL
     """Evaluate ``model`` (checkpoint or ``.onnx`` path, or an ``nn.Module``) on the IJB ``targets`` under
     ``root`` (default: every target there) into ``out_dir`` (see the module docstring). Protocol files
     are read and checked before any image is. Skipped when the record matches; ``force`` redoes
-    extraction and evaluation."""
+    extraction and evaluation. Holds ``out_dir``'s lock (:func:`datasets.locks.folder_lock`) while it
+    runs (not ``features_dir``'s, a cache that other output folders may share)."""
     cfg = cfg or IjbConfig()
     out = Path(out_dir).resolve()
+    with folder_lock(out, STAGE):  # a second ijb into out_dir fails at once (FolderBusy)
+        return _run_ijb_locked(model, root, out, targets, cfg, force=force)
+
+
+def _run_ijb_locked(model: ModelSource, root: str | os.PathLike, out: Path, targets: Sequence[str] | None, cfg: IjbConfig,
+                    *, force: bool) -> IjbResult:
     root = Path(root).expanduser().resolve()
     targets = list(targets) if targets else available_targets(root)
     if not targets:

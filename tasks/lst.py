@@ -53,6 +53,7 @@ from datasets.atomic import atomic_write_text
 from datasets.errors import FormatError
 from datasets.face_align import crop_size
 from datasets.hashing import params_hash
+from datasets.locks import folder_lock
 from datasets.lst import InsightFaceLine, write_insightface_lst
 from datasets.manifest import MANIFEST_FILE, read_manifest, status_counts, write_manifest
 from datasets.rec_layout import LABELS_FILE, read_labels, write_labels
@@ -206,9 +207,16 @@ def run_lst(
 ) -> LstResult:
     """Write ``train.lst``, ``labels.csv``, ``manifest.parquet`` and ``stage.json`` for the faces
     of ``sources`` (``{name: align folder}``, or folders named by their base name). Skipped (the
-    committed result, ``skipped=True``) when the stage record matches; ``force`` redoes it."""
+    committed result, ``skipped=True``) when the stage record matches; ``force`` redoes it. Holds
+    ``out_dir``'s lock (:func:`datasets.locks.folder_lock`) while it runs."""
     cfg = cfg or LstConfig()
     out = Path(out_dir).resolve()
+    with folder_lock(out, STAGE):  # a second lst into out_dir fails at once (FolderBusy)
+        return _run_lst_locked(sources, out, cfg, force=force)
+
+
+def _run_lst_locked(sources: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike], out: Path, cfg: LstConfig,
+                    *, force: bool) -> LstResult:
     srcs = _sources(sources)
     size = srcs[0].image_size
     params = {"config": cfg.model_dump(mode="json"), "sources": [s.name for s in srcs], "image_size": list(size)}

@@ -65,6 +65,7 @@ from datasets.face_codec import decode_face
 from datasets.hashing import file_stats, params_hash, sha256_file
 from datasets.image_size import parse_image_size
 from datasets.images import decode_image
+from datasets.locks import folder_lock
 from datasets.megaface import feature_path, read_image_list, read_noise_list, write_feature
 from datasets.rec_dataset import RecFaceDataset
 from datasets.rec_layout import LABELS_FILE, PROPERTY_FILE, read_labels, rec_paths
@@ -328,9 +329,16 @@ def run_megaface(
     """Evaluate ``model`` (checkpoint or ``.onnx`` path, or an ``nn.Module``) on MegaFace-style sets into
     ``out_dir`` (see the module docstring). Noise lists are checked against the sets before any
     feature is extracted. Skipped when the record matches; ``force`` redoes extraction and evaluation.
+    Holds ``out_dir``'s lock (:func:`datasets.locks.folder_lock`) while it runs.
     """
     cfg = cfg or MegaFaceConfig()
     out = Path(out_dir).resolve()
+    with folder_lock(out, STAGE):  # a second megaface into out_dir fails at once (FolderBusy)
+        return _run_megaface_locked(model, probes, distractors, out, cfg, force=force)
+
+
+def _run_megaface_locked(model: ModelSource, probes: ImageSet | str | os.PathLike, distractors: ImageSet | str | os.PathLike,
+                         out: Path, cfg: MegaFaceConfig, *, force: bool) -> MegaFaceResult:
     probe_set = open_image_set(probes, "probe", need_identity=True)
     distractor_set = open_image_set(distractors, "distractor")
     probe_noise = read_noise_list(cfg.probe_noise) if cfg.probe_noise else set()

@@ -62,6 +62,7 @@ from datasets.atomic import remove_partials
 from datasets.errors import FormatError
 from datasets.face_codec import decode_face
 from datasets.hashing import params_hash
+from datasets.locks import folder_lock
 from datasets.manifest import MANIFEST_FILE, status_counts, write_manifest
 from datasets.rec_layout import (
     IDX_FILE,
@@ -293,13 +294,20 @@ def run_merge(
 
     ``embedder`` overrides ``cfg.model`` with a loaded model. Skipped (``skipped=True``) when the
     stage record matches (same dataset files by size and mtime, parameters, model, code); a
-    model without a fingerprint (a plain callable) is never skipped. ``force`` redoes it.
+    model without a fingerprint (a plain callable) is never skipped. ``force`` redoes it. Holds
+    ``out_dir``'s lock (:func:`datasets.locks.folder_lock`) while it runs.
     """
     cfg = cfg or MergeConfig()
+    out = Path(out_dir).resolve()
+    with folder_lock(out, STAGE):  # a second merge into out_dir fails at once (FolderBusy)
+        return _run_merge_locked(datasets, out, cfg, embedder=embedder, force=force)
+
+
+def _run_merge_locked(datasets: Sequence[str | os.PathLike], out: Path, cfg: MergeConfig, *, embedder: Embedder | None,
+                      force: bool) -> MergeResult:
     _check_config(cfg, embedder)
     if not datasets:
         raise ValueError("merge: no datasets given")
-    out = Path(out_dir).resolve()
     sets = [_open_dataset(i, d) for i, d in enumerate(datasets)]
     sizes = {ds.image_size for ds in sets}
     if len(sizes) > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import signal
 import struct
@@ -26,10 +27,18 @@ from datasets.lst import InsightFaceLine, write_insightface_lst
 from datasets.locks import LOCK_FILE, FolderBusy, folder_lock
 from datasets.rec_layout import InsightFaceRecWriter, read_labels, read_property, read_rec_index
 from datasets.recordio import read_idx_file
+from datasets.synthetic import write_pairs_csv
 from datasets.verification_bin import load_bin
+from eval_data import CodeEmbedder
+from ijb_data import write_ijb
 from tasks.alignment import AlignConfig, run_align
+from tasks.bins import PairsSet, run_bins
 from tasks.checkpoint import read_checkpoint
+from tasks.ijb import IjbConfig, run_ijb
+from tasks.lst import main as lst_main
 from tasks.lst import run_lst
+from tasks.megaface import MegaFaceConfig, run_megaface
+from tasks.merge import run_merge
 from tasks.pack import run_pack
 from tasks.training.config import load_config
 from tasks.training.launcher import run_training
@@ -232,6 +241,70 @@ def test_a_second_run_on_a_locked_folder_fails_at_once_and_a_killed_holder_leave
         holder.wait()
         holder.stdout.close()
         holder.stdin.close()
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory) -> dict[str, Path]:
+    """The cheapest real inputs of the lst, merge, bins, megaface and ijb stages: 2 generated aligned
+    identities of 2 faces, aligned, listed and packed; a pair list of them; a generated IJB-C set."""
+    root = tmp_path_factory.mktemp("stage-inputs")
+    names = synthetic_identities(root / "raw", range(2), images=2)
+    aligned = run_align(root / "raw", root / "aligned", ALIGNED).out_dir
+    pack = run_pack(run_lst({"synth": aligned}, root / "lst").out_dir, root / "pack").out_dir
+    pairs = write_pairs_csv(root / "pairs.csv", names, num_pairs=2, folds=1, relative_to=root / "raw")
+    return {"raw": root / "raw", "aligned": aligned, "pack": pack, "pairs": pairs, "ijb": write_ijb(root / "ijb")}
+
+
+# each stage on ``inputs`` into ``out``, with force=True: a run that did not wait for the lock would
+# start by removing out/stage.json
+STAGE_RUNS = {
+    "lst": lambda inputs, out: run_lst({"synth": inputs["aligned"]}, out, force=True),
+    "merge": lambda inputs, out: run_merge([inputs["pack"]], out, force=True),
+    "bins": lambda inputs, out: run_bins(PairsSet(name="synth", file=str(inputs["pairs"]), image_root=str(inputs["raw"]),
+                                                  aligned=True), out, ALIGNED, force=True),
+    "megaface": lambda inputs, out: run_megaface(CodeEmbedder(), str(inputs["pack"]), str(inputs["pack"]), out,
+                                                 MegaFaceConfig(device="cpu", sizes=[4]), force=True),
+    "ijb": lambda inputs, out: run_ijb(CodeEmbedder(), inputs["ijb"], out, ["IJBC"], IjbConfig(device="cpu"), force=True),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_RUNS))
+def test_every_stage_refuses_a_folder_another_run_holds_and_touches_nothing_in_it(stage, stage_inputs, tmp_path):
+    out = tmp_path / stage
+    out.mkdir()
+    (out / "stage.json").write_text('{"stage": "%s"}' % stage)  # an earlier run's outputs
+    (out / "result.bin").write_bytes(b"earlier output")
+    (out / ".result.bin.123-abc.partial").write_bytes(b"the holder's temporary file")
+    holder = _hold_lock(out, stage)
+    try:
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        with pytest.raises(FolderBusy, match=rf"^{re.escape(str(out.resolve()))}: in use by {stage} run, pid {holder.pid}; "):
+            STAGE_RUNS[stage](stage_inputs, out)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # lock file included: still the holder's
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        holder.stdin.close()
+    STAGE_RUNS[stage](stage_inputs, out)  # the inputs are good: with the holder gone, the stage runs
+
+
+def test_a_stage_command_line_on_a_locked_folder_is_one_error_line_and_status_2(stage_inputs, tmp_path, capsys):
+    out = tmp_path / "lst"
+    holder = _hold_lock(out, "lst")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        assert lst_main([str(out), str(stage_inputs["aligned"])]) == 2
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        holder.stdin.close()
+    err = capsys.readouterr().err
+    assert err == f"error: {out.resolve()}: in use by lst run, pid {holder.pid}; wait until it ends or stop it (one run per folder)\n"
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
 
 
 def test_a_failed_pack_leaves_no_manifest(tmp_path):
