@@ -5,7 +5,8 @@ LResNet-E-IR), ``m1`` / ``m05`` (MobileNet v1, multiplier 1 / 0.5), ``y1`` / ``y
 2019 config: GDC output, emb 128 / 256), ``mbf`` (arcface_torch's MobileFaceNet: scale 2, GDC, emb 512),
 ``i4`` (Inception-ResNet-v2), ``p68 p92 p107 p131`` (DPN), ``d121 d161 d169 d201`` (DenseNet),
 ``iresnet18 iresnet34 iresnet50 iresnet100 iresnet200`` (arcface_torch's IResNets: IR units, basic units at
-every depth, their unit table, BN eps 1e-5; variant ``arcface_torch`` by default).
+every depth, their unit table, BN eps 1e-5; variant ``arcface_torch`` by default), ``onet`` (MTCNN's ONet
+convolutions up to conv3, input 48x48, emb 128, starting from the face detector's weights: :mod:`models.onet`).
 
 Variants (``variant``) where published weights were trained with other layer settings than ours:
 
@@ -33,6 +34,7 @@ from models.inception_resnet import InceptionResNetV2Trunk
 from models.layers import ACTIVATIONS, init_weights, output_shape
 from models.mobilefacenet import MobileFaceNetTrunk
 from models.mobilenet import MobileNetTrunk
+from models.onet import ONetTrunk, load_detector_weights
 from models.resnet import ARCFACE_TORCH_UNITS, RESNET_UNITS, ResNetTrunk
 
 # code -> (family, per-code defaults). Defaults not listed: emb 512, output "E".
@@ -48,6 +50,7 @@ NETWORKS: dict[str, tuple[str, dict]] = {
     **{f"d{d}": ("densenet", {"depth": d}) for d in DENSENET_CONFIGS},
     **{f"iresnet{d}": ("resnet", {"depth": d, "units": u, "variant": "arcface_torch"})
        for d, u in ARCFACE_TORCH_UNITS.items()},
+    "onet": ("onet", {"depth": 3, "emb_size": 128}),
 }
 VARIANTS = ("arcface_torch", "mxnet")
 MXNET_DEFAULT_BN_EPS = 1e-3  # mx.sym.BatchNorm's default eps
@@ -55,7 +58,7 @@ ARCFACE_TORCH_BN_EPS = 1e-5  # torch.nn.BatchNorm*'s default eps
 # Extra keyword options per family (``**kw`` of get_backbone).
 FAMILY_OPTIONS = {
     "resnet": (), "mobilenet": ("multiplier",), "mobilefacenet": ("blocks", "scale"), "inception_resnet": (),
-    "dpn": (), "densenet": ("densenet_dropout",),
+    "dpn": (), "densenet": ("densenet_dropout",), "onet": ("depth",),
 }
 
 
@@ -119,6 +122,8 @@ def _trunk(family: str, spec: dict, version_input: int, version_unit: int, versi
                                   first_expansion=128 if variant == "arcface_torch" else None)
     if family == "inception_resnet":
         return InceptionResNetV2Trunk(version_input)
+    if family == "onet":
+        return ONetTrunk(spec["depth"])
     if family == "dpn":
         return DPNTrunk(spec["depth"], version_input, act)
     return DenseNetTrunk(spec["depth"], version_input, act, spec.get("densenet_dropout", 0.2))
@@ -179,6 +184,8 @@ def get_backbone(network: str, *, emb_size: int | None = None, version_se: int =
     _apply_variant_eps(model, family, variant)
     if initialize:
         init_weights(model)
+        if family == "onet":  # the detector's real-face convolutions are the starting point
+            load_detector_weights(model.trunk)
     return model
 
 

@@ -41,7 +41,9 @@ def test_a_short_training_beats_raw_pixels_on_unseen_people(tmp_path: Path):
     pairs, issame = rf.balanced_pairs(faces.labels[test_idx], seed=0)
     raw = rf.verify(rf.baseline_embeddings("raw_pixels", faces.images, faces.images[test_idx]),
                     pairs, issame)
-    data = rf.pack_train(faces, train_p, tmp_path / "train", (56, 56))
+    from tasks.training.config import load_config
+
+    data = rf.pack_train(faces, train_p, tmp_path / "train", load_config(rf.preset_path("small-real"), {}).image_hw)
     result, _ = rf.train_model("small-real", data, tmp_path / "run", seed=0,
                                overrides={"max_steps": 60, "lr_steps": [45], "warmup": 5, "frequent": 20,
                                           "per_batch_size": 32})
