@@ -141,6 +141,15 @@ def baseline_embeddings(method: str, train_images: np.ndarray, test_images: np.n
     return _unit(proj)
 
 
+def whiten(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """``test`` embeddings ``(N, D)`` PCA-whitened with the train people's embeddings ``train`` (every component
+    above 1e-6 of the largest), L2-normalised: the whitened-eigenfaces step applied to the model's output."""
+    mean = train.mean(0)
+    _, s, vt = np.linalg.svd(train - mean, full_matrices=False)
+    k = int((s > 1e-6 * s[0]).sum())
+    return _unit((test - mean) @ vt[:k].T / s[:k])
+
+
 def pack_train(faces: Faces, people: np.ndarray, out: Path, image_size: tuple[int, int]) -> Path:
     """Pack the faces of ``people`` (labels 0..len-1) at ``image_size`` into ``out`` (InsightFace layout)."""
     from datasets.rec_layout import InsightFaceRecWriter
@@ -227,13 +236,14 @@ def run_fold(faces: Faces, fold: int, preset: str, seeds: list[int], scratch: Pa
         train_s = time.perf_counter() - started
         emb = model_embeddings(result.last_checkpoint, faces.images[test_idx])
         res = verify(emb, pairs, issame)
+        whitened = verify(whiten(model_embeddings(result.last_checkpoint, faces.images[train_idx]), emb), pairs, issame)
         run = {"seed": seed, "accuracy": res.accuracy, "std": res.accuracy_std, "train_s": round(train_s, 1),
-               "steps": result.step, "final_loss": result.final_loss}
+               "steps": result.step, "final_loss": result.final_loss, "whitened_accuracy": whitened.accuracy}
         out["model_runs"].append(run)
         if seed == seeds[0]:
             out["roc"]["model"] = _roc(emb, pairs, issame)
         log(f"fold {fold} model seed {seed:<3d}       {res.accuracy:.4f} +- {res.accuracy_std:.4f}  "
-            f"({result.step} steps, {train_s:.0f} s, loss {result.final_loss:.3f})")
+            f"({result.step} steps, {train_s:.0f} s, loss {result.final_loss:.3f}); whitened {whitened.accuracy:.4f}")
     out["config"] = cfg.model_dump(mode="json", exclude={"dataset", "output", "seed"})
     return out
 
@@ -250,6 +260,10 @@ def summarize(folds: list[dict[str, Any]]) -> dict[str, Any]:
         accs = [f["methods"][method]["accuracy"] for f in folds]
         summary[method] = {"accuracy": float(np.mean(accs)), "per_fold": accs}
     runs = [r for f in folds for r in f["model_runs"]]
+    if all("whitened_accuracy" in r for r in runs):
+        summary["model_whitened"] = {"accuracy": float(np.mean([r["whitened_accuracy"] for r in runs])),
+                                     "per_fold": [float(np.mean([r["whitened_accuracy"] for r in f["model_runs"]]))
+                                                  for f in folds]}
     per_seed = {}
     for r in runs:
         per_seed.setdefault(r["seed"], []).append(r["accuracy"])
@@ -353,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npreset {args.preset} {overrides or ''}; seeds {seeds}; folds {folds}; {wall:.0f} s in all"
           + (" (sum of the combined runs)" if args.combine else ""))
     print(f"{'method':22s} {'accuracy':>9s}   per fold")
-    for name in ("model", *BASELINES):
+    for name in ("model", "model_whitened", *BASELINES):
+        if name not in summary:
+            continue
         s = summary[name]
         extra = f"  +- {s['std_over_seeds']:.4f} over seeds (runs {s['min_run']:.3f}-{s['max_run']:.3f})" if name == "model" else ""
         print(f"{name:22s} {s['accuracy']:9.4f}   {' '.join(f'{a:.4f}' for a in s['per_fold'])}{extra}")
