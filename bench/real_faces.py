@@ -25,7 +25,9 @@ Protocol, fixed before any measurement:
   handicapped (``--pca-k`` chooses fewer).
 
 Printed and written to ``bench/results/real_faces.json``: accuracy +- std per method per fold and
-seed, the mean over folds and seeds, the model's margin over each baseline, wall times; a ROC plot
+seed, the mean over folds and seeds, the model's margin over each baseline, wall times, and the model's
+embeddings whitened on the train people (:func:`whiten`, the eigenface step on the model's output:
+``model_whitened``, a finding, not the preset's model); a ROC plot
 of the model against the baselines (pairs of all folds pooled, first seed) in
 ``bench/results/real_faces_roc.png``. Folds can run in separate processes (``--folds 1 --output
 real_faces_f1`` ...) and be summarised together (``--combine real_faces_f1,real_faces_f2,real_faces_f3``).
