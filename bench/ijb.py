@@ -50,22 +50,9 @@ def generated_set(model_name: str) -> dict:
             "images_per_second": row["images"] / row["extract_seconds"]}
 
 
-def reference_pool(img_feats, templates, medias, unique_templates):
-    """eval_ijbc.py's image2template_feature loop over ``unique_templates`` (unnormalised sums)."""
-    out = np.zeros((len(unique_templates), img_feats.shape[1]))
-    for count, uqt in enumerate(unique_templates):
-        (ind_t,) = np.where(templates == uqt)
-        face, fm = img_feats[ind_t], medias[ind_t]
-        um, uc = np.unique(fm, return_counts=True)
-        media = []
-        for u, ct in zip(um, uc):
-            (ind_m,) = np.where(fm == u)
-            media += [face[ind_m]] if ct == 1 else [np.mean(face[ind_m], axis=0, keepdims=True)]
-        out[count] = np.sum(np.array(media), axis=0)
-    return out
-
-
 def engine(scale: float, ref_templates: int) -> dict:
+    from ijb_data import reference_pool
+
     rng = np.random.default_rng(0)
     n, t, p, d = int(469_375 * scale), int(23_124 * scale), int(15_658_489 * scale), 512
     templates = rng.integers(0, t, n) + 1

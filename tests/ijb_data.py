@@ -137,3 +137,18 @@ def write_ijb(root: Path, target: str = "IJBC", seed: int = 0) -> Path:
     probes = [name for name in rows_1n if name[0] in "BC"]
     (folder / "meta" / f"{t}_1N_probe_mixed.csv").write_text(header + "".join(r + "\n" for p in probes for r in rows_1n[p]))
     return root
+
+
+def reference_pool(img_feats, templates, medias, unique_templates):
+    """eval_ijbc.py's image2template_feature loop over ``unique_templates`` (unnormalised sums)."""
+    out = np.zeros((len(unique_templates), img_feats.shape[1]))
+    for count, uqt in enumerate(unique_templates):
+        (ind_t,) = np.where(templates == uqt)
+        face, fm = img_feats[ind_t], medias[ind_t]
+        um, uc = np.unique(fm, return_counts=True)
+        media = []
+        for u, ct in zip(um, uc):
+            (ind_m,) = np.where(fm == u)
+            media += [face[ind_m]] if ct == 1 else [np.mean(face[ind_m], axis=0, keepdims=True)]
+        out[count] = np.sum(np.array(media), axis=0)
+    return out

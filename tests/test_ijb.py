@@ -15,7 +15,7 @@ from build_data import export_onnx
 from datasets.errors import FormatError
 from datasets.ijb import load_meta
 from eval_data import CodeEmbedder, CountingCodeEmbedder
-from ijb_data import KNOWN_CMC, KNOWN_TAR, KNOWN_TPIR, expected_scores, write_ijb
+from ijb_data import KNOWN_CMC, KNOWN_TAR, KNOWN_TPIR, expected_scores, reference_pool, write_ijb
 from tasks.evaluation.ijb import (FAR_TARGETS, identification, image_features, pair_scores, pool_templates, roc_curve,
                                   tar_at_far)
 from tasks.ijb import IjbConfig, main, run_ijb
@@ -37,16 +37,7 @@ def ref_image_feats(img_feats, faceness, use_flip_test=True, use_norm_score=True
 
 def ref_templates(img_feats, templates, medias):
     unique_templates = np.unique(templates)
-    template_feats = np.zeros((len(unique_templates), img_feats.shape[1]))
-    for count, uqt in enumerate(unique_templates):
-        (ind_t,) = np.where(templates == uqt)
-        face_feats, face_medias = img_feats[ind_t], medias[ind_t]
-        unique_medias, counts = np.unique(face_medias, return_counts=True)
-        media_feats = []
-        for u, ct in zip(unique_medias, counts):
-            (ind_m,) = np.where(face_medias == u)
-            media_feats += [face_feats[ind_m]] if ct == 1 else [np.mean(face_feats[ind_m], axis=0, keepdims=True)]
-        template_feats[count] = np.sum(np.array(media_feats), axis=0)
+    template_feats = reference_pool(img_feats, templates, medias, unique_templates)
     norms = np.sqrt(np.einsum("ij,ij->i", template_feats, template_feats))  # sklearn.preprocessing.normalize
     norms[norms == 0.0] = 1.0
     return template_feats / norms[:, np.newaxis], unique_templates
