@@ -262,6 +262,37 @@ def test_sigterm_stops_training_at_the_next_step_with_a_checkpoint(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 
 
+_DESTRUCTOR_CTRL_C = """
+import os, signal, threading, time
+from tasks.training.trainer import _install_stop_handlers
+
+stop = threading.Event()
+_install_stop_handlers(stop)
+stop.set()  # a first Ctrl-C was handled
+
+
+class JoinsWorkers:  # as a DataLoader iterator's destructor joins its worker processes
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+
+
+try:
+    JoinsWorkers()
+    time.sleep(10)
+    print("never interrupted")
+except KeyboardInterrupt:
+    print("interrupted after the destructor")
+"""
+
+
+def test_a_second_ctrl_c_inside_a_destructor_still_stops_the_run():
+    proc = subprocess.run([sys.executable, "-c", _DESTRUCTOR_CTRL_C], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.strip() == "interrupted after the destructor", proc.stdout + proc.stderr
+    assert "Exception ignored" not in proc.stderr, proc.stderr
+
+
 def test_a_double_ctrl_c_ends_training_without_tracebacks(tmp_path):
     proc = _start_training(tmp_path, num_workers=1)
     os.killpg(proc.pid, signal.SIGINT)  # the terminal sends Ctrl-C to the whole process group

@@ -72,6 +72,25 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path: Path, caplog)
     assert status["state"] == "failed" and "FloatingPointError" in status["message"]
 
 
+def test_a_failing_record_write_does_not_hide_the_runs_own_error(tmp_path: Path, caplog):
+    (tmp_path / "metrics.parquet" / "in-the-way").mkdir(parents=True)  # the record's final write must fail (resume
+    # auto: a folder without a checkpoint starts a new run without reading it)
+    caplog.set_level(logging.ERROR, logger="facepipe")
+    with pytest.raises(FloatingPointError):
+        train(tiny_config(tmp_path, lr=1e30, max_steps=20, nan_max_consecutive=2, val_targets=[], resume="auto"))
+    assert any("writing the run record failed too" in r.getMessage() and "metrics.parquet" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_the_trainer_imports_the_record_writers_before_any_signal_handler(tmp_path: Path):
+    """A second Ctrl-C inside a first-time import of pyarrow (or of pandas, which pyarrow imports on its first
+    conversion) left a half-built module, and the record written on the way out failed with an AttributeError."""
+    code = ("import sys, tasks.training.trainer; "
+            "print(sorted(m for m in ('pandas', 'pyarrow', 'pyarrow.parquet') if m not in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 def _write_config(cfg, path: Path) -> Path:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     return path

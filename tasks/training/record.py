@@ -27,6 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Imported here, not at first use: a second Ctrl-C landing inside a first-time import leaves a half-built
+# module behind, and the record written on the way out would then fail with an unrelated error. pandas too,
+# since pyarrow imports it on the first conversion.
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from datasets.atomic import atomic_paths, atomic_write_text
 
 __all__ = ["RunRecorder", "METRICS_FILE", "STATUS_FILE", "read_status", "read_metrics"]
@@ -52,8 +59,6 @@ def read_status(output: str | os.PathLike) -> dict[str, Any] | None:
 
 def read_metrics(output: str | os.PathLike):
     """``metrics.parquet`` of a run as a pandas DataFrame (empty if none was written)."""
-    import pandas as pd
-
     path = Path(output) / METRICS_FILE
     return pd.read_parquet(path) if path.exists() else pd.DataFrame()
 
@@ -169,9 +174,6 @@ class RunRecorder:
         now = time.monotonic()
         if not force and now - self._last_flush < self.flush_every_s:
             return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         self._last_flush = now
         columns: dict[str, None] = {}
         for row in self.rows:

@@ -287,6 +287,14 @@ class _Trainer:
         else:
             torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)  # per-rank dropout streams
 
+    def close(self) -> None:
+        """Join the loader's worker processes now. Left to the garbage collector, the join runs in a
+        destructor, where a second Ctrl-C can only be printed ("Exception ignored"), not end the run."""
+        iterator = getattr(self.loader, "_iterator", None)  # persistent workers live in the loader's iterator
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def _init_momentum(self) -> None:
         """Zero momentum buffers for parameters without one (a new run, or an old checkpoint). With
         dampening 0 the first update is then ``buf = grad`` exactly as torch's first step, and a step
@@ -590,8 +598,11 @@ class _Trainer:
                 self._wait_save()  # a checkpoint being written is finished (or its error reported) first
             except BaseException as save_exc:  # noqa: BLE001
                 self.log.error("writing a checkpoint failed too: %s", save_exc)
-            self.recorder.status(state="failed", step=self.step, message=f"{type(exc).__name__}: {exc}")
-            self.recorder.close()
+            try:
+                self.recorder.status(state="failed", step=self.step, message=f"{type(exc).__name__}: {exc}")
+                self.recorder.close()
+            except Exception as record_exc:  # noqa: BLE001  the run's own error is the one to report
+                self.log.error("writing the run record failed too: %s", record_exc)
             raise
         wall = time.perf_counter() - started
         self.recorder.status(state=state, step=self.step, epoch=self.epoch, wall_s=wall)
@@ -756,7 +767,11 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None) -> TrainResult:
             with folder_lock(_output(cfg), "training") if ctx.is_main else contextlib.nullcontext():
                 if ctx.is_main:
                     _claim_output(cfg)
-                return _Trainer(cfg, ctx, stop).run()
+                trainer = _Trainer(cfg, ctx, stop)
+                try:
+                    return trainer.run()
+                finally:
+                    trainer.close()
     finally:
         torch.use_deterministic_algorithms(deterministic)  # leave the caller's process as it was
 
@@ -791,6 +806,9 @@ def _install_stop_handlers(stop: threading.Event) -> None:
         if os.getpid() != owner:  # a forked DataLoader worker: the main process decides and stops it
             return
         if stop.is_set() and signum == signal.SIGINT:
+            if _in_destructor(frame):  # raised there, it would only be printed ("Exception ignored"): ask again
+                threading.Timer(0.05, os.kill, (owner, signal.SIGINT)).start()
+                return
             raise KeyboardInterrupt(f"signal {signum}")
         if not stop.is_set():
             try:
@@ -802,6 +820,15 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
+
+
+def _in_destructor(frame) -> bool:
+    """Whether ``frame`` (where a signal handler interrupted the main thread) runs inside a ``__del__``."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _die_with_launcher() -> None:
