@@ -157,11 +157,12 @@ def build(p: BuildDatasetParams) -> dict[str, Any]:
 
     bins: dict[str, BinsResult] = {}
     for spec in p.pairs:
-        plan = result_of(bins_prepare_task.with_options(task_run_name=f"bins-prepare-{spec.name}"),
-                         spec, str(layout.bins / spec.name), p.align)
-        faces = _align_source(f"bins-{spec.name}", plan.inputs_dir, plan.faces_dir, plan.align_cfg, p)
-        counts += _count_rows(f"bins/{spec.name}/align", faces.counts, faces.skipped)
-        res = result_of(bins_finalize_task, plan, p.force)
+        with folder_lock(layout.bins / spec.name, "bins"):  # as run_bins: one writer per bins folder
+            plan = result_of(bins_prepare_task.with_options(task_run_name=f"bins-prepare-{spec.name}"),
+                             spec, str(layout.bins / spec.name), p.align)
+            faces = _align_source(f"bins-{spec.name}", plan.inputs_dir, plan.faces_dir, plan.align_cfg, p)
+            counts += _count_rows(f"bins/{spec.name}/align", faces.counts, faces.skipped)
+            res = result_of(bins_finalize_task, plan, p.force)
         bins[spec.name] = res
         counts += _count_rows(f"bins/{spec.name}", res.counts, res.skipped)
         stages[f"bins/{spec.name}"] = "skipped" if res.skipped else "ran"

@@ -129,6 +129,24 @@ def test_build_then_rebuild_skips_every_stage(prefect_server, inputs):
     print(f"second run of an unchanged build: {took:.1f} s")
 
 
+def test_a_bins_folder_another_run_holds_fails_the_flow_and_keeps_the_bin(prefect_server, inputs):
+    """The flow's bins step (prepare, align, finalize as separate tasks) holds the bins folder's lock, as
+    ``run_bins`` does: a second writer fails at once, naming the folder, and the finished set is untouched."""
+    from datasets.locks import folder_lock
+
+    out = inputs["root"] / "data" / "datasets" / "faces"
+    if not (out / "stage.json").exists():
+        pytest.skip("needs the build of test_build_then_rebuild_skips_every_stage")
+    bins_dir = out / "bins" / "synth"
+    before = {p.name: p.read_bytes() for p in bins_dir.iterdir() if p.is_file() and p.name != ".lock"}
+    with folder_lock(bins_dir, "test's bins"):
+        state = build_dataset(**_kwargs(inputs, task_runner="threads"), return_state=True)
+    assert state.is_failed() and f"{bins_dir.resolve()}: in use by test's bins" in state.message, state.message
+    assert {p.name: p.read_bytes() for p in bins_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
+    again = build_dataset(**_kwargs(inputs, task_runner="threads"), return_state=True)
+    assert again.is_completed() and set(again.result()["stages"].values()) == {"skipped"}, again.message
+
+
 def _table(data):
     import json
 
