@@ -144,12 +144,15 @@ def baseline_embeddings(method: str, train_images: np.ndarray, test_images: np.n
 
 
 def whiten(train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """``test`` embeddings ``(N, D)`` PCA-whitened with the train people's embeddings ``train`` (every component
-    above 1e-6 of the largest), L2-normalised: the whitened-eigenfaces step applied to the model's output."""
-    mean = train.mean(0)
-    _, s, vt = np.linalg.svd(train - mean, full_matrices=False)
-    k = int((s > 1e-6 * s[0]).sum())
-    return _unit((test - mean) @ vt[:k].T / s[:k])
+    """``test`` embeddings ``(N, D)`` PCA-whitened with the train people's embeddings ``train``
+    (:func:`models.whitening.fit_whitening`), L2-normalised: the whitened-eigenfaces step applied to the
+    model's output."""
+    import torch
+
+    from models.whitening import fit_whitening
+
+    w = fit_whitening(torch.from_numpy(np.asarray(train, np.float64)))
+    return _unit(((torch.from_numpy(np.asarray(test, np.float32)) - w.mean) @ w.proj).double().numpy())
 
 
 def pack_train(faces: Faces, people: np.ndarray, out: Path, image_size: tuple[int, int]) -> Path:

@@ -17,6 +17,9 @@ Contents (a dict; every tensor on the CPU):
   to all ranks in the epoch), ``best`` (value, step, target), ``saves`` (``model-NNNN.pt`` counter).
 * ``rng``: one entry per rank: python ``random``, numpy legacy ``MT19937``, torch CPU and CUDA states.
 * ``config``: the full :class:`tasks.training.config.TrainConfig` as a dict.
+* ``whitening`` (``whiten_trunk`` runs only): ``{"mean": (D,), "proj": (D, k)}`` float32, the PCA
+  whitening of the trunk's features on the training images (:mod:`models.whitening`); :func:`load_embedder`
+  then returns the backbone with this branch, ``meta["emb_size"]`` = backbone's + k.
 
 :func:`load_embedder` is what other stages use (merge de-duplication, evaluation, export, ``pretrained``).
 It also takes published models (:func:`load_embedder` docstring): an arcface_torch ``backbone.pth``
@@ -44,6 +47,7 @@ from datasets.hashing import sha256_file
 from datasets.mxnet_params import MXNetCheckpoint, read_params, read_symbol, resolve_mxnet_checkpoint
 from models.backbone import Backbone, get_backbone
 from models.partial_fc import gather_shards, shard_bounds
+from models.whitening import Whitening, WhitenedTrunkEmbedding
 from models.published import Imported, from_arcface_torch, from_mxnet, is_arcface_torch_state, mxnet_normalization
 
 __all__ = ["FORMAT", "VERSION", "resolve_checkpoint", "save_checkpoint", "copy_checkpoint", "link_checkpoint", "read_checkpoint",
@@ -302,6 +306,14 @@ def load_embedder(path: str | os.PathLike, *, image_size: tuple[int, int] | None
     load_backbone_weights(model, state, path, "load the embedding network")
     model.eval()
     meta.setdefault("source", "facepipe")
+    if state.get("whitening") is not None:  # whiten_trunk: the backbone and its whitened trunk branch
+        try:
+            model = WhitenedTrunkEmbedding(model, Whitening.from_state(state["whitening"])).eval()
+            with torch.no_grad():  # the whitening must fit this trunk's feature map
+                model(torch.zeros(1, 3, *model.image_size))
+        except (KeyError, AttributeError, ValueError, RuntimeError) as exc:
+            raise FormatError(path, f"its 'whitening' entry does not fit the network ({str(exc).splitlines()[0]})") from None
+        meta.update(emb_size=model.emb_size, embedding="backbone + whitened trunk (models/whitening.py)")
     return model, meta
 
 

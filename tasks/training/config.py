@@ -144,6 +144,9 @@ class TrainConfig(BaseModel):
         None, gt=0.0, description="width multiplier of MobileNet codes (m1 1.0, m05 0.5); None: the code's")
     bn_mom: float = Field(0.9, ge=0.0, lt=1.0, description="BatchNorm momentum as in MXNet: weight of the old "
                                                              "running statistics (PyTorch momentum = 1 - bn_mom)")
+    whiten_trunk: bool = Field(False, description="at every checkpoint, PCA-whiten the trunk's last feature map on the "
+                                                  "training images (mirror-symmetric, no augmentation) and append it "
+                                                  "to the embedding (models/whitening.py): for small data sets")
 
     # --- loss ---------------------------------------------------------------------------------------------
     loss: str = Field("arcface", description="loss name or 2018 loss-type number (0, 1, 2, 4, 5; 12 = triplet)")

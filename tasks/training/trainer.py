@@ -27,7 +27,9 @@ skipped step restores the batch-norm statistics its forward pass changed, so one
 poison the model).
 
 Every ``verbose`` steps and at the end, rank 0 evaluates the ``val_targets`` (the others wait) and
-checkpoints are written by the ``ckpt`` policy. A target whose evaluation fails never costs the
+checkpoints are written by the ``ckpt`` policy; with ``whiten_trunk`` rank 0 first fits the whitening of
+the trunk's features on the training images (:mod:`models.whitening`), and both the evaluation and the
+checkpoint use the embedding it extends. A target whose evaluation fails never costs the
 training: the checkpoint is written all the same, the failure (with its cause, e.g. diverged weights)
 goes to the log, ``metrics.parquet`` (an ``error`` row) and ``status.json`` (``eval_errors``), and
 the run goes on, or with ``on_eval_failure: stop`` ends with :class:`EvaluationFailed` after the
@@ -64,7 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from datasets.atomic import PARTIAL_SUFFIX, remove_partials
 from datasets.augment import tag_epochs
@@ -72,6 +74,7 @@ from datasets.errors import FormatError
 from datasets.locks import FolderBusy, folder_lock
 from datasets.normalization import normalize_batch
 from datasets.rec_dataset import RecFaceDataset
+from models.whitening import Whitening, WhitenedTrunkEmbedding, fit_whitening, mirror_features
 from tasks import checkpoint as ckpt_io
 from tasks.training.distributed import DistContext, distributed
 from tasks.training.objectives import Objective, make_objective, step_generator
@@ -84,6 +87,8 @@ __all__ = ["TrainResult", "EvaluationFailed", "train", "main", "CHECKPOINT_DIR",
 
 CHECKPOINT_DIR = "checkpoints"
 LAST, BEST = "last.pt", "best.pt"
+#: ``whiten_trunk``: the whitening is fit on at most this many training images (evenly spaced).
+WHITEN_MAX_IMAGES = 4096
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 #: Devices whose checkpoints are written by a background thread (the state was copied off the device first).
 _ASYNC_SAVE_DEVICES = ("cuda",)
@@ -237,6 +242,7 @@ class _Trainer:
         self.saves = 0
         self.checkpoints: list[Path] = []
         self.last_val: dict[str, dict[str, Any]] = {}
+        self.whitening: Whitening | None = None  # whiten_trunk: fit at each checkpoint point (rank 0)
         rng_states = None
         resume_path = self._resume_path()
         if resume_path is not None:
@@ -379,7 +385,8 @@ class _Trainer:
                 "torch": str(torch.__version__), "created": time.time()}
         progress = {"step": self.step, "sampler": {"epoch": self.epoch, "consumed": self.consumed},
                     "best": self.best, "saves": self.saves, "checkpoints": [str(p) for p in self.checkpoints]}
-        return {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "meta": meta,
+        extra = {"whitening": self.whitening.state()} if self.whitening is not None else {}
+        return {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "meta": meta, **extra,
                 "backbone": {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()},
                 "head": head, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "scaler": None if self.scaler is None else self.scaler.state_dict(),
@@ -393,10 +400,16 @@ class _Trainer:
         val: dict[str, dict[str, Any]] = {}
         failures: dict[str, str] = {}
         improved = False
+        if self.ctx.is_main and self.cfg.whiten_trunk:
+            try:
+                self.whitening = self._fit_whitening()
+            except ValueError as exc:  # e.g. features that do not vary: the checkpoint is still written
+                self.whitening = None
+                self.log.error("step %d: whiten_trunk: %s; this checkpoint holds the backbone's embedding only", self.step, exc)
         if self.ctx.is_main and evaluate and self.val_sets.targets:
             self.recorder.status(state="evaluating", step=self.step)
             started = time.perf_counter()
-            results = self.val_sets.evaluate(self.backbone, self.device, self.amp_dtype)
+            results = self.val_sets.evaluate(self.embedder(), self.device, self.amp_dtype)
             for name, res in results.items():
                 row = res.to_row()
                 val[name] = row
@@ -449,6 +462,37 @@ class _Trainer:
             raise EvaluationFailed(
                 f"step {self.step}: evaluation failed and on_eval_failure=stop: "
                 + "; ".join(f"{k}: {v}" for k, v in failures.items()) + f"; saved {where}")
+
+    def embedder(self) -> nn.Module:
+        """The embedding network as checkpoints rebuild it: the backbone, with its whitened trunk branch
+        when ``whiten_trunk`` (:class:`models.whitening.WhitenedTrunkEmbedding`)."""
+        if self.whitening is None:
+            return self.backbone
+        return WhitenedTrunkEmbedding(self.backbone, self.whitening).to(self.device)
+
+    def _fit_whitening(self) -> Whitening:
+        """``whiten_trunk``: the trunk's mirror-symmetric features of the training images (no augmentation;
+        at most :data:`WHITEN_MAX_IMAGES`, evenly spaced), PCA-whitened (:mod:`models.whitening`)."""
+        started = time.perf_counter()
+        data = RecFaceDataset(self.cfg.dataset, normalize=None)
+        n = len(data)
+        picked = list(range(n)) if n <= WHITEN_MAX_IMAGES else [
+            round(i * (n - 1) / (WHITEN_MAX_IMAGES - 1)) for i in range(WHITEN_MAX_IMAGES)]
+        loader = DataLoader(Subset(data, picked), batch_size=self.cfg.eval_batch_size, num_workers=0)
+        was_training = self.backbone.training
+        self.backbone.eval()
+        features = []
+        try:
+            with torch.no_grad():
+                for images, _ in loader:
+                    x = normalize_batch(images.to(self.device), self.cfg.normalize)
+                    features.append(mirror_features(self.backbone.trunk, x).cpu())
+        finally:
+            self.backbone.train(was_training)
+        whitening = fit_whitening(torch.cat(features))
+        self.log.info("step %d: trunk features of %d training images whitened: %d components (%.1f s)",
+                      self.step, len(picked), whitening.dim, time.perf_counter() - started)
+        return whitening
 
     def _save_job(self, state: dict[str, Any], numbered: Path | None, best_link: Path | None,
                   checkpoints: list[str], best: dict[str, Any] | None) -> None:
