@@ -18,8 +18,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import real_faces as rf  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not rf.FACES_DEV.is_dir(),
-                                reason=f"{rf.FACES_DEV} is absent (faces_dev is read from ../shared/data, never bundled)")
+needs_faces_dev = pytest.mark.skipif(not rf.FACES_DEV.is_dir(),
+                                     reason=f"{rf.FACES_DEV} is absent (faces_dev is read from ../shared/data, never bundled)")
 # lighting, expression and glasses variety in every person's six photos
 CONDITIONS = ("01", "03", "04", "06", "07", "10", "02", "05")
 
@@ -33,6 +33,17 @@ def _subset(raw: Path) -> Path:
     return raw
 
 
+def test_shuffled_people_keep_every_image_with_its_person_and_regroup_the_folds():
+    people = [f"subject{i + 1:02d}" for i in range(15)]
+    faces = rf.Faces(np.zeros((30, 1, 1, 3), np.uint8), np.repeat(np.arange(15), 2), people, [f"{i}.gif" for i in range(30)])
+    shuffled = rf.shuffle_people(faces, 1)
+    assert [shuffled.people[label] for label in shuffled.labels] == [people[label] for label in faces.labels]
+    assert sorted(shuffled.people) == people and shuffled.people != people
+    unseen = [shuffled.people[p] for p in rf.fold_people(15, 1)[1]]
+    assert unseen != people[:5] and rf.shuffle_people(faces, 1).people == shuffled.people  # seeded
+
+
+@needs_faces_dev
 def test_a_short_training_beats_raw_pixels_on_unseen_people(tmp_path: Path):
     faces = rf.load_aligned(_subset(tmp_path / "raw"), tmp_path)
     assert len(faces.people) == 15 and len(faces.images) == 90

@@ -89,7 +89,7 @@ def test_the_checkpoint_carries_the_fit_and_load_embedder_rebuilds_the_branch(wh
         features = mirror_features(model.backbone.trunk, normalize_batch(images, "arcface"))
     z = ((features - w.mean) @ w.proj).double()
     assert 1 <= w.dim <= min(len(data) - 1, features.shape[1])
-    assert np.allclose(z.var(0, unbiased=True).numpy(), 1.0, atol=1e-3)
+    assert np.allclose(z.var(0, unbiased=True).numpy(), 1.0, atol=1e-2)
     val = read_metrics(whitened_run)
     assert val[val["kind"] == "val"]["accuracy"].between(0, 1).all()  # the wrapped model was evaluated
 
