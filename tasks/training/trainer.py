@@ -468,7 +468,7 @@ class _Trainer:
         when ``whiten_trunk`` (:class:`models.whitening.WhitenedTrunkEmbedding`)."""
         if self.whitening is None:
             return self.backbone
-        return WhitenedTrunkEmbedding(self.backbone, self.whitening).to(self.device)
+        return WhitenedTrunkEmbedding(self.backbone, self.whitening).to(self.device).train(self.backbone.training)
 
     def _fit_whitening(self) -> Whitening:
         """``whiten_trunk``: the trunk's mirror-symmetric features of the training images (no augmentation;
