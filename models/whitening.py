@@ -8,14 +8,15 @@ a second, complementary embedding of unseen people. Whitening the trained embedd
 help; whitening the trunk's features next to it does (measured in ``bench/real_faces.py``, figures
 in the README). The whitening is fit in closed form after training, from the training images only.
 
-* :func:`mirror_features`: normalised ``(N, 3, H, W)`` -> ``(N, C*h*w)`` float32: the trunk's feature map
-  of each image plus that of its mirror (mirrored back into place), made left-right symmetric, so that
-  an image and its mirror give the same vector.
+* :func:`mirror_features`: normalised ``(N, 3, H, W)`` -> ``(N, C*h*ceil(w/2))`` float32: the trunk's
+  feature map of each image plus that of its mirror (mirrored back into place), made left-right
+  symmetric (its left half kept), so that an image and its mirror give the same vector. Computed in
+  float32 with autocast off, in the fit and in the embedding alike.
 * :func:`fit_whitening`: ``(N, D)`` features -> :class:`Whitening` (``mean`` ``(D,)``, ``proj`` ``(D, k)``
   float32): the principal components whose singular value is above ``rel_tol`` of the largest (at
   most ``N - 1``), each divided by its standard deviation on the fit set. The features are float32:
   directions below ``rel_tol`` (default 1e-4) of the largest are rounding noise, which whitening would
-  blow up to unit size, and so are directions whose spread is below 1e-6 of the features' RMS.
+  blow up to unit size, and so are directions whose spread is below 1e-4 of the features' RMS.
 * :class:`WhitenedTrunkEmbedding`: a :class:`models.backbone.Backbone` and a :class:`Whitening`:
   ``(N, 3, H, W) -> (N, E + k)``, ``[unit(head(x) + head(mirror x)) | unit(whitened mirror features)] / sqrt(2)``:
   unit-norm and mirror-invariant (the flip test gives the same embedding, only twice the work). Its raw
@@ -57,14 +58,18 @@ class Whitening:
 
 
 def _symmetric(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Feature maps ``a`` of images and ``b`` of their mirrors -> ``(N, C*h*w)`` float32, symmetric."""
+    """Feature maps ``a`` ``(N, C, h, w)`` of images and ``b`` of their mirrors -> ``(N, C*h*ceil(w/2))``
+    float32: the left-right symmetric map, of which the left half (middle column included) is kept."""
     both = a.float() + b.float().flip(3)  # the mirror's feature map, mirrored back into place
-    return (both + both.flip(3)).flatten(1)
+    symmetric = both + both.flip(3)
+    return symmetric[..., : (symmetric.shape[3] + 1) // 2].flatten(1)
 
 
 def mirror_features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``(N, 3, H, W)`` normalised images -> ``(N, C*h*w)`` float32 left-right symmetric trunk features."""
-    return _symmetric(trunk(x), trunk(x.flip(3)))
+    """``(N, 3, H, W)`` normalised images -> ``(N, C*h*ceil(w/2))`` float32 mirror-symmetric trunk features,
+    computed in float32 (autocast off: the whitening magnifies rounding in its small directions)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _symmetric(trunk(x.float()), trunk(x.float().flip(3)))
 
 
 def fit_whitening(features: torch.Tensor, rel_tol: float = 1e-4) -> Whitening:
@@ -78,7 +83,7 @@ def fit_whitening(features: torch.Tensor, rel_tol: float = 1e-4) -> Whitening:
     _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
     std = s / math.sqrt(x.shape[0] - 1)
     rms = x.square().mean().sqrt()
-    keep = (s > rel_tol * s[0]) & (std > 1e-6 * rms)  # above float32 rounding of the features themselves
+    keep = (s > rel_tol * s[0]) & (std > 1e-4 * rms)  # well above float32 rounding of the features themselves
     keep[min(len(s), x.shape[0] - 1):] = False  # centring removes one dimension
     k = int(keep.sum())
     if k == 0:
@@ -107,7 +112,9 @@ class WhitenedTrunkEmbedding(nn.Module):
         if not torch.jit.is_tracing():
             self.backbone._check_input(x)
         trunk, head = self.backbone.trunk, self.backbone.head
-        a, b = trunk(x), trunk(x.flip(3))
-        embedding = head(a) + head(b)
-        whitened = (_symmetric(a, b) - self.whiten_mean) @ self.whiten_proj
+        with torch.autocast(x.device.type, enabled=False):  # float32 throughout, as the fit (mirror_features)
+            x = x.float()
+            a, b = trunk(x), trunk(x.flip(3))
+            embedding = head(a) + head(b)
+            whitened = (_symmetric(a, b) - self.whiten_mean) @ self.whiten_proj
         return torch.cat([F.normalize(embedding.float(), dim=1), F.normalize(whitened, dim=1)], 1) / math.sqrt(2.0)

@@ -146,7 +146,8 @@ class TrainConfig(BaseModel):
                                                              "running statistics (PyTorch momentum = 1 - bn_mom)")
     whiten_trunk: bool = Field(False, description="at every checkpoint, PCA-whiten the trunk's last feature map on the "
                                                   "training images (mirror-symmetric, no augmentation) and append it "
-                                                  "to the embedding (models/whitening.py): for small data sets")
+                                                  "to the embedding (models/whitening.py): for small data sets "
+                                                  "(the checkpoint grows by features x min(images, 4096) floats)")
 
     # --- loss ---------------------------------------------------------------------------------------------
     loss: str = Field("arcface", description="loss name or 2018 loss-type number (0, 1, 2, 4, 5; 12 = triplet)")

@@ -401,11 +401,17 @@ class _Trainer:
         failures: dict[str, str] = {}
         improved = False
         if self.ctx.is_main and self.cfg.whiten_trunk:
-            try:
-                self.whitening = self._fit_whitening()
-            except ValueError as exc:  # e.g. features that do not vary: the checkpoint is still written
-                self.whitening = None
-                self.log.error("step %d: whiten_trunk: %s; this checkpoint holds the backbone's embedding only", self.step, exc)
+            self.whitening = None
+            if not evaluate:  # stopping: the checkpoint is written at once, the refit waits for the resumed run
+                self.log.warning("step %d: whiten_trunk: stopping, so this checkpoint holds the backbone's embedding "
+                                 "only; --resume auto fits the whitening at its next checkpoint", self.step)
+            else:
+                try:
+                    self.whitening = self._fit_whitening()
+                except Exception as exc:  # noqa: BLE001 - features that do not vary, an SVD or memory failure: the
+                    # checkpoint is still written, without the branch
+                    self.log.error("step %d: whiten_trunk failed (%s: %s); this checkpoint holds the backbone's "
+                                   "embedding only", self.step, type(exc).__name__, exc)
         if self.ctx.is_main and evaluate and self.val_sets.targets:
             self.recorder.status(state="evaluating", step=self.step)
             started = time.perf_counter()
