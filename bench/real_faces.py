@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--combine", default="", metavar="NAME,NAME",
                         help="summarise earlier results (bench/results/NAME.json, e.g. one per fold) instead of running")
     args = parser.parse_args(argv)
+    if args.people_seed < 0:
+        parser.error(f"--people-seed {args.people_seed}: must be 0 (the protocol's split) or a positive seed")
     import torch
 
     torch.set_num_threads(args.threads)
